@@ -1,0 +1,432 @@
+# The app adapter: a replica's connection to its local, unmodified app at 127.0.0.1:PORT
+# (DESIGN.md §2 "app adapter", §3 the app contract; wire rules in docs/framing.md).
+#
+# Owns: the TCP connection(s) to the app, framing requests out and replies in, the reply
+# time-out, reconnecting with back-off, and the app's readiness as the replica reports it.
+# Rules, most important first:
+#   1. Never reorder. Requests reach the app in the order given, replies come back in that order;
+#      close mode runs one connection at a time, because the app serves connections concurrently.
+#   2. Never skip, never invent. execute() returns only when every request has the app's own
+#      reply. It may retry only what the app cannot have seen: a connect that failed, or requests
+#      not yet written. A request that was written and then lost its reply (drop, time-out, app
+#      error) may or may not have run: the adapter raises AppError naming it and never resends
+#      it, because exactly-once belongs to the replica (it rebuilds the app from the log).
+#   3. Never guess what the app holds. Whether the app restarted (and lost its state) is the
+#      replica's call; the adapter reports connection trouble (on_state_change, stats) and no more.
+# Never: log above debug (the replica logs the state changes it is told about), sleep without a
+# bound, or leave a connection in use after an exchange ended abnormally (its late replies would
+# be taken for the next requests' replies).
+import asyncio
+import logging
+from typing import Callable, List, Optional, Sequence
+
+from .errors import SmrdError
+from .framing import MODES, FramingError, encode, http_request_method, make_decoder
+
+log = logging.getLogger(__name__)
+
+# Back-off between attempts to reach an app that refuses or does not accept connections: 50 ms
+# doubling to 2 s, no jitter (one replica talks to one local app; there is no herd to spread).
+# The cap keeps a restarted app in use within 2 s while costing a down app one connect every 2 s.
+BACKOFF_INITIAL_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+StateCallback = Callable[[bool, str], None]
+
+_sleep = asyncio.sleep  # the back-off's only clock; tests replace it to check the delays exactly
+
+
+class AppError(SmrdError):
+    """execute() could not get every reply; how far it got is exact.
+
+    ``replies_so_far``: the app's replies to ``requests[:len(replies_so_far)]``; those ran.
+    ``executed_unknown``: indexes of the requests that were written to the app but whose replies
+    did not arrive complete; the app may or may not have executed them. Always the contiguous run
+    starting at ``len(replies_so_far)``.
+    ``not_written``: indexes of the remaining requests; the app never received them.
+    """
+
+    def __init__(self, reason: str, executed_unknown: Sequence[int] = (),
+                 replies_so_far: Sequence[bytes] = (), not_written: Sequence[int] = ()) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.executed_unknown = list(executed_unknown)
+        self.replies_so_far = list(replies_so_far)
+        self.not_written = list(not_written)
+
+    def __str__(self) -> str:
+        unknown = self.executed_unknown
+        span = (f"requests {unknown[0]}..{unknown[-1]} may or may not have run" if unknown
+                else "no request in doubt")
+        return f"{self.reason} ({len(self.replies_so_far)} replies received, {span})"
+
+
+class AppConnectionLost(AppError):
+    """The connection dropped, or the app stopped answering within timeout_s, after requests
+    were written: those in ``executed_unknown`` are in doubt."""
+
+
+class AppProtocolError(AppError):
+    """The app broke the framing contract: a reply over max_reply_bytes, bytes the mode cannot
+    parse, or more replies than requests. The connection is closed; requests in
+    ``executed_unknown`` are in doubt as with AppConnectionLost."""
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection to the app. Bytes go straight from data_received into the mode's
+    decoder: no StreamReader copy, and reading never pauses while a pipelined window is written,
+    so an app blocked writing replies can never deadlock against us blocked writing requests."""
+
+    def __init__(self, decoder) -> None:
+        self.decoder = decoder
+        self.transport: Optional[asyncio.Transport] = None
+        self.replies: List[bytes] = []  # the current execute()'s list: decoded replies land here
+        self.outstanding = 0            # requests written whose replies are not decoded yet
+        self.ended = False              # no further byte will come (EOF or connection lost)
+        self.lost_reason = ""           # why it ended while replies were still owed
+        # An HTTP reply asked to close (Connection: close, HTTP/1.0 without keep-alive) before
+        # any EOF. Only then are the requests after it known not to have run; the decoder's
+        # ``finished`` alone also turns true at any EOF, when they are in doubt.
+        self.closed_by_reply = False
+        self.protocol_error: Optional[str] = None
+        self._waiter: Optional[asyncio.Future] = None
+
+    @property
+    def usable(self) -> bool:
+        return (not self.ended and self.protocol_error is None and not self.decoder.finished
+                and self.transport is not None and not self.transport.is_closing())
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.protocol_error is not None:
+            return
+        if self.outstanding == 0 and not self.decoder.finished:
+            # A reply to no request: the app answered something twice or out of turn; whatever
+            # we would pair it with next would be the wrong request's reply.
+            self._fail("the app sent bytes while no request was outstanding")
+            return
+        try:
+            replies = self.decoder.feed(data)
+        except FramingError as exc:
+            self._fail(f"bad reply from the app: {exc}")
+            return
+        if replies:
+            if len(replies) > self.outstanding:
+                self._fail(f"the app sent {len(replies)} replies to {self.outstanding} requests")
+                return
+            self.replies += replies
+            self.outstanding -= len(replies)
+            if self.decoder.finished:
+                self.closed_by_reply = True
+            self._wake()
+        if self.decoder.error is not None:  # deferred behind the good replies just taken
+            self._fail(f"bad reply from the app: {self.decoder.error}")
+
+    def eof_received(self) -> bool:
+        if self.protocol_error is None:
+            try:
+                replies = self.decoder.eof()
+            except FramingError as exc:
+                # EOF inside a reply is a drop, not a malformed reply: the app (or its host) went
+                # away mid-answer, like any other lost connection.
+                self.lost_reason = f"the app closed the connection mid-reply ({exc})"
+            else:
+                if len(replies) > self.outstanding:
+                    self._fail(f"the app sent {len(replies)} replies to {self.outstanding} requests")
+                else:
+                    self.replies += replies
+                    self.outstanding -= len(replies)
+        self.ended = True
+        if not self.lost_reason:
+            self.lost_reason = "the app closed the connection"
+        self._wake()
+        return False  # close our side too: nothing more can be exchanged on this connection
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if not self.ended:
+            self.ended = True
+            self.lost_reason = (f"connection to the app lost: {exc}" if exc is not None
+                                else "the app closed the connection")
+        self._wake()
+
+    def _fail(self, reason: str) -> None:
+        self.protocol_error = reason
+        if self.transport is not None:
+            self.transport.abort()  # unsynchronisable: never read another byte from it
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    async def wait(self, timeout: float) -> None:
+        """Until replies arrive, the connection ends or fails, or timeout seconds pass."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # never linger: a late reply must not reach anyone
+
+
+def _resolve(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class AppAdapter:
+    """Executes requests on the local app, in order, and returns its replies.
+
+    ``execute`` is not reentrant: the caller owns the order, so a second concurrent call is a bug
+    and raises RuntimeError. ``timeout_s`` bounds a connect and the wait for the next reply (not
+    a whole window: a pipelined app must answer something every timeout_s). ``ready`` is True
+    while the app answered the last attempt; ``on_state_change(ready, reason)`` is called once
+    per change (the first outcome counts as one).
+    """
+
+    def __init__(self, host: str, port: int, mode: str, timeout_s: float = 5.0,
+                 max_reply_bytes: int = 64 << 20, pipeline: int = 64,
+                 on_state_change: Optional[StateCallback] = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown framing mode {mode!r}; expected one of {MODES}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, not {timeout_s!r}")
+        if pipeline < 1:
+            raise ValueError(f"pipeline must be at least 1, not {pipeline!r}")
+        make_decoder(mode, max_reply_bytes, "response")  # validates max_reply_bytes
+        self.host = host
+        self.port = port
+        self.mode = mode
+        self.timeout_s = timeout_s
+        self.max_reply_bytes = max_reply_bytes
+        self.pipeline = pipeline
+        self.on_state_change = on_state_change
+        self.stats = {"requests": 0, "connections": 0, "reconnects": 0, "retries": 0,
+                      "timeouts": 0, "errors": 0}
+        self._state: Optional[bool] = None  # None until the first attempt has an outcome
+        self._conn: Optional[_Connection] = None
+        self._busy = False
+        self._closed = False
+
+    @property
+    def ready(self) -> bool:
+        return self._state is True
+
+    async def execute(self, requests: Sequence[bytes]) -> List[bytes]:
+        """The app's replies to ``requests``, in order. Retries (with back-off) while the app is
+        down; raises AppConnectionLost / AppProtocolError when a written request lost its reply.
+        Raises FramingError, before writing anything, for a request the mode cannot carry (a
+        newline in line mode, not an HTTP request in http mode): that is the caller's bug."""
+        if self._closed:
+            raise RuntimeError("AppAdapter.execute() after close()")
+        if self._busy:
+            raise RuntimeError("AppAdapter.execute() is not reentrant: the caller owns the order")
+        if not requests:
+            return []
+        mode = self.mode
+        encoded = [encode(mode, r) for r in requests]
+        methods = [http_request_method(r) for r in requests] if mode == "http" else None
+        self._busy = True
+        try:
+            if mode == "close":
+                replies = await self._execute_close(encoded)
+            else:
+                replies = await self._execute_persistent(encoded, methods)
+        finally:
+            self._busy = False
+        self.stats["requests"] += len(replies)
+        return replies
+
+    async def close(self) -> None:
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    async def __aenter__(self) -> "AppAdapter":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- persistent modes: line, length, http ---------------------------------------------------
+
+    async def _execute_persistent(self, encoded: List[bytes], methods) -> List[bytes]:
+        n = len(encoded)
+        replies: List[bytes] = []
+        while len(replies) < n:
+            conn = self._conn
+            if conn is None or not conn.usable:
+                if conn is not None:
+                    if conn.protocol_error is not None and conn.outstanding == 0 and not replies:
+                        # Bytes arrived while idle: the app broke the contract between calls.
+                        # Nothing of this call was written, so the caller may simply retry.
+                        self._conn = None
+                        self._fail_state(conn.protocol_error)
+                        raise self._error(AppProtocolError, conn.protocol_error, encoded, [], 0)
+                    # Ended with nothing owed (closed while idle, or after an HTTP response that
+                    # closes): nothing is in doubt, a new connection carries on.
+                    self.stats["reconnects"] += 1
+                    self._conn = None
+                conn = self._conn = await self._connect()
+            try:
+                await self._exchange(conn, encoded, methods, replies)
+            except BaseException:
+                # Replies still owed on this connection would arrive later and be taken for the
+                # next call's replies: the connection dies with the exchange (also on cancel).
+                if self._conn is conn:
+                    self._conn = None
+                conn.close()
+                raise
+        return replies
+
+    async def _exchange(self, conn: _Connection, encoded: List[bytes], methods,
+                        replies: List[bytes]) -> None:
+        """Runs requests from len(replies) on over conn, appending replies, until all are answered
+        or the connection ends with nothing owed (the caller reconnects). Raises when requests
+        are in doubt."""
+        n = len(encoded)
+        pipeline = self.pipeline
+        # Refill the window only once half of it is free: one write of many requests instead of
+        # a write per reply (a window of 1 still works: it refills when nothing is outstanding).
+        refill_at = pipeline // 2
+        conn.replies = replies
+        written = len(replies)
+        transport = conn.transport
+        while True:
+            answered = len(replies)
+            if conn.protocol_error is not None:
+                self._fail_state(conn.protocol_error)
+                raise self._error(AppProtocolError, conn.protocol_error, encoded, replies, written)
+            if conn.closed_by_reply:
+                # An HTTP response that closes the connection. RFC 9112 §9.6: the server must not
+                # process any request received after it, so what followed on this connection was
+                # not executed and goes again on a new one. (A response delimited by the close
+                # itself gives no such promise: requests pipelined behind it are in doubt, so an
+                # app that answers that way needs pipeline=1.)
+                conn.outstanding = 0
+                conn.close()
+                return
+            if conn.ended:
+                if written > answered:
+                    self._fail_state(conn.lost_reason)
+                    raise self._error(AppConnectionLost, conn.lost_reason, encoded, replies,
+                                      written)
+                return
+            if answered == n:
+                return
+            if written < n and written - answered <= refill_at:
+                end = min(n, answered + pipeline)
+                if methods is not None:
+                    expect = conn.decoder.expect
+                    for method in methods[written:end]:
+                        expect(method)  # a response to HEAD has no body
+                conn.outstanding += end - written
+                transport.write(b"".join(encoded[written:end]) if end - written > 1
+                                else encoded[written])
+                written = end
+            await conn.wait(self.timeout_s)
+            if len(replies) > answered:
+                if self._state is not True:
+                    self._set_state(True, "the app answered")
+            elif not conn.ended and conn.protocol_error is None and not conn.closed_by_reply:
+                self.stats["timeouts"] += 1
+                reason = f"no reply from the app within {self.timeout_s:g} s"
+                self._fail_state(reason)
+                raise self._error(AppConnectionLost, reason, encoded, replies, written)
+
+    # -- close mode: one connection per request, strictly one at a time -------------------------
+
+    async def _execute_close(self, encoded: List[bytes]) -> List[bytes]:
+        replies: List[bytes] = []
+        for i, request in enumerate(encoded):
+            conn = await self._connect()
+            try:
+                conn.replies = replies
+                conn.outstanding = 1
+                conn.transport.write(request)
+                conn.transport.write_eof()  # the half-close is what ends the request
+                while len(replies) == i:
+                    if conn.protocol_error is not None:
+                        self._fail_state(conn.protocol_error)
+                        raise self._error(AppProtocolError, conn.protocol_error, encoded,
+                                          replies, i + 1)
+                    if conn.ended:
+                        self._fail_state(conn.lost_reason)
+                        raise self._error(AppConnectionLost, conn.lost_reason, encoded, replies,
+                                          i + 1)
+                    await conn.wait(self.timeout_s)
+                    if len(replies) == i and not conn.ended and conn.protocol_error is None:
+                        self.stats["timeouts"] += 1
+                        reason = f"no reply from the app within {self.timeout_s:g} s"
+                        self._fail_state(reason)
+                        raise self._error(AppConnectionLost, reason, encoded, replies, i + 1)
+            finally:
+                conn.close()
+            if self._state is not True:
+                self._set_state(True, "the app answered")
+        return replies
+
+    # -- connecting, state, errors ----------------------------------------------------------------
+
+    async def _connect(self) -> _Connection:
+        """A fresh connection, retrying with back-off for as long as it takes (or until the
+        caller cancels). Safe to retry: nothing has been written on a connection that failed
+        here."""
+        loop = asyncio.get_running_loop()
+        delay = BACKOFF_INITIAL_S
+        while True:
+            conn = _Connection(make_decoder(self.mode, self.max_reply_bytes, "response"))
+            try:
+                await asyncio.wait_for(
+                    loop.create_connection(lambda: conn, self.host, self.port), self.timeout_s)
+            except asyncio.TimeoutError:
+                self.stats["timeouts"] += 1
+                reason = f"connect to {self.host}:{self.port} timed out after {self.timeout_s:g} s"
+            except OSError as exc:
+                reason = f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
+            else:
+                self.stats["connections"] += 1
+                if conn.usable:
+                    return conn
+                # Accepted and closed before we wrote a byte: nothing can have run.
+                conn.close()
+                reason = f"{self.host}:{self.port} closed the connection at once"
+            self._fail_state(reason, count=False)
+            self.stats["retries"] += 1
+            log.debug("app not reachable (%s); retrying in %.2f s", reason, delay)
+            await _sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+    def _set_state(self, ready: bool, reason: str) -> None:
+        if self._state is ready:
+            return
+        self._state = ready
+        log.debug("app %s:%d %s: %s", self.host, self.port, "ready" if ready else "not ready",
+                  reason)
+        if self.on_state_change is not None:
+            try:
+                self.on_state_change(ready, reason)
+            except Exception:  # a broken observer must not break execution
+                log.exception("on_state_change callback failed")
+
+    def _fail_state(self, reason: str, count: bool = True) -> None:
+        if count:
+            self.stats["errors"] += 1
+        self._set_state(False, reason)
+
+    @staticmethod
+    def _error(cls, reason: str, encoded: List[bytes], replies: List[bytes],
+               written: int) -> AppError:
+        answered = len(replies)
+        return cls(reason, executed_unknown=range(answered, written),
+                   replies_so_far=list(replies), not_written=range(written, len(encoded)))

@@ -1,0 +1,246 @@
+# The `smrd` command line: parse argv, load the one Config, configure logging, hand over.
+#
+# Owns: the argument grammar (the role form and the subcommands), logging setup, and the mapping
+# of outcomes to exit codes (0 ok, 1 runtime failure, 2 usage/config error, 70 internal error,
+# 130 interrupted).
+# Must never: print a traceback for a configuration mistake, run a role with a Config that failed
+# validation, or import the drivers eagerly (`smrd --help` must work in a build that lacks them,
+# and must not pay for importing ZeroMQ).
+import argparse
+import importlib
+import json
+import logging
+import logging.config
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import SETTINGS, add_setting_flags, load_config
+from .errors import ConfigError, SmrdError
+from .hosts import MAX_REPLICAS
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the role ran and failed (or a runtime SmrdError)
+EXIT_USAGE = 2  # bad command line or configuration; argparse uses 2 as well
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in smrd, or a part missing from this build
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+DESCRIPTION = """\
+smrd makes a deterministic TCP service fault-tolerant without changing it.
+
+Roles (one binary):
+  server   a replica, one per pod, beside the unchanged app: takes part in consensus, executes the
+           agreed order of requests on the app at app_host:app_port, answers the gateways.
+           smrd --role server -c hosts.conf --id N
+  client   a gateway: what outside clients reach. Frames their requests, sends them to the
+           replicas, waits for the reply quorum, answers, retransmits on timeout. Stateless.
+           smrd --role client -c hosts.conf [--id N]
+"""
+
+EPILOG = """\
+configuration layering (later wins):
+  built-in default < settings file (--settings FILE or SMRD_SETTINGS; TOML, flat keys)
+  < environment (SMRD_<NAME>, e.g. SMRD_TICK_MS=20) < command-line flag (--tick-ms 20).
+  Everything is validated once, before anything starts; --log-level debug logs every effective
+  value with its source. The hosts file (-c) lists replicas and gateways; see docs/configuration.md.
+
+subcommands:
+  smrd local   start a whole local cluster (replicas + gateways) from built-in defaults
+  smrd status  ask every replica in a hosts file for its view, leader and progress
+  smrd kv      the demo key-value client (arguments are passed through; smrd kv --help)
+
+exit codes:
+  0    success
+  1    runtime failure (the role or subcommand ran and failed)
+  2    usage or configuration error (one line on stderr, no traceback)
+  70   internal error (a bug, or a part missing from this build); rerun with --log-level debug
+       for the traceback
+  130  interrupted (Ctrl-C)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smrd",
+        usage="smrd --role {server,client} -c HOSTS [--settings FILE] [--id N] [--SETTING VALUE ...]\n"
+        "       smrd {local,status,kv} ...",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --tick must not mean --tick-ms: a later setting would make it ambiguous
+    )
+    parser.add_argument("--version", action="version", version=f"smrd {__version__}")
+    add_setting_flags(parser)
+
+    sub = parser.add_subparsers(dest="command", title="subcommands", metavar="{local,status,kv}")
+    local = sub.add_parser(
+        "local", prog="smrd local", allow_abbrev=False, help="start a whole local cluster from built-in defaults",
+        description="Start n replicas, the demo app beside each, and gateways on 127.0.0.1.",
+    )
+    local.add_argument("--replicas", type=_replica_count, default=3, metavar="N", help="replicas, 1..64 (default: 3)")
+    local.add_argument("--gateways", type=_positive_int, default=1, metavar="N", help="gateways (default: 1)")
+    local.add_argument("--framing", choices=SETTINGS["framing"].choices, default=SETTINGS["framing"].default,
+                       help="framing of the demo app and gateways (default: %(default)s)")
+    local.add_argument("--base-port", type=_port, default=11000, metavar="PORT",
+                       help="first port; each process takes the next ones (default: %(default)s)")
+    local.add_argument("--data-dir", default="./smrd-local", metavar="DIR",
+                       help="where the replicas keep their logs (default: %(default)s)")
+
+    status = sub.add_parser(
+        "status", prog="smrd status", allow_abbrev=False, help="show each replica's view, leader and progress",
+        description="Ask every replica in the hosts file for its status (through its metrics/health port).",
+    )
+    status.add_argument("-c", "--hosts", dest="hosts", default=argparse.SUPPRESS, metavar="PATH",
+                        help="hosts file (or SMRD_HOSTS)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--timeout", type=_positive_float, default=2.0, metavar="S",
+                        help="seconds to wait for each replica (default: %(default)s)")
+
+    kv = sub.add_parser("kv", prog="smrd kv", allow_abbrev=False, help="demo key-value client (smrd kv --help)", add_help=False)
+    kv.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    try:
+        if argv[:1] == ["kv"]:  # pass everything through untouched, --help included
+            return _dispatch("smrd.apps.kvclient", "the kv demo client", argv[1:])
+        parser = build_parser()
+        if not argv:
+            parser.print_usage(sys.stderr)
+            _error("nothing to do; give --role server|client -c HOSTS, or a subcommand (see smrd --help)")
+            return EXIT_USAGE
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, --version and argparse's own usage errors
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        if args.command == "kv":
+            return _dispatch("smrd.apps.kvclient", "the kv demo client", args.argv)
+        if args.command is not None:
+            _configure_logging(getattr(args, "log_level", None) or "info", getattr(args, "log_format", None) or "text")
+            return _dispatch(f"smrd.{args.command}", f"smrd {args.command}", args)
+        return _run_role(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `smrd --help | head`: the reader left; not an internal error
+        # Point stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    except SmrdError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    except Exception as exc:
+        if debug or log.isEnabledFor(logging.DEBUG):
+            traceback.print_exc()
+        _error(f"internal error: {type(exc).__name__}: {exc}"
+               + ("" if debug else "; rerun with --log-level debug for the traceback"))
+        return EXIT_INTERNAL
+
+
+def _run_role(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    _configure_logging(config.settings.log_level, config.settings.log_format)
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    log.debug("%s", config.describe())
+    module = "smrd.server" if config.settings.role == "server" else "smrd.gateway"
+    return _dispatch(module, f"role {config.settings.role}", config, func="run")
+
+
+def _dispatch(module: str, what: str, arg: Any, func: str = "main") -> int:
+    """Import `module` only now and call module.func(arg); its result is the exit code."""
+    try:
+        target = getattr(importlib.import_module(module), func)
+    except ImportError as exc:
+        _error(f"{what} is not available in this build: cannot import {module}.{func} ({exc})")
+        return EXIT_INTERNAL
+    except AttributeError:
+        _error(f"{what} is not available in this build: {module} has no {func}()")
+        return EXIT_INTERNAL
+    result = target(arg)
+    return EXIT_OK if result is None else int(result)
+
+
+def _error(message: str) -> None:
+    # One line, always: operators grep for it and supervisors show only the last line.
+    print("smrd: error: " + " ".join(str(message).split()), file=sys.stderr)
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    """Before the Config exists: did the user ask for debug (so an internal error shows its traceback)?"""
+    for i, arg in enumerate(argv):
+        if arg == "--log-level=debug" or (arg == "--log-level" and argv[i + 1: i + 2] == ["debug"]):
+            return True
+    return os.environ.get("SMRD_LOG_LEVEL", "").strip().lower() == "debug"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _configure_logging(level: str, fmt: str) -> None:
+    logging.config.dictConfig({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "text": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"},
+            "json": {"()": _JsonFormatter},
+        },
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": fmt, "stream": "ext://sys.stderr"}},
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+    })
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
+def _replica_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"{value} replicas: at most {MAX_REPLICAS}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1..65535)")
+    return value

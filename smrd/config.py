@@ -1,0 +1,700 @@
+# The one typed configuration of a smrd process.
+#
+# Owns: the declaration of every setting (the `Settings` dataclass below: each field carries its
+# type, default, unit, help and checks, once), the layering settings file (TOML) < environment
+# (SMRD_<NAME>) < command-line flags (--name-with-dashes), validation (per value and across values,
+# including against hosts.conf), and the generated views of the table (argparse flags, the docs
+# table, the commented example file).
+# Must never: start anything, open sockets, resolve names, or hand out a Config it could not fully
+# validate. Errors are ConfigError with one line naming the source (file:line, env var or flag)
+# and the fix. Warnings (legal but unwise) are returned for the caller to log.
+import argparse
+import os
+import re
+import textwrap
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .hosts import GatewayAddr, Hosts, ReplicaAddr, check_host, did_you_mean, load_hosts
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+ENV_PREFIX = "SMRD_"
+# SMRD_* variables that belong to other parts of smrd, not to this table; never "unknown".
+FOREIGN_ENV = frozenset({"SMRD_NO_EXTENSIONS", "SMRD_SIM_SEEDS"})
+# A batch travels inside one frame whose payload _core caps at 64 MiB; half leaves room for headers.
+MAX_BATCH_BYTES = 32 * MiB
+# "Far below": a retransmission must stop long before the session (and its cached replies) expire.
+SESSION_TTL_MARGIN = 10
+_META = "smrd.setting"
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    unit: str = "",
+    choices: tuple[str, ...] = (),
+    min: int | None = None,
+    max: int | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    in_file: bool = True,
+    short: str | None = None,
+    metavar: str | None = None,
+    shown_default: str | None = None,
+) -> Any:
+    """Declare one setting as a dataclass field; everything else is generated from it."""
+    meta = dict(
+        help=help, group=group, unit=unit, choices=choices, min=min, max=max, check=check,
+        in_file=in_file, short=short, metavar=metavar, shown_default=shown_default,
+    )
+    return field(default=default, metadata={_META: meta})
+
+
+def _check_host(value: str) -> str | None:
+    return check_host(value, listen=False)
+
+
+def _not_empty(value: str) -> str | None:
+    return "the value is empty" if not value.strip() else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- role: what this process is ------------------------------------------------------------
+    role: str | None = setting(
+        None, "server: a replica beside the app; client: a gateway that outside clients reach. "
+        "Required to run.", group="role", choices=("server", "client"), shown_default="none (required to run)")
+    id: int | None = setting(
+        None, "Replica id (role server, required) or gateway id (role client; default: the lowest "
+        "gateway id in the hosts file).", group="role", min=0, max=65535, metavar="N",
+        shown_default="none (required for role server)")
+    hosts: str | None = setting(
+        None, "Path of the hosts file (replicas and gateways). Relative paths in the settings file "
+        "are relative to that file.", group="role", short="-c", metavar="PATH", check=_not_empty,
+        shown_default="none (required)")
+    settings: str | None = setting(
+        None, "Path of the TOML settings file (flat keys). Optional.", group="role", in_file=False,
+        metavar="FILE", check=_not_empty, shown_default="none")
+    data_dir: str | None = setting(
+        None, "Directory for the write-ahead log and checkpoints (role server).", group="role",
+        metavar="DIR", check=_not_empty, shown_default="./smrd-data/replica-<id>")
+    # --- consensus -----------------------------------------------------------------------------
+    batch_max_requests: int = setting(
+        1024, "Most requests the leader puts in one batch.", group="consensus", unit="requests",
+        min=1, max=1_000_000)
+    batch_max_bytes: int = setting(
+        1 * MiB, "Most payload bytes in one batch (a larger single request is refused, see "
+        "max_request_bytes).", group="consensus", unit="bytes", min=1 * KiB, max=MAX_BATCH_BYTES)
+    window: int = setting(
+        4, "Pipelining window W: consensus instances in flight at once (1 = BFT-SMaRt's sequential "
+        "order).", group="consensus", unit="instances", min=1, max=1024)
+    tick_ms: int = setting(
+        10, "Timer resolution of the protocol core; the timeouts below are whole multiples of it.",
+        group="consensus", unit="ms", min=1, max=1000)
+    heartbeat_ms: int = setting(
+        50, "Leader heartbeat interval.", group="consensus", unit="ms", min=1, max=60_000)
+    election_timeout_ms: int = setting(
+        500, "Silence from the leader after which a replica moves to the next view.",
+        group="consensus", unit="ms", min=1, max=600_000)
+    request_timeout_ms: int = setting(
+        1000, "A pending request not ordered within this time makes replicas suspect the leader.",
+        group="consensus", unit="ms", min=1, max=600_000)
+    # --- sessions and exactly-once -------------------------------------------------------------
+    reply_quorum: int = setting(
+        1, "Matching replies the gateway waits for before answering (crash mode: 1; at most n).",
+        group="sessions", unit="replies", min=1, max=64)
+    reply_cache_size: int = setting(
+        1024, "Replies kept per client session (k) to answer retransmissions exactly once.",
+        group="sessions", unit="replies", min=1, max=1_000_000)
+    session_ttl_s: int = setting(
+        3600, "Idle client sessions expire after this (leader time, so all replicas agree).",
+        group="sessions", unit="s", min=1, max=30 * 86400)
+    # --- gateway -------------------------------------------------------------------------------
+    gateway_request_deadline_ms: int = setting(
+        10_000, "The gateway gives up on a request (and answers with an error) after this.",
+        group="gateway", unit="ms", min=1, max=3_600_000)
+    gateway_retransmit_ms: int = setting(
+        500, "The gateway resends an unanswered request after this.", group="gateway", unit="ms",
+        min=1, max=3_600_000)
+    max_inflight_per_gateway: int = setting(
+        4096, "Requests one gateway keeps in flight; more wait (back-pressure).", group="gateway",
+        unit="requests", min=1, max=1_000_000)
+    # --- the app -------------------------------------------------------------------------------
+    app_host: str = setting(
+        "127.0.0.1", "Address of the local app (same pod).", group="app", metavar="HOST",
+        check=_check_host)
+    app_port: int = setting(7000, "TCP port of the local app.", group="app", min=1, max=65535)
+    framing: str = setting(
+        "line", "How requests and replies are delimited, towards the app and outside clients: "
+        "close: one connection per request; line: newline-delimited; length: 4-byte big-endian "
+        "length prefix; http: HTTP/1.1.", group="app", choices=("close", "line", "length", "http"))
+    app_timeout_ms: int = setting(
+        5000, "An app reply slower than this counts as an app failure (the request is retried, "
+        "never dropped).", group="app", unit="ms", min=1, max=3_600_000)
+    max_request_bytes: int = setting(
+        1 * MiB, "Largest single request accepted from a client.", group="app", unit="bytes",
+        min=1, max=MAX_BATCH_BYTES)
+    # --- storage and transport -----------------------------------------------------------------
+    durability: str = setting(
+        "fsync", "fsync: persist before acting (safe); nosync: write without fsync (a power loss "
+        "can lose decided requests); memory: no disk (tests only).", group="storage",
+        choices=("fsync", "nosync", "memory"))
+    hwm: int = setting(
+        10_000, "ZeroMQ high-water mark per socket (0 = unlimited).", group="storage",
+        unit="messages", min=0, max=10_000_000)
+    # --- observability -------------------------------------------------------------------------
+    log_level: str = setting(
+        "info", "Log level; debug also prints tracebacks of internal errors.", group="observability",
+        choices=("debug", "info", "warning", "error", "critical"))
+    log_format: str = setting(
+        "text", "Log format: text for people, json for log collectors.", group="observability",
+        choices=("text", "json"))
+    metrics_port: int = setting(
+        0, "Prometheus /metrics and /healthz port. A non-zero value wins over the hosts file; 0 = "
+        "use the metrics= option of this process's hosts-file line, else metrics are off.",
+        group="observability", min=0, max=65535, metavar="PORT")
+
+
+GROUPS = {
+    "role": "Role and paths",
+    "consensus": "Consensus",
+    "sessions": "Sessions and exactly-once",
+    "gateway": "Gateway",
+    "app": "The app",
+    "storage": "Storage and transport",
+    "observability": "Observability",
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting's declaration, read back from its `Settings` field."""
+
+    name: str
+    type: type  # int or str: the type of a value once parsed
+    optional: bool  # None (unset) is a legal value
+    default: Any
+    help: str
+    group: str
+    unit: str
+    choices: tuple[str, ...]
+    min: int | None
+    max: int | None
+    check: Callable[[Any], str | None] | None
+    in_file: bool
+    short: str | None
+    metavar: str | None
+    shown_default: str | None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def flags(self) -> str:
+        return f"{self.short}/{self.flag}" if self.short else self.flag
+
+    def default_text(self) -> str:
+        if self.shown_default is not None:
+            return self.shown_default
+        return _human(self, self.default)
+
+
+def _specs() -> dict[str, Spec]:
+    hints = typing.get_type_hints(Settings)
+    out = {}
+    for f in fields(Settings):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = bool(args) and len(args) < len(typing.get_args(hint))
+        out[f.name] = Spec(name=f.name, type=args[0] if optional else hint, optional=optional,
+                           default=f.default, **f.metadata[_META])
+    return out
+
+
+SETTINGS: dict[str, Spec] = _specs()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a value came from: default, file, env, flag, or derived (computed from others)."""
+
+    kind: str
+    where: str = ""  # "conf/smrd.toml:12", "SMRD_TICK_MS", "--tick-ms"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.where}" if self.where else self.kind
+
+    def locate(self, name: str) -> str:
+        """The prefix of an error message about setting `name` from this source."""
+        if self.kind == "file":
+            return f"{self.where}: {name}"
+        if self.kind == "env":
+            return f"environment variable {self.where}"
+        if self.kind == "flag":
+            return f"flag {self.where}"
+        return f"{name} ({self})"
+
+
+DEFAULT = Source("default")
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: Settings
+    hosts: Hosts
+    sources: Mapping[str, Source]  # setting name -> where its effective value came from
+    warnings: tuple[str, ...] = ()
+    metrics_port: int = 0  # effective: the setting if non-zero, else the hosts file's; 0 = off
+
+    @property
+    def role(self) -> str | None:
+        return self.settings.role
+
+    @property
+    def id(self) -> int | None:
+        return self.settings.id
+
+    @property
+    def replica(self) -> ReplicaAddr:
+        """This replica's addresses (role server)."""
+        if self.settings.role != "server" or self.settings.id is None:
+            raise ConfigError("this process is not a replica; run with --role server --id N")
+        return self.hosts.replica(self.settings.id)
+
+    @property
+    def gateway(self) -> GatewayAddr:
+        """This gateway's listen address (role client)."""
+        if self.settings.role != "client" or self.settings.id not in self.hosts.gateways:
+            raise ConfigError("this process is not a gateway; run with --role client")
+        return self.hosts.gateways[self.settings.id]
+
+    def describe(self) -> str:
+        """Every effective value with its source, on one line (for a debug log line)."""
+        parts = [f"{name}={getattr(self.settings, name)!r} ({self.sources[name]})" for name in SETTINGS]
+        parts.append(f"effective_metrics_port={self.metrics_port}")
+        return "config: " + ", ".join(parts)
+
+
+def load_config(
+    flags: argparse.Namespace | Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    need_role: bool = True,
+) -> Config:
+    """Layer defaults < settings file < env < flags, validate everything once, return a Config.
+
+    `flags`: an argparse Namespace (attributes named like settings are taken; others, such as a
+    subcommand's own options, are ignored) or a dict {setting name: value}, where unknown names
+    are errors. `need_role=False` is for tools (smrd status) that only need the hosts file.
+    """
+    env = os.environ if env is None else env
+    layers: dict[str, tuple[Any, Source]] = {}
+
+    from_flags = _flag_values(flags)
+    from_env = _env_values(env)
+    path_value, path_source = from_flags.get("settings") or from_env.get("settings") or (None, DEFAULT)
+    if path_value is not None:
+        layers.update(_file_values(path_value, path_source))
+    layers.update(from_env)
+    layers.update(from_flags)
+
+    values = {name: spec.default for name, spec in SETTINGS.items()}
+    sources = {name: DEFAULT for name in SETTINGS}
+    for name, (value, source) in layers.items():
+        values[name], sources[name] = value, source
+    settings = Settings(**values)
+    _cross_check(settings, sources)
+    if need_role and settings.role is None:
+        raise ConfigError(
+            "no role given; pass --role server (a replica beside the app) or --role client (a gateway), "
+            "or set SMRD_ROLE"
+        )
+
+    if settings.hosts is None:
+        raise ConfigError(
+            "no hosts file given; pass -c/--hosts PATH or set SMRD_HOSTS (conf/hosts.conf is an example)"
+        )
+    hosts = load_hosts(settings.hosts)
+    settings, sources = _check_against_hosts(settings, sources, hosts)
+    return Config(
+        settings=settings, hosts=hosts, sources=sources,
+        warnings=hosts.warnings + _warnings(settings, sources),
+        metrics_port=_effective_metrics_port(settings, hosts),
+    )
+
+
+# --- the three layers -------------------------------------------------------------------------
+
+def _flag_values(flags: argparse.Namespace | Mapping[str, Any] | None) -> dict[str, tuple[Any, Source]]:
+    if flags is None:
+        return {}
+    if isinstance(flags, argparse.Namespace):
+        raw = {k: v for k, v in vars(flags).items() if k in SETTINGS}
+    else:
+        raw = dict(flags)
+        for name in raw:
+            if name not in SETTINGS:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"flag {flag} is not a smrd setting{did_you_mean(flag, [s.flag for s in SETTINGS.values()])}; "
+                    f"see smrd --help"
+                )
+    out = {}
+    for name, value in raw.items():
+        if value is None:
+            continue  # not given
+        spec = SETTINGS[name]
+        source = Source("flag", spec.flags)
+        out[name] = (parse_value(spec, value, source), source)
+    return out
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, Source]]:
+    out = {}
+    valid = [s.env for s in SETTINGS.values()]
+    for key in sorted(env):
+        if not key.startswith(ENV_PREFIX) or key in FOREIGN_ENV:
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in SETTINGS:
+            raise ConfigError(
+                f"environment variable {key} is not a smrd setting{did_you_mean(key, valid)}; "
+                f"unset it or fix its name (settings are listed in docs/configuration.md)"
+            )
+        source = Source("env", key)
+        out[name] = (parse_value(SETTINGS[name], env[key], source), source)
+    return out
+
+
+def _file_values(path: str, via: Source) -> dict[str, tuple[Any, Source]]:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: settings file not found (from {via}); check the path or drop the option") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a settings file (from {via}); give the TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read settings file ({exc.strerror}); check the path and permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); the settings file must be TOML text"
+        ) from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", msg)
+        loc = f"{path}:{m.group(1)}:{m.group(2)}" if m else f"{path}:{max(1, text.count(chr(10)) + 1)}"
+        msg = msg[: m.start()] if m else re.sub(r"\s*\(at end of document\)$", " at end of file", msg)
+        raise ConfigError(f"{loc}: invalid TOML: {msg}; settings are flat lines like: tick_ms = 10") from None
+
+    base = os.path.dirname(path)
+    valid = [name for name, spec in SETTINGS.items() if spec.in_file]
+    out = {}
+    for key, value in table.items():
+        source = Source("file", f"{path}:{_line_of(text, key)}")
+        if isinstance(value, dict):
+            raise ConfigError(
+                f"{source.where}: [{key}] is a table, but the settings file is flat; "
+                f"write the keys at top level (name = value) without [sections]"
+            )
+        if key not in SETTINGS or not SETTINGS[key].in_file:
+            why = ("names the settings file itself, which only --settings or SMRD_SETTINGS can do"
+                   if key == "settings" else f"is not a smrd setting{did_you_mean(key, valid)}")
+            raise ConfigError(f"{source.where}: key {key!r} {why}; fix or remove it")
+        parsed = parse_value(SETTINGS[key], value, source)
+        if key in ("hosts", "data_dir") and not os.path.isabs(parsed):
+            parsed = os.path.join(base, parsed)  # paths in a file are relative to the file
+        out[key] = (parsed, source)
+    return out
+
+
+def _line_of(text: str, key: str) -> int:
+    m = re.search(rf'^[ \t]*["\']?{re.escape(key)}["\']?[ \t]*=', text, re.MULTILINE)
+    return text.count("\n", 0, m.start()) + 1 if m else 1
+
+
+# --- one value -------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*([0-9]+)\s*(b|k|kib|m|mib|g|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB}
+
+
+def parse_value(spec: Spec, raw: Any, source: Source) -> Any:
+    """Turn a raw value (TOML value, env string or flag string) into the setting's type, checked."""
+    where = source.locate(spec.name)
+    if spec.type is int:
+        value = _parse_int(spec, raw, where, from_text=source.kind in ("env", "flag"))
+        lo = spec.min if spec.min is not None else value
+        hi = spec.max if spec.max is not None else value
+        if not lo <= value <= hi:
+            raise ConfigError(
+                f"{where}: {_human(spec, value)} is out of range; use {_human(spec, lo)}..{_human(spec, hi)}"
+            )
+    else:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where}: expected a string, got {_toml_type(raw)} {raw!r}; quote it")
+        value = raw.strip()
+        if spec.choices:
+            value = value.lower()
+            if value not in spec.choices:
+                raise ConfigError(
+                    f"{where}: {raw!r} is not one of {', '.join(spec.choices)}"
+                    f"{did_you_mean(value, spec.choices)}; pick one of those"
+                )
+    if spec.check is not None:
+        problem = spec.check(value)
+        if problem:
+            raise ConfigError(f"{where}: {problem}; fix the value")
+    return value
+
+
+def _parse_int(spec: Spec, raw: Any, where: str, *, from_text: bool) -> int:
+    sizes = spec.unit == "bytes"
+    unit_hint = " (or a size like 64KiB, 1MiB)" if sizes else ""
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ConfigError(f"{where}: expected an integer{unit_hint}, got {_toml_type(raw)} {raw!r}; write a whole number")
+    if isinstance(raw, int):
+        return raw
+    if not raw.strip():
+        raise ConfigError(f"{where}: empty value; give a whole number{unit_hint} or leave the setting out")
+    if sizes:
+        m = _SIZE.match(raw)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2) and m.group(2).lower()]
+    elif from_text and re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw):
+        return int(raw)
+    if not from_text and not sizes:
+        raise ConfigError(f"{where}: expected an integer, got a string {raw!r}; write it without quotes")
+    raise ConfigError(f"{where}: {raw!r} is not an integer{unit_hint}; write a whole number"
+                      f"{' of ' + spec.unit if spec.unit and not sizes else ''}")
+
+
+def _toml_type(value: Any) -> str:
+    return {bool: "a boolean", float: "a float", str: "a string", int: "an integer", list: "an array"}.get(
+        type(value), type(value).__name__)
+
+
+def _human(spec: Spec, value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if spec.unit == "bytes" and isinstance(value, int):
+        for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+            if value >= size and value % size == 0:
+                return f"{value // size} {unit}"
+        return f"{value} bytes"
+    if spec.unit in ("ms", "s") and isinstance(value, int):
+        return f"{value} {spec.unit}"
+    return str(value)
+
+
+# --- across values ---------------------------------------------------------------------------
+
+def _cross_check(s: Settings, sources: Mapping[str, Source]) -> None:
+    def show(name: str) -> str:
+        return f"{name}={getattr(s, name)} ({sources[name]})"
+
+    for name in ("heartbeat_ms", "election_timeout_ms", "request_timeout_ms"):
+        if getattr(s, name) % s.tick_ms:
+            raise ConfigError(
+                f"{show(name)} is not a multiple of {show('tick_ms')}: the core counts time in ticks, "
+                f"so it would silently round; use a multiple of {s.tick_ms}"
+            )
+    if s.heartbeat_ms >= s.election_timeout_ms:
+        raise ConfigError(
+            f"{show('heartbeat_ms')} must be below {show('election_timeout_ms')}: otherwise followers "
+            f"suspect a healthy leader between two heartbeats; lower heartbeat_ms or raise election_timeout_ms"
+        )
+    if s.gateway_retransmit_ms >= s.gateway_request_deadline_ms:
+        raise ConfigError(
+            f"{show('gateway_retransmit_ms')} must be below {show('gateway_request_deadline_ms')}: "
+            f"otherwise the gateway gives up before it ever retransmits; lower the first or raise the second"
+        )
+    if s.gateway_request_deadline_ms * SESSION_TTL_MARGIN > s.session_ttl_s * 1000:
+        raise ConfigError(
+            f"{show('gateway_request_deadline_ms')} must be far below {show('session_ttl_s')} "
+            f"(at most 1/{SESSION_TTL_MARGIN} of it): exactly-once relies on no retransmission outliving "
+            f"its session, since a request retried after its session expired would execute twice; "
+            f"lower the deadline or raise session_ttl_s"
+        )
+    if s.max_request_bytes > s.batch_max_bytes:
+        raise ConfigError(
+            f"{show('max_request_bytes')} must not exceed {show('batch_max_bytes')}: a request that fits "
+            f"no batch could never be ordered; lower max_request_bytes or raise batch_max_bytes"
+        )
+
+
+def _check_against_hosts(
+    s: Settings, sources: dict[str, Source], hosts: Hosts
+) -> tuple[Settings, dict[str, Source]]:
+    if s.reply_quorum > hosts.n:
+        raise ConfigError(
+            f"reply_quorum={s.reply_quorum} ({sources['reply_quorum']}) exceeds the {hosts.n} replicas in "
+            f"{hosts.path}; the gateway would wait forever; use 1..{hosts.n}"
+        )
+    if s.role is None:  # only reachable with need_role=False
+        return s, sources
+    if s.role == "server":
+        if s.id is None:
+            raise ConfigError(
+                f"role server needs a replica id; pass --id N (or SMRD_ID) with N in 0..{hosts.n - 1} from {hosts.path}"
+            )
+        if s.id not in hosts.replicas:
+            raise ConfigError(
+                f"id {s.id} ({sources['id']}) is not a replica in {hosts.path} (replica ids are "
+                f"0..{hosts.n - 1}); use one of those or add a replica line"
+            )
+        if s.data_dir is None:
+            s = replace(s, data_dir=f"./smrd-data/replica-{s.id}")
+        rep = hosts.replicas[s.id]
+        if s.metrics_port in (rep.peer_port, rep.client_port):
+            raise ConfigError(
+                f"metrics_port={s.metrics_port} ({sources['metrics_port']}) collides with replica {s.id}'s "
+                f"peer or client port in {hosts.path}:{rep.line}; pick another port"
+            )
+        return s, sources
+    # role client: a gateway
+    if not hosts.gateways:
+        raise ConfigError(
+            f"{hosts.path}: role client needs a gateway line ('gateway ID HOST PORT'); add one"
+        )
+    if s.id is None:
+        sources = {**sources, "id": Source("derived", "lowest gateway id")}
+        return replace(s, id=next(iter(hosts.gateways))), sources
+    if s.id not in hosts.gateways:
+        raise ConfigError(
+            f"id {s.id} ({sources['id']}) is not a gateway in {hosts.path} (gateway ids: "
+            f"{', '.join(map(str, hosts.gateways))}); use one of those or add a gateway line"
+        )
+    return s, sources
+
+
+def _warnings(s: Settings, sources: Mapping[str, Source]) -> tuple[str, ...]:
+    out = []
+    if s.election_timeout_ms < 3 * s.heartbeat_ms:
+        out.append(
+            f"election_timeout_ms={s.election_timeout_ms} is under 3 heartbeats ({s.heartbeat_ms} ms): "
+            f"one late heartbeat may start a needless view change"
+        )
+    if s.durability != "fsync":
+        loss = "a power loss or OS crash" if s.durability == "nosync" else "a restart"
+        out.append(
+            f"durability={s.durability} ({sources['durability']}): {loss} of a majority can lose decided "
+            f"requests; use fsync outside tests"
+        )
+    return tuple(out)
+
+
+def _effective_metrics_port(s: Settings, hosts: Hosts) -> int:
+    if s.metrics_port:
+        return s.metrics_port
+    addr: ReplicaAddr | GatewayAddr | None = None
+    if s.role == "server" and s.id in hosts.replicas:
+        addr = hosts.replicas[s.id]
+    elif s.role == "client" and s.id in hosts.gateways:
+        addr = hosts.gateways[s.id]
+    return (addr.metrics_port or 0) if addr else 0
+
+
+# --- generated views of the table ------------------------------------------------------------
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per setting, grouped; absent flags leave no attribute (argparse.SUPPRESS)."""
+    groups = {key: parser.add_argument_group(f"{title} (flag > SMRD_<NAME> > settings file > default)"
+                                             if key == "role" else title)
+              for key, title in GROUPS.items()}
+    for spec in SETTINGS.values():
+        names = [spec.short, spec.flag] if spec.short else [spec.flag]
+        metavar = "{" + ",".join(spec.choices) + "}" if spec.choices else (spec.metavar or spec.unit.upper() or "N")
+        sizes = " Accepts KiB/MiB/GiB suffixes." if spec.unit == "bytes" else ""
+        text = f"{spec.help}{sizes} Default: {spec.default_text()}. Env: {spec.env}."
+        groups[spec.group].add_argument(
+            *names, dest=spec.name, default=argparse.SUPPRESS, metavar=metavar, help=text.replace("%", "%%")
+        )
+
+
+def settings_markdown() -> str:
+    """The settings table of docs/configuration.md, generated so it cannot drift."""
+    out = []
+    for key, title in GROUPS.items():
+        out += [f"### {title}", "", "| setting | default | unit | env | flag | meaning |", "|---|---|---|---|---|---|"]
+        for spec in SETTINGS.values():
+            if spec.group != key:
+                continue
+            values = f" One of: {', '.join(f'`{c}`' for c in spec.choices)}." if spec.choices else ""
+            values += " Accepts KiB/MiB/GiB suffixes." if spec.unit == "bytes" else ""
+            rng = f" Range {_human(spec, spec.min)}..{_human(spec, spec.max)}." if spec.min is not None else ""
+            file_note = "" if spec.in_file else " Not allowed in the settings file."
+            out.append(
+                f"| `{spec.name}` | {spec.default_text()} | {spec.unit or '-'} | `{spec.env}` | "
+                f"`{spec.flags}` | {spec.help}{values}{rng}{file_note} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def settings_toml() -> str:
+    """conf/smrd.toml: every setting, commented out at its default."""
+    out = [
+        "# smrd settings file (TOML, flat keys). Every setting is listed, commented out, at its default.",
+        "# Precedence: this file < environment (SMRD_<NAME>) < command-line flags (--name-with-dashes).",
+        "# Relative paths here are relative to this file. Generated by smrd.config.settings_toml();",
+        "# regenerate with: python -m smrd.config --write",
+    ]
+    for key, title in GROUPS.items():
+        out += ["", f"# --- {title} " + "-" * (92 - len(title))]
+        for spec in SETTINGS.values():
+            if spec.group != key or not spec.in_file:
+                continue
+            unit = f" [{spec.unit}]" if spec.unit else ""
+            out += ["", *textwrap.wrap(f"{spec.help}{unit}", 96, initial_indent="# ", subsequent_indent="# ")]
+            if spec.default is None:
+                example = {"role": '"server"', "id": "0", "hosts": '"hosts.conf"'}.get(spec.name, '"./smrd-data/replica-0"')
+                out.append(f"# {spec.name} = {example}  # default: {spec.default_text()}")
+            elif spec.type is int:
+                human = _human(spec, spec.default)
+                out.append(f"# {spec.name} = {spec.default}" + (f"  # {human}" if spec.unit == "bytes" else ""))
+            else:
+                out.append(f'# {spec.name} = "{spec.default}"')
+    return "\n".join(out) + "\n"
+
+
+DOC_BEGIN = "<!-- BEGIN GENERATED SETTINGS TABLE (python -m smrd.config --write) -->"
+DOC_END = "<!-- END GENERATED SETTINGS TABLE -->"
+
+
+def render_docs(doc_text: str) -> str:
+    """docs/configuration.md with the generated table put between its markers."""
+    head, _, rest = doc_text.partition(DOC_BEGIN)
+    _, _, tail = rest.partition(DOC_END)
+    return f"{head}{DOC_BEGIN}\n\n{settings_markdown()}\n{DOC_END}{tail}"
+
+
+def _write_generated(root: Path) -> None:
+    doc = root / "docs" / "configuration.md"
+    doc.write_text(render_docs(doc.read_text()))
+    (root / "conf" / "smrd.toml").write_text(settings_toml())
+
+
+if __name__ == "__main__":  # python -m smrd.config --write: refresh the generated docs and example
+    import sys
+
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python -m smrd.config --write   (run from the repository root)")
+    _write_generated(Path.cwd())

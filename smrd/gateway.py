@@ -1,0 +1,329 @@
+# `smrd --role client`: the gateway that outside clients reach.
+#
+# Owns: the client-facing TCP server (in the app's framing mode), giving each request a unique
+# (client_id, seq), sending requests to every replica in one batch per hop, picking the reply
+# (the first, or reply_quorum matching ones), counting divergence, retransmission, deadlines and
+# the error an outside client sees when the cluster cannot answer.
+# Never: keeps state that matters after a crash (kill it any time: outside clients retry, and
+# the replicas' reply cache answers retries that carry an idempotency key), or answers a request
+# with anything but a replica's reply or an explicit smrd error.
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections import OrderedDict
+
+from . import core
+from .errors import ProtocolError
+from .framing import FramingError, MessageReader, error_reply, split_idempotency, write_message
+from .protocol import messages as m
+from .protocol.sessions import TOO_OLD, UNKNOWN_SESSION
+from .transport import Channels, gateway_identity
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENT_BIT = 1 << 63
+
+
+def idempotent_client_id(key: str) -> int:
+    """A retry through any gateway maps to the same (client_id, seq=1) at the replicas."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return IDEMPOTENT_BIT | (int.from_bytes(digest, "little") & (IDEMPOTENT_BIT - 1))
+
+
+class ClusterUnavailable(Exception):
+    """No reply from the replicas within the deadline (or a definitive error from them)."""
+
+
+class _Call:
+    __slots__ = ("key", "payload", "future", "first_sent", "last_sent", "replies")
+
+    def __init__(self, key, payload, future, now):
+        self.key = key
+        self.payload = payload
+        self.future = future
+        self.first_sent = now
+        self.last_sent = now
+        self.replies = {}   # replica id -> reply
+
+
+class Gateway:
+    def __init__(self, config):
+        s = config.settings
+        self.config = config
+        self.settings = s
+        self.mode = s.framing
+        self.n = config.hosts.n
+        self.k = s.reply_cache_size
+        self.max_inflight = min(s.max_inflight_per_gateway, self.k)
+        self.reply_quorum = s.reply_quorum
+        self.retransmit_s = s.gateway_retransmit_ms / 1000
+        self.deadline_s = s.gateway_request_deadline_ms / 1000
+        self.channels = Channels(hwm=s.hwm)
+        self.identity = gateway_identity(config.settings.id or 0)
+        self.replica_socks = {}
+        self.sock_replica = {}
+        for r, addr in config.hosts.replicas.items():
+            sock = self.channels.connect_dealer(addr.client_endpoint, self.identity)
+            self.replica_socks[r] = sock
+            self.sock_replica[sock] = r
+        self._new_session()
+        self.calls = {}                 # (client_id, seq) -> _Call
+        self.session_calls = OrderedDict()  # seq -> _Call of the current session, oldest first
+        self.window_open = asyncio.Event()
+        self.to_send = []
+        self._flush_scheduled = False
+        self.recent = OrderedDict()     # (client_id, seq) -> reply, to compare late replies
+        self.stats = {"requests": 0, "replies": 0, "retransmits": 0, "timeouts": 0,
+                      "divergences": 0, "errors": 0, "connections": 0}
+        self.server = None
+        self.stopping = asyncio.Event()
+
+    def _new_session(self):
+        # 63 random bits: two gateways (or incarnations) never share a session by accident.
+        self.client_id = int.from_bytes(os.urandom(8), "little") & (IDEMPOTENT_BIT - 1) or 1
+        self.next_seq = 1
+
+    # ------------------------------------------------------------------ submitting
+
+    async def submit(self, payload: bytes, idempotency_key: str = None) -> bytes:
+        """Order and execute one request; returns the reply or raises ClusterUnavailable."""
+        loop = self.loop
+        if idempotency_key is not None:
+            key = (idempotent_client_id(idempotency_key), 1)
+            call = self.calls.get(key)
+            if call is not None:
+                return await asyncio.shield(call.future)
+        else:
+            while True:
+                oldest = next(iter(self.session_calls), self.next_seq)
+                if self.next_seq < oldest + self.k and len(self.session_calls) < self.max_inflight:
+                    break
+                # The replicas keep k replies per client: issuing further ahead could evict the
+                # reply of a request still outstanding. Wait (back-pressure on outside clients).
+                self.window_open.clear()
+                await self.window_open.wait()
+            key = (self.client_id, self.next_seq)
+            self.next_seq += 1
+        call = _Call(key, payload, loop.create_future(), loop.time())
+        self.calls[key] = call
+        if key[0] == self.client_id:
+            self.session_calls[key[1]] = call
+        self.stats["requests"] += 1
+        self.to_send.append(call)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await call.future
+
+    def _flush(self):
+        self._flush_scheduled = False
+        calls, self.to_send = self.to_send, []
+        self._send(calls)
+
+    def _send(self, calls):
+        if not calls:
+            return
+        limit = self.settings.batch_max_bytes
+        frames = []
+        entries, size = [], 0
+        for call in calls:
+            if entries and size + len(call.payload) > limit:
+                frames.append(m.encode(0, m.Requests(core.pack_batch(entries))))
+                entries, size = [], 0
+            entries.append((call.key[0], call.key[1], call.payload))
+            size += len(call.payload) + core.ENTRY_HEADER_SIZE
+        frames.append(m.encode(0, m.Requests(core.pack_batch(entries))))
+        for sock in self.replica_socks.values():
+            self.channels.send(sock, frames)
+
+    def _complete(self, call, reply=None, error=None):
+        key = call.key
+        self.calls.pop(key, None)
+        if key[0] == self.client_id:
+            self.session_calls.pop(key[1], None)
+            self.window_open.set()
+        if not call.future.done():
+            if error is not None:
+                call.future.set_exception(error)
+            else:
+                call.future.set_result(reply)
+
+    # ------------------------------------------------------------------ replies
+
+    def _on_message(self, sock, parts):
+        replica = self.sock_replica.get(sock)
+        for frame in parts:
+            try:
+                _, msg = m.decode(frame)
+            except ProtocolError as e:
+                log.warning("dropped a malformed frame from replica %s: %s", replica, e)
+                continue
+            if isinstance(msg, m.Replies):
+                for client_id, seq, reply in core.Batch(msg.batch):
+                    self._on_reply(replica, (client_id, seq), bytes(reply))
+            elif isinstance(msg, m.ReplyErrors):
+                for client_id, seq, data in core.Batch(msg.batch):
+                    self._on_error(replica, (client_id, seq), data[0] if len(data) else 0, bytes(data[1:]))
+
+    def _on_reply(self, replica, key, reply):
+        call = self.calls.get(key)
+        if call is None:
+            first = self.recent.get(key)
+            if first is not None and first != reply:
+                self._divergence(key, replica)
+            return
+        for other, seen in call.replies.items():
+            if seen != reply:
+                self._divergence(key, replica, other)
+        call.replies[replica] = reply
+        matching = sum(1 for r in call.replies.values() if r == reply)
+        if matching >= self.reply_quorum:
+            self.stats["replies"] += 1
+            self.recent[key] = reply
+            if len(self.recent) > 4096:
+                self.recent.popitem(last=False)
+            self._complete(call, reply)
+
+    def _divergence(self, key, replica, other=None):
+        self.stats["divergences"] += 1
+        log.error("divergence: replicas returned different replies for request %s (replica %s vs %s)",
+                  key, replica, "the first reply" if other is None else other)
+
+    def _on_error(self, replica, key, status, text):
+        call = self.calls.get(key)
+        if call is None:
+            return
+        if status == UNKNOWN_SESSION and key[0] == self.client_id:
+            # Our session expired at the replicas (idle longer than session_ttl): the request was
+            # not executed. Start a new session and send everything outstanding again under it.
+            log.info("client session %x expired at the replicas; starting a new one", key[0])
+            pending = list(self.session_calls.values())
+            self.session_calls.clear()
+            self._new_session()
+            for c in pending:
+                self.calls.pop(c.key, None)
+                c.key = (self.client_id, self.next_seq)
+                self.next_seq += 1
+                c.replies = {}
+                self.calls[c.key] = c
+                self.session_calls[c.key[1]] = c
+            self._send(pending)
+            return
+        self.stats["errors"] += 1
+        what = "too old (its reply was evicted)" if status == TOO_OLD else text.decode("ascii", "replace")
+        self._complete(call, error=ClusterUnavailable(f"replica {replica}: {what}"))
+
+    def _timer(self):
+        if self.stopping.is_set():
+            return
+        now = self.loop.time()
+        resend = []
+        for call in list(self.calls.values()):
+            if now - call.first_sent >= self.deadline_s:
+                self.stats["timeouts"] += 1
+                self._complete(call, error=ClusterUnavailable(
+                    f"no reply from the replicas within {self.deadline_s:g} s"))
+            elif now - call.last_sent >= self.retransmit_s:
+                call.last_sent = now
+                resend.append(call)
+        if resend:
+            self.stats["retransmits"] += len(resend)
+            self._send(resend)
+        self.loop.call_later(min(self.retransmit_s, self.deadline_s) / 4, self._timer)
+
+    # ------------------------------------------------------------------ outside clients
+
+    async def _serve(self, reader, writer):
+        self.stats["connections"] += 1
+        mode = self.mode
+        messages = MessageReader(reader, mode, self.settings.max_request_bytes, "request")
+        replies = asyncio.Queue()
+        writer_task = asyncio.create_task(self._write_replies(writer, replies))
+        try:
+            while True:
+                try:
+                    request = await messages.next()
+                except FramingError as e:
+                    await replies.put(error_reply(mode, str(e), status=getattr(e, "status", 400), close=True))
+                    break
+                if request is None:
+                    break
+                await replies.put(asyncio.ensure_future(self._answer(request)))
+                if mode == "close" or messages.wants_close:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            await replies.put(None)
+            try:
+                await writer_task
+            except Exception:
+                pass
+            writer.close()
+
+    async def _answer(self, request):
+        mode = self.mode
+        try:
+            key, payload = split_idempotency(mode, request)
+        except FramingError as e:
+            return error_reply(mode, str(e), status=400)
+        try:
+            return await self.submit(payload, key)
+        except ClusterUnavailable as e:
+            return error_reply(mode, str(e), status=503)
+
+    async def _write_replies(self, writer, replies):
+        # Replies leave in request order (pipelined clients rely on it), each as soon as it and
+        # all before it are ready.
+        while True:
+            item = await replies.get()
+            if item is None:
+                return
+            reply = await item if isinstance(item, asyncio.Future) else item
+            try:
+                await write_message(writer, self.mode, reply)
+            except (ConnectionError, FramingError) as e:
+                log.debug("client connection ended while writing: %s", e)
+                return
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+        me = self.config.gateway
+        self.channels.start(self.loop, self._on_message, lambda: None)
+        try:
+            self.server = await asyncio.start_server(self._serve, me.host, me.port, limit=1 << 20)
+        except OSError as e:
+            log.error("cannot listen on %s:%d: %s", me.host, me.port, e.strerror or e)
+            self.channels.close()
+            return 1
+        self.loop.call_soon(self._timer)
+        log.info("gateway %d listening on %s:%d (%s framing) for %d replicas; reply quorum %d",
+                 self.config.settings.id or 0, me.host, me.port, self.mode, self.n, self.reply_quorum)
+        try:
+            await self.stopping.wait()
+        finally:
+            self.server.close()
+            for call in list(self.calls.values()):
+                self._complete(call, error=ClusterUnavailable("gateway shutting down"))
+            self.channels.close()
+        log.info("gateway stopped")
+        return 0
+
+    def _on_signal(self, sig):
+        if self.stopping.is_set():
+            os._exit(1)
+        log.info("received %s: stopping", signal.Signals(sig).name)
+        self.stopping.set()
+
+
+def run(config) -> int:
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    return asyncio.run(Gateway(config).run())

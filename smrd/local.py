@@ -1,0 +1,230 @@
+# `smrd local`: a whole replicated cluster on this machine from built-in defaults — n replicas,
+# the demo hashmap app beside each (its own process, as in a pod), and gateways — as real
+# processes running the same code paths as in production.
+#
+# Owns: choosing ports, writing the cluster's hosts.conf, starting and stopping the processes in
+# order (app, then its replica; gateways last), and waiting for each to say it is up (no sleeps).
+# The LocalCluster class is also the test suite's way to run clusters and inject process faults.
+# Never: starts anything outside 127.0.0.1, or leaves a child running when it exits.
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .status import query
+
+PY = sys.executable
+
+
+class ProcessFailed(RuntimeError):
+    pass
+
+
+class Child:
+    """One child process whose output is read by a thread, so we can wait for a line."""
+
+    def __init__(self, name, argv, log_path, env=None):
+        self.name = name
+        self.argv = argv
+        self.log_path = Path(log_path)
+        self.env = env
+        self.proc = None
+        self.lines = []
+        self._cond = threading.Condition()
+
+    def start(self):
+        self.lines = []
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=self.env, start_new_session=True)
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        return self
+
+    def _pump(self, proc):
+        for raw in proc.stdout:
+            self._log.write(raw)
+            self._log.flush()
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, text, timeout=20.0):
+        """Block until a line containing `text` appears; ProcessFailed if the process dies first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    if text in line:
+                        return line
+                seen = len(self.lines)
+                if self.proc.poll() is not None and not self._more_output():
+                    raise ProcessFailed(f"{self.name} exited with {self.proc.returncode} before "
+                                        f"saying {text!r}; last output:\n" + "\n".join(self.lines[-15:]))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ProcessFailed(f"{self.name} did not say {text!r} within {timeout} s; "
+                                        "last output:\n" + "\n".join(self.lines[-15:]))
+                self._cond.wait(min(left, 0.2))
+
+    def _more_output(self):
+        return self.proc.stdout is not None and not self.proc.stdout.closed and self.proc.poll() is None
+
+    @property
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig):
+        if self.alive:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout=10.0):
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+
+class LocalCluster:
+    def __init__(self, replicas=3, gateways=1, framing="line", base_port=11000,
+                 data_dir="./smrd-local", durability="fsync", extra_args=(), settings=None):
+        self.n = replicas
+        self.framing = framing
+        self.base = base_port
+        self.dir = Path(data_dir).resolve()
+        self.durability = durability
+        self.extra = list(extra_args)
+        self.apps, self.servers, self.gateways = [], [], []
+        self.hosts_path = self.dir / "hosts.conf"
+        self.settings_path = None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if settings:
+            self.settings_path = self.dir / "smrd.toml"
+            self.settings_path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in settings.items()))
+        lines = ["# written by smrd local\n"]
+        for i in range(replicas):
+            lines.append(f"replica {i} 127.0.0.1 {self.peer_port(i)} {self.client_port(i)}\n")
+        for g in range(gateways):
+            lines.append(f"gateway {g} 127.0.0.1 {self.gateway_port(g)}\n")
+        self.hosts_path.write_text("".join(lines))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for i in range(replicas):
+            self.apps.append(Child(f"app-{i}", [PY, "-m", "smrd.apps.hashmap", "--host", "127.0.0.1",
+                                                "--port", str(self.app_port(i)), "--framing", framing],
+                                   self.dir / f"app-{i}.log", env))
+            argv = [PY, "-m", "smrd", "--role", "server", "-c", str(self.hosts_path), "--id", str(i),
+                    "--app-port", str(self.app_port(i)), "--framing", framing,
+                    "--data-dir", str(self.dir / f"replica-{i}"), "--durability", durability, *self.extra]
+            if self.settings_path:
+                argv += ["--settings", str(self.settings_path)]
+            self.servers.append(Child(f"replica-{i}", argv, self.dir / f"replica-{i}.log", env))
+        for g in range(gateways):
+            argv = [PY, "-m", "smrd", "--role", "client", "-c", str(self.hosts_path), "--id", str(g),
+                    "--framing", framing, *self.extra]
+            if self.settings_path:
+                argv += ["--settings", str(self.settings_path)]
+            self.gateways.append(Child(f"gateway-{g}", argv, self.dir / f"gateway-{g}.log", env))
+
+    # Port layout: replica i uses base+10i (peers), +1 (gateways), +2 (its app); gateway g base+900+g.
+    def peer_port(self, i):
+        return self.base + 10 * i
+
+    def client_port(self, i):
+        return self.base + 10 * i + 1
+
+    def app_port(self, i):
+        return self.base + 10 * i + 2
+
+    def gateway_port(self, g):
+        return self.base + 900 + g
+
+    def start(self):
+        for i in range(self.n):
+            self.start_replica(i)
+        for g in range(len(self.gateways)):
+            self.start_gateway(g)
+        return self
+
+    def start_replica(self, i, timeout=30.0):
+        """Start replica i's pod: its app first (it must start empty), then the replica."""
+        self.apps[i].start().wait_for("listening", timeout)
+        self.servers[i].start().wait_for("ready", timeout)
+
+    def start_gateway(self, g, timeout=30.0):
+        self.gateways[g].start().wait_for("listening on", timeout)
+
+    def kill_replica(self, i):
+        """SIGKILL the replica and its app, as when a pod dies."""
+        self.servers[i].kill()
+        self.apps[i].kill()
+
+    def status(self, i, timeout=1.0):
+        return query(f"tcp://127.0.0.1:{self.client_port(i)}", timeout)
+
+    def leader(self, timeout=10.0):
+        """The replica every live, normal replica agrees leads, once they agree."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            views = [self.status(i, 0.5) for i in range(self.n) if self.servers[i].alive]
+            views = [v for v in views if v]
+            normal = {(v["view"], v["leader"]) for v in views if v["status"] == "normal"}
+            if len(normal) == 1 and len(views) > self.n // 2:
+                return next(iter(normal))[1]
+        raise ProcessFailed("no agreed leader within %s s" % timeout)
+
+    def stop(self):
+        for child in self.gateways + self.servers + self.apps:
+            child.stop()
+
+
+def main(args) -> int:
+    data_dir = Path(args.data_dir)
+    cluster = LocalCluster(args.replicas, args.gateways, args.framing, args.base_port, data_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"starting {args.replicas} replicas (each beside its own hashmap app) and "
+          f"{args.gateways} gateway(s); logs in {data_dir.resolve()}", flush=True)
+    try:
+        cluster.start()
+        leader = cluster.leader()
+    except ProcessFailed as e:
+        print(f"smrd local: {e}", file=sys.stderr)
+        cluster.stop()
+        return 1
+    g0 = cluster.gateway_port(0)
+    print(f"\nreplicated hashmap is up: gateway at 127.0.0.1:{g0} ({args.framing} framing), "
+          f"leader is replica {leader}\n"
+          f"try:   smrd kv --port {g0} --framing {args.framing} PUT greeting hello\n"
+          f"       smrd kv --port {g0} --framing {args.framing} GET greeting\n"
+          f"status: smrd status -c {cluster.hosts_path}\n"
+          f"Ctrl-C stops everything.", flush=True)
+    try:
+        while not stop.wait(0.5):
+            for child in cluster.servers + cluster.gateways + cluster.apps:
+                if child.proc.poll() is not None:
+                    print(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}",
+                          file=sys.stderr, flush=True)
+                    stop.set()
+                    break
+    finally:
+        print("stopping...", flush=True)
+        cluster.stop()
+    return 0

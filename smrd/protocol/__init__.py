@@ -1,0 +1,23 @@
+"""The consensus core: a deterministic state machine (no sockets, no clocks, no threads).
+
+Input only through ``Replica.step(sender, message)`` and ``Replica.tick(now_ms)``; output only
+through ``Replica.ready()``. Drivers (the real server, the simulator) persist, then send, then
+apply, in that order. See docs/PROTOCOL.md.
+"""
+from .messages import (
+    Accepted, CatchupReply, CatchupRequest, Commit, DoViewChange, Forward, Message, Propose,
+    Replies, ReplyErrors, Requests, StartView, StartViewChange,
+)
+from .options import Options
+from .quorum import CrashFaultPolicy, QuorumPolicy
+from .ready import Ready
+from .records import AcceptRecord, CommitRecord, DecideRecord, DurableState, ViewRecord
+from .replica import NORMAL, VIEW_CHANGE, Replica
+from .sessions import Sessions
+
+__all__ = [
+    "Accepted", "CatchupReply", "CatchupRequest", "Commit", "DoViewChange", "Forward", "Message",
+    "Propose", "Replies", "ReplyErrors", "Requests", "StartView", "StartViewChange", "Options",
+    "CrashFaultPolicy", "QuorumPolicy", "Ready", "AcceptRecord", "CommitRecord", "DecideRecord",
+    "DurableState", "ViewRecord", "NORMAL", "VIEW_CHANGE", "Replica", "Sessions",
+]

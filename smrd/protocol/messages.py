@@ -1,0 +1,209 @@
+# The protocol's messages and their wire encoding. Every message travels as one smrd frame
+# (smrd.core.encode_frame: versioned header + checksum); lists of entries reuse the batch layout
+# (smrd.core.pack_batch) with (instance, view, value) in place of (client_id, seq, payload).
+# This module owns message types and codecs; it never decides what to send.
+from dataclasses import dataclass
+from typing import Tuple
+
+from .. import core
+from ..errors import ProtocolError
+
+# Message type codes (the frame header's `type`). Never reuse a retired number.
+REQUESTS = 1           # gateway -> replica: a batch of client requests
+REPLIES = 2            # replica -> gateway: a batch of (client_id, seq, reply)
+REPLY_ERRORS = 3       # replica -> gateway: a batch of (client_id, seq, error code + text)
+PROPOSE = 10           # leader -> replica: value for an instance, and the leader's commit point
+ACCEPTED = 11          # replica -> leader: accepted instances [instance, instance + count)
+COMMIT = 12            # leader -> replica: everything up to `commit` is decided (also heartbeat)
+START_VIEW_CHANGE = 20 # any -> all: move to `view`
+DO_VIEW_CHANGE = 21    # any -> leader(view): my promise for `view` and what I accepted
+START_VIEW = 22        # leader(view) -> all: the view's log above its commit point
+CATCHUP_REQUEST = 30   # lagging -> peer: send me decided values from `start`
+CATCHUP_REPLY = 31     # peer -> lagging: decided values, and the peer's commit point
+FORWARD = 40           # follower -> leader: requests that waited too long for order
+STATUS_REQUEST = 50    # operator/test -> replica (gateway port): describe yourself
+STATUS_REPLY = 51      # replica -> asker: JSON status
+
+# Sentinel "accepted view" marking an entry its sender knows to be decided.
+DECIDED_VIEW = (1 << 64) - 1
+
+
+class Message:
+    __slots__ = ()
+    TYPE = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Requests(Message):
+    batch: bytes
+    TYPE = REQUESTS
+
+
+@dataclass(frozen=True, slots=True)
+class Forward(Message):
+    batch: bytes
+    TYPE = FORWARD
+
+
+@dataclass(frozen=True, slots=True)
+class Replies(Message):
+    batch: bytes
+    TYPE = REPLIES
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyErrors(Message):
+    batch: bytes
+    TYPE = REPLY_ERRORS
+
+
+@dataclass(frozen=True, slots=True)
+class Propose(Message):
+    view: int
+    instance: int
+    value: bytes
+    commit: int
+    TYPE = PROPOSE
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted(Message):
+    view: int
+    instance: int
+    count: int = 1
+    TYPE = ACCEPTED
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(Message):
+    view: int
+    commit: int
+    TYPE = COMMIT
+
+
+@dataclass(frozen=True, slots=True)
+class StartViewChange(Message):
+    view: int
+    TYPE = START_VIEW_CHANGE
+
+
+@dataclass(frozen=True, slots=True)
+class DoViewChange(Message):
+    view: int
+    commit: int
+    entries: Tuple[Tuple[int, int, bytes], ...]  # (instance, accepted view or DECIDED_VIEW, value)
+    TYPE = DO_VIEW_CHANGE
+
+
+@dataclass(frozen=True, slots=True)
+class StartView(Message):
+    view: int
+    commit: int
+    entries: Tuple[Tuple[int, bytes], ...]       # (instance, value), consecutive from commit + 1
+    TYPE = START_VIEW
+
+
+@dataclass(frozen=True, slots=True)
+class CatchupRequest(Message):
+    view: int
+    start: int
+    TYPE = CATCHUP_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class CatchupReply(Message):
+    view: int
+    commit: int
+    entries: Tuple[Tuple[int, bytes], ...]       # (instance, decided value), consecutive
+    TYPE = CATCHUP_REPLY
+
+
+_U64 = (1 << 64) - 1
+
+
+def _pack_entries(entries, with_view: bool) -> bytes:
+    if with_view:
+        return core.pack_batch(entries)
+    return core.pack_batch([(i, 0, v) for i, v in entries])
+
+
+def _unpack_entries(payload, with_view: bool):
+    batch = core.Batch(payload)
+    if with_view:
+        return tuple((i, v, bytes(p)) for i, v, p in batch)
+    return tuple((i, bytes(p)) for i, _, p in batch)
+
+
+def encode(sender: int, msg: Message) -> bytes:
+    """One frame for `msg` sent by `sender`."""
+    t = msg.TYPE
+    if t in (REQUESTS, FORWARD, REPLIES, REPLY_ERRORS):
+        return core.encode_frame(t, sender, 0, 0, msg.batch)
+    if t == PROPOSE:
+        return core.encode_frame(t, sender, msg.view, msg.instance,
+                                 msg.commit.to_bytes(8, "little") + msg.value)
+    if t == ACCEPTED:
+        return core.encode_frame(t, sender, msg.view, msg.instance, msg.count.to_bytes(4, "little"))
+    if t == COMMIT:
+        return core.encode_frame(t, sender, msg.view, msg.commit)
+    if t == START_VIEW_CHANGE:
+        return core.encode_frame(t, sender, msg.view, 0)
+    if t == DO_VIEW_CHANGE:
+        return core.encode_frame(t, sender, msg.view, msg.commit, _pack_entries(msg.entries, True))
+    if t == START_VIEW:
+        return core.encode_frame(t, sender, msg.view, msg.commit, _pack_entries(msg.entries, False))
+    if t == CATCHUP_REQUEST:
+        return core.encode_frame(t, sender, msg.view, msg.start)
+    if t == CATCHUP_REPLY:
+        return core.encode_frame(t, sender, msg.view, msg.commit, _pack_entries(msg.entries, False))
+    raise TypeError(f"cannot encode {msg!r}")
+
+
+def decode(frame, max_payload: int = core.DEFAULT_MAX_PAYLOAD) -> Tuple[int, Message]:
+    """(sender, message) from one frame; ProtocolError on anything malformed or unknown."""
+    t, sender, _flags, view, instance, payload = core.decode_frame(frame, max_payload)
+    if t in (REQUESTS, FORWARD, REPLIES, REPLY_ERRORS):
+        core.Batch(payload)  # validate now: a bad batch is the sender's fault, not the reader's
+        cls = {REQUESTS: Requests, FORWARD: Forward, REPLIES: Replies, REPLY_ERRORS: ReplyErrors}[t]
+        return sender, cls(bytes(payload))
+    if t == PROPOSE:
+        if len(payload) < 8:
+            raise ProtocolError(f"PROPOSE payload too short ({len(payload)} bytes, need >= 8)")
+        commit = int.from_bytes(payload[:8], "little")
+        value = bytes(payload[8:])
+        core.Batch(value)
+        return sender, Propose(view, instance, value, commit)
+    if t == ACCEPTED:
+        if len(payload) != 4:
+            raise ProtocolError(f"ACCEPTED payload must be 4 bytes, got {len(payload)}")
+        count = int.from_bytes(payload, "little")
+        if count < 1:
+            raise ProtocolError("ACCEPTED with count 0")
+        return sender, Accepted(view, instance, count)
+    if t == COMMIT:
+        _no_payload(t, payload)
+        return sender, Commit(view, instance)
+    if t == START_VIEW_CHANGE:
+        _no_payload(t, payload)
+        return sender, StartViewChange(view)
+    if t == DO_VIEW_CHANGE:
+        return sender, DoViewChange(view, instance, _checked_values(_unpack_entries(payload, True), 2))
+    if t == START_VIEW:
+        return sender, StartView(view, instance, _checked_values(_unpack_entries(payload, False), 1))
+    if t == CATCHUP_REQUEST:
+        _no_payload(t, payload)
+        return sender, CatchupRequest(view, instance)
+    if t == CATCHUP_REPLY:
+        return sender, CatchupReply(view, instance, _checked_values(_unpack_entries(payload, False), 1))
+    raise ProtocolError(f"unknown message type {t}")
+
+
+def _no_payload(t, payload):
+    if len(payload):
+        raise ProtocolError(f"message type {t} carries no payload, got {len(payload)} bytes")
+
+
+def _checked_values(entries, value_index):
+    for e in entries:
+        core.Batch(e[value_index])  # every value is a request batch
+    return entries

@@ -1,0 +1,63 @@
+# What a replica must remember across a crash, as records the driver appends to durable storage,
+# and the fold that rebuilds the replica's durable state from them. This module owns the meaning
+# of each record; storage (the WAL) owns bytes, files and fsync.
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ViewRecord:
+    """The replica promised `view`: it will never accept a proposal of a lower view."""
+    view: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptRecord:
+    """The replica accepted `value` for `instance` in `view` (a Paxos acceptor's vote)."""
+    instance: int
+    view: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DecideRecord:
+    """`value` is decided for `instance` (learned from a peer, so no AcceptRecord may exist)."""
+    instance: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRecord:
+    """Every instance up to `commit` is decided, with the value last recorded for it."""
+    commit: int
+
+
+@dataclass
+class DurableState:
+    """The fold of a replica's records: what it knew durably when it stopped."""
+    view: int = 0
+    entries: dict = field(default_factory=dict)  # instance -> [view, value, decided]
+    commit: int = 0
+
+    def add(self, record) -> None:
+        if isinstance(record, AcceptRecord):
+            old = self.entries.get(record.instance)
+            if old is not None and old[2]:
+                return  # a decided value is never replaced
+            self.entries[record.instance] = [record.view, record.value, False]
+        elif isinstance(record, DecideRecord):
+            self.entries[record.instance] = [0, record.value, True]
+        elif isinstance(record, CommitRecord):
+            if record.commit > self.commit:
+                self.commit = record.commit
+        elif isinstance(record, ViewRecord):
+            if record.view > self.view:
+                self.view = record.view
+        else:
+            raise TypeError(f"not a durable record: {record!r}")
+
+    @classmethod
+    def fold(cls, records) -> "DurableState":
+        state = cls()
+        for record in records:
+            state.add(record)
+        return state

@@ -1,0 +1,636 @@
+# One replica of the consensus protocol, as a deterministic state machine.
+#
+# Owns: the view and its leader, the replica's log (accepted and decided values per instance),
+# the leader's batching and pipelining, leader change, catch-up from peers, and which requests
+# still wait for order. Inputs are step(sender, message) and tick(now_ms); the only output is
+# ready(). It never touches sockets, files, clocks, threads or randomness: the same inputs give
+# the same outputs, which is what lets the simulator replay any run from its seed.
+#
+# The protocol is Multi-Paxos in the shape of Viewstamped Replication / Mod-SMaRt (crash faults):
+#   normal case   leader --PROPOSE(v,i,value)--> all; each --ACCEPTED(v,i)--> leader;
+#                 a quorum of ACCEPTED decides i; COMMIT(v,c) tells the others.
+#   view change   START_VIEW_CHANGE(v') makes everyone promise v'; each sends leader(v') a
+#                 DO_VIEW_CHANGE with what it accepted above its commit point; from a quorum the
+#                 new leader picks, per instance, the value accepted in the highest view (a no-op
+#                 where there is none) and installs them with START_VIEW.
+# Rules that keep it safe (argued in docs/PROTOCOL.md):
+#   R1 never accept a proposal of a view lower than the one promised;
+#   R2 persist the promise and each accepted value before any message that depends on it
+#      (the Ready contract: persist, then send);
+#   R3 a slot accepted in the current view is decided when that view's leader says so; a value
+#      learned from anyone else is only taken with the sender's explicit "decided";
+#   R4 a decided slot is never overwritten.
+from collections import deque
+
+from .. import core
+from ..core import Batch, BatchBuilder, QuorumTracker
+from . import messages as m
+from .options import Options
+from .quorum import CrashFaultPolicy
+from .ready import Ready
+from .records import AcceptRecord, CommitRecord, DecideRecord, ViewRecord
+from .sessions import DUPLICATE, TOO_OLD, Sessions
+
+NORMAL = "normal"
+VIEW_CHANGE = "view-change"
+
+
+class _Slot:
+    __slots__ = ("view", "value", "decided")
+
+    def __init__(self, view, value, decided=False):
+        self.view = view
+        self.value = value
+        self.decided = decided
+
+
+class _Pending:
+    """A client request waiting for order (or, at the leader, for its instance to decide)."""
+    __slots__ = ("payload", "arrived", "forwarded")
+
+    def __init__(self, payload, arrived):
+        self.payload = payload
+        self.arrived = arrived
+        self.forwarded = False
+
+
+class Replica:
+    def __init__(self, replica_id: int, policy=None, options: Options = None,
+                 sessions: Sessions = None, durable=None, n: int = None):
+        self.policy = policy if policy is not None else CrashFaultPolicy(n)
+        self.n = self.policy.n
+        if not 0 <= replica_id < self.n:
+            raise ValueError(f"replica id {replica_id} is not in 0..{self.n - 1}")
+        self.id = replica_id
+        self.opt = options or Options()
+        self.sessions = sessions if sessions is not None else Sessions(1024, 3_600_000)
+        self._peers = tuple(r for r in range(self.n) if r != replica_id)
+
+        # What survives a crash (rebuilt from records).
+        self.view = 0
+        self.log = {}              # instance -> _Slot
+        self.commit = 0            # every instance <= commit is decided and in the log
+        self.top = 0               # highest instance in the log
+
+        # Volatile.
+        self.now = 0               # ticks since start
+        self.clock_ms = 0          # the driver's wall clock, only ever stamped into batches
+        self.last_stamp = 0
+        self.status = NORMAL
+        self.applied = 0           # instances handed to the driver for execution
+        self.leader_commit = 0     # commit point announced by the current view's leader
+        self.marked_upto = 0       # slots up to here were checked against leader_commit
+        self.catchup_target = 0    # highest commit point heard of from anyone
+        self.catchup_sent = -1 << 60
+        self.catchup_peer = 0
+        self.last_heard = 0        # tick of the last message from the current leader
+        self.last_sent = 0         # leader: tick of the last message to followers
+        self.vc_started = 0
+        self.vc_last_sent = 0
+        self.vc_attempt = 0
+        self.dvcs = {}             # leader(view) in VIEW_CHANGE: sender -> DoViewChange
+        self.next_instance = 1     # leader: next instance to propose
+        self.sent_at = {}          # leader: instance -> tick its PROPOSE was last sent
+        self.tracker = QuorumTracker(self.n, self.policy.quorum)
+        self.pending = {}          # (client_id, seq) -> _Pending: not yet proposed
+        self.queue = deque()       # pending keys in arrival order (may hold stale keys)
+        self.proposed = {}         # leader: (client_id, seq) -> _Pending, in an undecided instance
+        self._ready = Ready()
+        self._commit_recorded = 0
+        self.stats = {"view_changes": 0, "requests_dropped": 0, "requests_forwarded": 0,
+                      "catchup_requests": 0, "stale_messages": 0}
+
+        if durable is not None:
+            self._restore(durable)
+
+        self._handlers = {
+            m.Requests: self._on_requests, m.Forward: self._on_forward,
+            m.Propose: self._on_propose, m.Accepted: self._on_accepted, m.Commit: self._on_commit,
+            m.StartViewChange: self._on_start_view_change, m.DoViewChange: self._on_do_view_change,
+            m.StartView: self._on_start_view, m.CatchupRequest: self._on_catchup_request,
+            m.CatchupReply: self._on_catchup_reply,
+        }
+
+    # ------------------------------------------------------------------ public surface
+
+    def leader_of(self, view: int) -> int:
+        return view % self.n
+
+    @property
+    def leader(self) -> int:
+        return self.view % self.n
+
+    @property
+    def is_leader(self) -> bool:
+        return self.status == NORMAL and self.view % self.n == self.id
+
+    def step(self, sender, msg) -> None:
+        """Feed one message. For Requests the sender is an opaque origin the driver uses to
+        route immediate replies; for every other message it is a replica id."""
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise TypeError(f"replica cannot handle {type(msg).__name__}")
+        if not isinstance(msg, m.Requests) and not (isinstance(sender, int) and 0 <= sender < self.n):
+            self.stats["stale_messages"] += 1
+            return
+        handler(sender, msg)
+        self._after_input()
+
+    def tick(self, now_ms: int = None) -> None:
+        self.now += 1
+        if now_ms is not None and now_ms > self.clock_ms:
+            self.clock_ms = now_ms
+        if self.status == NORMAL:
+            if self.id == self.leader:
+                self._leader_tick()
+            else:
+                self._follower_tick()
+        else:
+            self._view_change_tick()
+        if self.commit < self.catchup_target and self.now - self.catchup_sent >= self.opt.retransmit_ticks:
+            self.catchup_peer += 1  # the last peer did not answer in time: ask another
+            self._request_catchup()
+        self._after_input()
+
+    def ready(self) -> Ready:
+        """Everything produced since the last call; see smrd.protocol.ready for the contract."""
+        if self.commit > self._commit_recorded:
+            self._ready.persist.append(CommitRecord(self.commit))
+            self._commit_recorded = self.commit
+        out, self._ready = self._ready, Ready()
+        return out
+
+    def has_ready(self) -> bool:
+        return bool(self._ready) or self.commit > self._commit_recorded
+
+    def describe(self) -> dict:
+        return {"id": self.id, "view": self.view, "leader": self.leader, "status": self.status,
+                "commit": self.commit, "applied": self.applied, "top": self.top,
+                "pending": len(self.pending), "proposed": len(self.proposed), **self.stats}
+
+    # ------------------------------------------------------------------ restore
+
+    def _restore(self, durable) -> None:
+        self.view = durable.view
+        for instance, (view, value, decided) in durable.entries.items():
+            self.log[instance] = _Slot(view, value, decided or instance <= durable.commit)
+            if instance > self.top:
+                self.top = instance
+        i = 0
+        while (i + 1) in self.log and self.log[i + 1].decided:
+            i += 1
+        self.commit = self._commit_recorded = self.marked_upto = i
+        self.catchup_target = max(i, durable.commit)
+        if self.leader == self.id and (self.view > 0 or self.top > 0):
+            # Whatever this replica proposed as leader before the crash is forgotten; leading the
+            # same view again could propose a second value for an instance. Move on instead.
+            self._start_view_change(self.view + 1)
+
+    # ------------------------------------------------------------------ client requests
+
+    def _on_requests(self, origin, msg) -> None:
+        sessions = self.sessions
+        pending = self.pending
+        now = self.now
+        limit = self.opt.max_pending
+        replies = self._ready.replies
+        for client_id, seq, payload in Batch(msg.batch):
+            key = (client_id, seq)
+            if key in pending or key in self.proposed:
+                continue
+            status = sessions.classify(client_id, seq)
+            if status == DUPLICATE:
+                reply = sessions.reply(client_id, seq)
+                if reply is not None and origin is not None:
+                    replies.append((origin, client_id, seq, DUPLICATE, reply))
+                continue  # a None reply means it is executing: the answer follows execution
+            if status == TOO_OLD:
+                if origin is not None:
+                    replies.append((origin, client_id, seq, TOO_OLD, b""))
+                continue
+            # UNKNOWN_SESSION is only final at execution, where every replica agrees on it.
+            if len(pending) >= limit:
+                self.stats["requests_dropped"] += 1  # the gateway retransmits; nothing was acked
+                continue
+            pending[key] = _Pending(payload, now)
+            self.queue.append(key)
+        if self.is_leader:
+            self._propose()
+
+    def _on_forward(self, sender, msg) -> None:
+        self._on_requests(None, msg)  # no gateway to answer: the follower answers its own
+
+    def _propose(self) -> None:
+        """Leader: fill free slots of the window with batches of pending requests."""
+        opt = self.opt
+        while self.pending and self.next_instance <= self.commit + opt.window:
+            builder = BatchBuilder(opt.batch_max_requests, opt.batch_max_bytes)
+            queue, pending, proposed = self.queue, self.pending, self.proposed
+            while queue:
+                key = queue[0]
+                req = pending.get(key)
+                if req is None:
+                    queue.popleft()
+                    continue
+                if not builder.add(key[0], key[1], req.payload):
+                    break
+                queue.popleft()
+                del pending[key]
+                proposed[key] = req
+            if builder.count == 0:
+                break
+            self._propose_value(builder.build(timestamp=self._stamp()))
+
+    def _stamp(self) -> int:
+        # Batch timestamps drive session expiry on every replica; they must never go backwards.
+        if self.clock_ms > self.last_stamp:
+            self.last_stamp = self.clock_ms
+        return self.last_stamp
+
+    def _propose_value(self, value: bytes) -> None:
+        i = self.next_instance
+        self.next_instance = i + 1
+        self._accept(i, self.view, value)
+        self.sent_at[i] = self.now
+        msg = m.Propose(self.view, i, value, self.commit)
+        self._broadcast(msg)
+        self._vote(i, self.id)
+
+    # ------------------------------------------------------------------ normal case
+
+    def _on_propose(self, sender, msg) -> None:
+        if not self._from_current_leader(sender, msg.view):
+            return
+        i = msg.instance
+        slot = self.log.get(i)
+        if slot is None or not slot.decided:
+            self._accept(i, msg.view, msg.value)
+        self._send(sender, m.Accepted(self.view, i, 1))
+        self._learn_leader_commit(msg.commit)
+
+    def _on_accepted(self, sender, msg) -> None:
+        if msg.view != self.view or not self.is_leader:
+            return
+        for i in range(max(msg.instance, self.commit + 1), msg.instance + msg.count):
+            if i < self.next_instance:
+                self._vote(i, sender)
+
+    def _on_commit(self, sender, msg) -> None:
+        if self._from_current_leader(sender, msg.view):
+            self._learn_leader_commit(msg.commit)
+
+    def _from_current_leader(self, sender, view) -> bool:
+        """Admits a normal-case message; handles the ones from other views."""
+        if view < self.view:
+            self.stats["stale_messages"] += 1
+            return False
+        if sender != self.leader_of(view) or sender == self.id:
+            return False
+        if view > self.view:
+            # A view change completed without us: promise the view, then ask its leader for
+            # the START_VIEW that tells us its log.
+            self._start_view_change(view, announce=False)
+            return False
+        if self.status != NORMAL:
+            if self.now - self.vc_last_sent >= self.opt.retransmit_ticks:
+                self.vc_last_sent = self.now
+                self._send(sender, self._make_do_view_change())
+            return False
+        self.last_heard = self.now
+        return True
+
+    def _accept(self, i, view, value) -> None:
+        slot = self.log.get(i)
+        if slot is not None and slot.decided:
+            return  # R4
+        self.log[i] = _Slot(view, value)
+        if i > self.top:
+            self.top = i
+        self._ready.persist.append(AcceptRecord(i, view, value))
+        if i <= self.leader_commit and view == self.view and self.status == NORMAL and not self.is_leader:
+            self.log[i].decided = True
+
+    def _vote(self, i, replica) -> None:
+        if self.tracker.add(i, self.view, replica):
+            self.log[i].decided = True
+
+    def _learn_leader_commit(self, commit) -> None:
+        if commit <= self.leader_commit:
+            return
+        self.leader_commit = commit
+        if commit > self.catchup_target:
+            self.catchup_target = commit
+        view, log = self.view, self.log
+        for i in range(max(self.commit, self.marked_upto) + 1, commit + 1):
+            slot = log.get(i)
+            if slot is not None and slot.view == view:
+                slot.decided = True  # R3
+        self.marked_upto = max(self.marked_upto, commit)
+
+    # ------------------------------------------------------------------ ticks
+
+    def _leader_tick(self) -> None:
+        opt, now = self.opt, self.now
+        for i in range(self.commit + 1, self.next_instance):
+            slot = self.log[i]
+            if slot.decided or now - self.sent_at.get(i, 0) < opt.retransmit_ticks:
+                continue
+            self.sent_at[i] = now
+            voters = self.tracker.voters(i)
+            msg = m.Propose(self.view, i, slot.value, self.commit)
+            for r in self._peers:
+                if not voters >> r & 1:
+                    self._send(r, msg)
+        if now - self.last_sent >= opt.heartbeat_ticks:
+            self._broadcast(m.Commit(self.view, self.commit))
+
+    def _follower_tick(self) -> None:
+        opt, now = self.opt, self.now
+        if now - self.last_heard >= opt.election_ticks:
+            self._start_view_change(self.view + 1)
+            return
+        queue, pending = self.queue, self.pending
+        while queue and queue[0] not in pending:
+            queue.popleft()
+        if not queue or now - pending[queue[0]].arrived < opt.request_ticks:
+            return
+        caught_up = self.commit >= self.catchup_target
+        if caught_up and now - pending[queue[0]].arrived >= 2 * opt.request_ticks:
+            # The leader hears us (or we would have timed out above) but does not order a
+            # request it was sent twice: move to a leader that will.
+            self._start_view_change(self.view + 1)
+            return
+        builder = BatchBuilder(opt.batch_max_requests, opt.batch_max_bytes)
+        for key in queue:
+            req = pending.get(key)
+            if req is None or req.forwarded:
+                continue
+            if now - req.arrived < opt.request_ticks or not builder.add(key[0], key[1], req.payload):
+                break
+            req.forwarded = True
+        if builder.count:
+            self.stats["requests_forwarded"] += builder.count
+            self._send(self.leader, m.Forward(builder.build()))
+
+    def _view_change_tick(self) -> None:
+        opt, now = self.opt, self.now
+        backoff = min(1 << min(self.vc_attempt, 16), opt.max_view_change_backoff)
+        if now - self.vc_started >= opt.election_ticks * backoff:
+            self.vc_attempt += 1
+            self._start_view_change(self.view + 1)
+        elif now - self.vc_last_sent >= opt.retransmit_ticks:
+            self.vc_last_sent = now
+            self._broadcast(m.StartViewChange(self.view))
+            if self.leader != self.id:
+                self._send(self.leader, self._make_do_view_change())
+            else:
+                self._try_finish_view_change()
+
+    # ------------------------------------------------------------------ view change
+
+    def _on_start_view_change(self, sender, msg) -> None:
+        if msg.view > self.view:
+            self._start_view_change(msg.view)
+
+    def _start_view_change(self, view, announce=True) -> None:
+        if self.is_leader:
+            self._step_down()
+        self.stats["view_changes"] += 1
+        self.view = view
+        self.status = VIEW_CHANGE
+        self._ready.persist.append(ViewRecord(view))
+        self.vc_started = self.vc_last_sent = self.now
+        self.dvcs = {}
+        self.leader_commit = 0
+        self.marked_upto = self.commit
+        if announce:
+            self._broadcast(m.StartViewChange(view))
+        dvc = self._make_do_view_change()
+        if self.leader_of(view) == self.id:
+            self.dvcs[self.id] = dvc
+            self._try_finish_view_change()
+        else:
+            self._send(self.leader_of(view), dvc)
+
+    def _step_down(self) -> None:
+        """A leader leaving its view: requests in undecided instances wait for order again."""
+        for key, req in self.proposed.items():
+            req.arrived = self.now
+            self.pending[key] = req
+            self.queue.append(key)
+        self.proposed = {}
+        self.sent_at = {}
+
+    def _make_do_view_change(self) -> m.DoViewChange:
+        entries = []
+        log = self.log
+        for i in range(self.commit + 1, self.top + 1):
+            slot = log.get(i)
+            if slot is not None:
+                entries.append((i, m.DECIDED_VIEW if slot.decided else slot.view, slot.value))
+        return m.DoViewChange(self.view, self.commit, tuple(entries))
+
+    def _on_do_view_change(self, sender, msg) -> None:
+        if msg.view < self.view:
+            return
+        if msg.view > self.view:
+            self._start_view_change(msg.view)
+        if self.leader_of(msg.view) != self.id:
+            return
+        if self.status == NORMAL:
+            self._send(sender, self._make_start_view())  # a straggler missed START_VIEW
+            return
+        self.dvcs[sender] = msg
+        self._try_finish_view_change()
+
+    def _try_finish_view_change(self) -> None:
+        dvcs = self.dvcs
+        if len(dvcs) < self.policy.quorum:
+            return
+        best = max(dvcs.values(), key=lambda d: d.commit)
+        if best.commit > self.commit:
+            # Values up to best.commit are decided; we must hold them before choosing above.
+            if best.commit > self.catchup_target:
+                self.catchup_target = best.commit
+            for r, d in dvcs.items():
+                if d is best and r != self.id:
+                    self.catchup_peer = self._peers.index(r)
+            if self.now - self.catchup_sent >= self.opt.retransmit_ticks:
+                self._request_catchup()
+            return
+        self._install_view(dvcs)
+
+    def _choose_values(self, dvcs, start) -> dict:
+        """Per instance >= start, the value accepted in the highest view any of a quorum saw."""
+        chosen = {}
+        for d in dvcs.values():
+            for i, accepted_view, value in d.entries:
+                if i >= start:
+                    c = chosen.get(i)
+                    if c is None or accepted_view > c[0]:
+                        chosen[i] = (accepted_view, value)
+        return chosen
+
+    def _install_view(self, dvcs) -> None:
+        start = self.commit + 1
+        chosen = self._choose_values(dvcs, start)
+        top = max(chosen, default=self.commit)
+        noop = None
+        entries = []
+        view = self.view
+        self.status = NORMAL
+        self.dvcs = {}
+        self.vc_attempt = 0
+        self.leader_commit = 0
+        for i in range(start, top + 1):
+            c = chosen.get(i)
+            if c is not None:
+                value = c[1]
+            else:
+                if noop is None:
+                    noop = core.pack_batch((), timestamp=self._stamp())
+                value = noop
+            slot = self.log.get(i)
+            if slot is not None and slot.decided:
+                value = slot.value
+            else:
+                self._accept(i, view, value)
+            entries.append((i, value))
+            self.sent_at[i] = self.now
+            for client_id, seq, _ in Batch(value):
+                req = self.pending.pop((client_id, seq), None)
+                if req is not None:
+                    self.proposed[(client_id, seq)] = req
+        self.next_instance = top + 1
+        self._broadcast(m.StartView(view, self.commit, tuple(entries)))
+        for i in range(start, top + 1):
+            if not self.log[i].decided:
+                self._vote(i, self.id)
+        self._reset_request_timers()
+        self._propose()
+
+    def _make_start_view(self) -> m.StartView:
+        entries = tuple((i, self.log[i].value) for i in range(self.commit + 1, self.next_instance))
+        return m.StartView(self.view, self.commit, entries)
+
+    def _on_start_view(self, sender, msg) -> None:
+        if msg.view < self.view or sender != self.leader_of(msg.view) or sender == self.id:
+            return
+        if msg.view > self.view:
+            self.view = msg.view
+            self._ready.persist.append(ViewRecord(msg.view))
+            self.stats["view_changes"] += 1
+        if self.status != NORMAL:
+            self.status = NORMAL
+            self.vc_attempt = 0
+            self.dvcs = {}
+            self._reset_request_timers()
+        self.leader_commit = 0
+        self.marked_upto = self.commit
+        self.last_heard = self.now
+        for i, value in msg.entries:
+            self._accept(i, self.view, value)
+        if msg.entries:
+            self._send(sender, m.Accepted(self.view, msg.entries[0][0], len(msg.entries)))
+        self._learn_leader_commit(msg.commit)
+
+    def _reset_request_timers(self) -> None:
+        # A new view gets the full request timeout before anyone suspects its leader.
+        now = self.now
+        for req in self.pending.values():
+            req.arrived = now
+            req.forwarded = False
+
+    # ------------------------------------------------------------------ catch-up
+
+    def _request_catchup(self) -> None:
+        if not self._peers:
+            return
+        self.catchup_sent = self.now
+        self.stats["catchup_requests"] += 1
+        if self.status == NORMAL and self.leader != self.id and self.catchup_peer == 0:
+            peer = self.leader
+        else:
+            peer = self._peers[self.catchup_peer % len(self._peers)]
+        self._send(peer, m.CatchupRequest(self.view, self.commit + 1))
+
+    def _on_catchup_request(self, sender, msg) -> None:
+        entries = []
+        size = 0
+        opt = self.opt
+        for i in range(max(msg.start, 1), self.commit + 1):
+            value = self.log[i].value
+            if entries and (len(entries) >= opt.catchup_max_entries or size + len(value) > opt.catchup_max_bytes):
+                break
+            entries.append((i, value))
+            size += len(value)
+        self._send(sender, m.CatchupReply(self.view, self.commit, tuple(entries)))
+
+    def _on_catchup_reply(self, sender, msg) -> None:
+        progressed = False
+        for i, value in msg.entries:
+            slot = self.log.get(i)
+            if slot is not None and slot.decided:
+                continue
+            self.log[i] = _Slot(slot.view if slot is not None else 0, value, True)
+            if i > self.top:
+                self.top = i
+            self._ready.persist.append(DecideRecord(i, value))
+            progressed = True
+        if msg.commit > self.catchup_target:
+            self.catchup_target = msg.commit
+        if progressed:
+            self.catchup_sent = -1 << 60  # ask for the next chunk at once
+        if self.status == VIEW_CHANGE and self.leader == self.id:
+            self._advance_commit()
+            self._try_finish_view_change()
+
+    # ------------------------------------------------------------------ commit and apply
+
+    def _after_input(self) -> None:
+        if self.applied < self.commit or self.log.get(self.commit + 1) is not None:
+            self._advance_commit()
+        if self.commit < self.catchup_target and self.now - self.catchup_sent >= self.opt.retransmit_ticks:
+            self._request_catchup()
+
+    def _advance_commit(self) -> None:
+        log = self.log
+        i = self.commit
+        while True:
+            slot = log.get(i + 1)
+            if slot is None or not slot.decided:
+                break
+            i += 1
+        advanced = i > self.commit
+        self.commit = i
+        if advanced and i % 64 == 0:
+            self.tracker.discard_below(i + 1)
+        if self.applied == i:
+            return
+        apply = self._ready.apply
+        pending, proposed = self.pending, self.proposed
+        while self.applied < i:
+            self.applied += 1
+            value = log[self.applied].value
+            apply.append((self.applied, value))
+            for client_id, seq, _ in Batch(value):
+                key = (client_id, seq)
+                if pending.pop(key, None) is None:
+                    proposed.pop(key, None)
+            self.sent_at.pop(self.applied, None)
+        if advanced and self.is_leader:
+            before = len(self._ready.messages)
+            self._propose()
+            if len(self._ready.messages) == before:
+                self._broadcast(m.Commit(self.view, self.commit))
+
+    # ------------------------------------------------------------------ output
+
+    def _send(self, dest, msg) -> None:
+        self._ready.messages.append((dest, msg))
+
+    def _broadcast(self, msg) -> None:
+        out = self._ready.messages
+        for r in self._peers:
+            out.append((r, msg))
+        self.last_sent = self.now

@@ -1,0 +1,327 @@
+# `smrd --role server`: one replica beside its app.
+#
+# Owns the loop: receive -> step -> persist -> send -> execute -> reply, in that order for every
+# Ready (persisting before sending is what makes a vote count; see smrd/protocol/ready.py), the
+# routing of replies back to the gateway that asked, and the replica's lifecycle (start from the
+# write-ahead log, replay the log into the app, stop on a signal).
+# Never: decides anything about order (the protocol core does), blocks the loop on the app (the
+# executor is its own task, fed in decided order), or answers a request it did not execute or
+# find in the reply cache.
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import time
+from collections import defaultdict, deque
+
+from . import core
+from .app_adapter import AppAdapter, AppConnectionLost, AppProtocolError
+from .errors import ProtocolError
+from .protocol import messages as m
+from .protocol.options import Options
+from .protocol.quorum import CrashFaultPolicy
+from .protocol.replica import NORMAL, Replica
+from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, Sessions
+from .storage import StorageError, WriteAheadLog
+from .transport import Channels, parse_replica_identity, replica_identity
+
+log = logging.getLogger(__name__)
+
+STATUS_REQUEST = m.STATUS_REQUEST
+STATUS_REPLY = m.STATUS_REPLY
+
+# How many requests the executor hands the app in one go (one pipelined round trip).
+EXECUTE_CHUNK = 512
+
+
+def bind_endpoint(host: str, port: int) -> str:
+    # An IP literal is bound as given; a DNS name (a pod's headless-service name) is ours, so bind
+    # every interface rather than resolving it now.
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"tcp://*:{port}"
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+class Server:
+    def __init__(self, config):
+        s = config.settings
+        self.config = config
+        self.settings = s
+        self.id = s.id
+        hosts = config.hosts
+        self.n = hosts.n
+        self.options = Options.from_millis(
+            s.tick_ms, s.heartbeat_ms, s.election_timeout_ms, s.request_timeout_ms,
+            window=s.window, batch_max_requests=s.batch_max_requests,
+            batch_max_bytes=s.batch_max_bytes)
+        self.sessions = Sessions(s.reply_cache_size, s.session_ttl_s * 1000)
+        data_dir = s.data_dir.replace("<id>", str(s.id))
+        self.wal = WriteAheadLog(data_dir, s.durability)
+        durable, report = self.wal.open()
+        if not report.clean:
+            d = report.damage
+            log.warning("write-ahead log damaged: %s in %s at offset %d (%s); %d bytes discarded, "
+                        "%d valid records kept; what is missing is fetched from peers",
+                        d.kind, d.segment, d.offset, d.reason, d.discarded, report.records)
+        has_state = durable.view or durable.entries
+        self.replica = Replica(self.id, CrashFaultPolicy(self.n), self.options, self.sessions,
+                               durable if has_state else None)
+        me = hosts.replica(self.id)
+        self.channels = Channels(hwm=s.hwm)
+        self.peer_router = self.channels.bind_router(bind_endpoint(me.host, me.peer_port))
+        self.client_router = self.channels.bind_router(bind_endpoint(me.host, me.client_port))
+        self.peer_out = {
+            r: self.channels.connect_dealer(addr.peer_endpoint, replica_identity(self.id))
+            for r, addr in hosts.peers_of(self.id).items()
+        }
+        self.adapter = AppAdapter(s.app_host, s.app_port, s.framing, s.app_timeout_ms / 1000,
+                                  on_state_change=self._app_state)
+        self.max_payload = max(64 << 20, s.batch_max_bytes * 2)
+        self.routes = {}            # client_id -> gateway identity that last sent it
+        self.apply_queue = deque()
+        self.apply_wakeup = asyncio.Event()
+        self.executed = 0           # last instance whose replies went out
+        self.stopping = asyncio.Event()
+        self.exit_code = 0
+        self.stats = defaultdict(int)
+        self._last_role = None
+        self._bad_frames_logged = 0
+        self.started = time.time()
+        log.info("replica %d of %d starting: view %d, commit %d, log top %d, data %s (%s)",
+                 self.id, self.n, self.replica.view, self.replica.commit, self.replica.top,
+                 data_dir, s.durability)
+
+    # ------------------------------------------------------------------ input
+
+    def _on_message(self, sock, parts):
+        if len(parts) < 2:
+            return
+        identity = parts[0]
+        if sock is self.peer_router:
+            claimed = parse_replica_identity(identity)
+            if claimed is None or claimed == self.id or claimed >= self.n:
+                self._bad(f"message from unknown peer identity {identity[:16]!r}")
+                return
+            for frame in parts[1:]:
+                try:
+                    sender, msg = m.decode(frame, self.max_payload)
+                except ProtocolError as e:
+                    self._bad(f"malformed frame from replica {claimed}: {e}")
+                    continue
+                if sender != claimed:
+                    self._bad(f"frame claims sender {sender} on replica {claimed}'s connection")
+                    continue
+                self.replica.step(sender, msg)
+        else:
+            for frame in parts[1:]:
+                self._on_gateway_frame(identity, frame)
+
+    def _on_gateway_frame(self, identity, frame):
+        try:
+            mtype = frame[3] if len(frame) > 3 else -1
+            if mtype == STATUS_REQUEST:
+                core.decode_frame(frame, 1024)
+                body = json.dumps(self.status()).encode()
+                self.channels.send(self.client_router,
+                                   [identity, core.encode_frame(STATUS_REPLY, self.id, 0, 0, body)])
+                return
+            sender, msg = m.decode(frame, self.max_payload)
+        except ProtocolError as e:
+            self._bad(f"malformed frame from gateway {identity[:16]!r}: {e}")
+            return
+        if not isinstance(msg, m.Requests):
+            self._bad(f"gateway {identity[:16]!r} sent {type(msg).__name__}, which only replicas may send")
+            return
+        batch = core.Batch(msg.batch)
+        routes = self.routes
+        last = None
+        for client_id, _, _ in batch:
+            if client_id != last:
+                routes[client_id] = identity
+                last = client_id
+        self.stats["requests_received"] += len(batch)
+        self.replica.step(identity, msg)
+
+    def _bad(self, what):
+        self.stats["bad_messages"] += 1
+        # Garbage can arrive at line rate; say what it is without flooding the log.
+        if self._bad_frames_logged < 20 or self.stats["bad_messages"] % 1000 == 0:
+            self._bad_frames_logged += 1
+            log.warning("dropped: %s (total dropped %d)", what, self.stats["bad_messages"])
+
+    # ------------------------------------------------------------------ the Ready cycle
+
+    def _flush(self):
+        rep = self.replica
+        while rep.has_ready():
+            rd = rep.ready()
+            if rd.persist:
+                self.wal.append(rd.persist)
+                self.wal.sync()
+            if rd.messages:
+                self._send_all(rd.messages)
+            if rd.apply:
+                self.apply_queue.extend(rd.apply)
+                self.apply_wakeup.set()
+            if rd.replies:
+                self._send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
+        role = (rep.view, rep.status)
+        if role != self._last_role:
+            old = self._last_role
+            self._last_role = role
+            if rep.status == NORMAL:
+                log.info("view %d is active: leader is replica %d%s (was view %s)", rep.view,
+                         rep.leader, " (this replica)" if rep.leader == self.id else "",
+                         old[0] if old else "-")
+            else:
+                log.info("view change to view %d started (leader-to-be: replica %d)", rep.view, rep.leader)
+
+    def _send_all(self, messages):
+        by_dest = defaultdict(list)
+        encoded = {}
+        for dest, msg in messages:
+            frame = encoded.get(id(msg))
+            if frame is None:
+                frame = encoded[id(msg)] = m.encode(self.id, msg)
+            by_dest[dest].append(frame)
+        for dest, frames in by_dest.items():
+            self.channels.send(self.peer_out[dest], frames)
+
+    def _send_replies(self, replies):
+        """replies: (identity or None, client_id, seq, status, bytes); one message per gateway."""
+        ok = defaultdict(list)
+        errors = defaultdict(list)
+        for identity, client_id, seq, status, reply in replies:
+            if identity is None:
+                identity = self.routes.get(client_id)
+                if identity is None:
+                    continue  # its gateway never wrote to us; it retransmits and gets the cache
+            if status == EXECUTE or status == DUPLICATE:
+                ok[identity].append((client_id, seq, reply))
+            else:
+                errors[identity].append((client_id, seq, bytes([status]) + reply))
+        for identity, entries in ok.items():
+            self.channels.send(self.client_router, [identity, m.encode(self.id, m.Replies(core.pack_batch(entries)))])
+        for identity, entries in errors.items():
+            self.channels.send(self.client_router, [identity, m.encode(self.id, m.ReplyErrors(core.pack_batch(entries)))])
+
+    def _tick(self):
+        if self.stopping.is_set():
+            return
+        self.replica.tick(int(time.time() * 1000))
+        self._flush()
+        self.loop.call_later(self.settings.tick_ms / 1000, self._tick)
+
+    def _on_idle(self):
+        self._flush()
+
+    # ------------------------------------------------------------------ execution
+
+    async def _executor(self):
+        queue = self.apply_queue
+        sessions = self.sessions
+        while True:
+            if not queue:
+                self.apply_wakeup.clear()
+                await self.apply_wakeup.wait()
+                continue
+            plan = []        # (client_id, seq, status) in decided order
+            payloads = []
+            last_instance = 0
+            while queue and len(payloads) < EXECUTE_CHUNK:
+                instance, value = queue.popleft()
+                last_instance = instance
+                batch = core.Batch(value)
+                sessions.advance(batch.timestamp)
+                for client_id, seq, payload in batch:
+                    status = sessions.begin(client_id, seq)
+                    plan.append((client_id, seq, status))
+                    if status == EXECUTE:
+                        payloads.append(bytes(payload))
+            try:
+                results = await self.adapter.execute(payloads) if payloads else []
+            except (AppConnectionLost, AppProtocolError) as e:
+                # What the app holds is unknown now; executing on would risk running a request
+                # twice or skipping one. Stop, so the replica restarts with a fresh app and
+                # rebuilds it from the log.
+                log.error("app connection lost during execution (%s); stopping: restart this "
+                          "replica together with its app to rebuild the app's state", e)
+                self.exit_code = 1
+                self.stopping.set()
+                return
+            replies = []
+            it = iter(results)
+            for client_id, seq, status in plan:
+                if status == EXECUTE:
+                    reply = next(it)
+                    sessions.finish(client_id, seq, reply)
+                elif status == DUPLICATE:
+                    reply = sessions.reply(client_id, seq) or b""
+                else:
+                    reply = ERROR_TEXT[status]
+                replies.append((None, client_id, seq, status, reply))
+            self.stats["requests_executed"] += len(payloads)
+            self.stats["requests_deduplicated"] += len(plan) - len(payloads)
+            self.executed = last_instance
+            self._send_replies(replies)
+
+    def _app_state(self, ready, reason):
+        if ready:
+            log.info("app at %s:%d is reachable again", self.settings.app_host, self.settings.app_port)
+        else:
+            log.warning("app at %s:%d is not answering (%s); requests wait, nothing is skipped",
+                        self.settings.app_host, self.settings.app_port, reason)
+
+    # ------------------------------------------------------------------ status and lifecycle
+
+    def status(self) -> dict:
+        d = self.replica.describe()
+        d.update(role="server", executed=self.executed, pid=os.getpid(),
+                 app_ready=getattr(self.adapter, "ready", None), uptime_s=round(time.time() - self.started, 3),
+                 n=self.n, **{k: v for k, v in self.stats.items()})
+        return d
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+        self.channels.start(self.loop, self._on_message, self._on_idle)
+        executor = asyncio.create_task(self._executor())
+        self.loop.call_soon(self._tick)
+        log.info("replica %d ready: peers on port %d, gateways on port %d, app %s:%d (%s framing)",
+                 self.id, self.config.replica.peer_port, self.config.replica.client_port,
+                 self.settings.app_host, self.settings.app_port, self.settings.framing)
+        try:
+            await self.stopping.wait()
+        finally:
+            executor.cancel()
+            try:
+                await executor
+            except (asyncio.CancelledError, Exception):
+                pass
+            self.channels.close()
+            await self.adapter.close()
+            self.wal.close()
+        log.info("replica %d stopped", self.id)
+        return self.exit_code
+
+    def _on_signal(self, sig):
+        if self.stopping.is_set():
+            os._exit(1)  # a second signal: leave now
+        log.info("received %s: stopping", signal.Signals(sig).name)
+        self.stopping.set()
+
+
+def run(config) -> int:
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    return asyncio.run(_main(config))
+
+
+async def _main(config) -> int:
+    server = Server(config)
+    return await server.run()

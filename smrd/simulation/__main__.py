@@ -1,0 +1,57 @@
+# Command line for the simulator: run a range of seeds (soak), or replay one seed with a trace.
+#   python -m smrd.simulation --seeds 100000 --jobs 2      # long soak
+#   python -m smrd.simulation --seed 1234 --trace          # replay one run, printing every event
+import argparse
+import multiprocessing
+import sys
+import time
+
+from .cluster import Simulation, run_seed
+
+
+def _run(seed):
+    r = run_seed(seed)
+    return seed, r.ok, r.violation, r.summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m smrd.simulation",
+                                 description="Run seeded cluster simulations with fault injection.")
+    ap.add_argument("--seed", type=int, help="replay this one seed")
+    ap.add_argument("--trace", action="store_true", help="with --seed: print every fault and restart")
+    ap.add_argument("--seeds", type=int, default=500, help="how many seeds to run (default 500)")
+    ap.add_argument("--start", type=int, default=0, help="first seed (default 0)")
+    ap.add_argument("--jobs", type=int, default=multiprocessing.cpu_count(), help="worker processes")
+    args = ap.parse_args(argv)
+
+    if args.seed is not None:
+        sim = Simulation(args.seed, trace=print if args.trace else None)
+        print(f"seed {args.seed}: {sim.p}")
+        r = sim.run()
+        print(f"seed {args.seed}: {'ok' if r.ok else 'FAILED'} {r.summary}")
+        if not r.ok:
+            print(f"violation: {r.violation}")
+        return 0 if r.ok else 1
+
+    seeds = range(args.start, args.start + args.seeds)
+    failed = []
+    began = time.monotonic()
+    with multiprocessing.Pool(args.jobs) as pool:
+        for done, (seed, ok, violation, summary) in enumerate(pool.imap_unordered(_run, seeds, chunksize=4), 1):
+            if not ok:
+                failed.append(seed)
+                print(f"\nseed {seed} FAILED: {violation}\n  replay: python -m smrd.simulation --seed {seed} --trace",
+                      flush=True)
+            if done % 50 == 0 or done == len(seeds):
+                rate = done / (time.monotonic() - began)
+                print(f"\r{done}/{len(seeds)} seeds, {len(failed)} failed, {rate:.1f} seeds/s", end="", flush=True)
+    print()
+    if failed:
+        print(f"failing seeds: {sorted(failed)}")
+        return 1
+    print(f"all {len(seeds)} seeds passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+# `smrd status`: ask every replica in hosts.conf how it is doing, over its gateway port.
+# Owns the status query and its presentation. Never changes anything in the cluster.
+import json
+import os
+import sys
+import time
+
+import zmq
+
+from . import core
+from .errors import ProtocolError
+from .protocol.messages import STATUS_REPLY, STATUS_REQUEST
+
+
+def query(endpoint: str, timeout_s: float = 2.0):
+    """The replica's status dict, or None if it did not answer within timeout_s."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"s" + os.urandom(4).hex().encode())
+    try:
+        sock.connect(endpoint)
+        sock.send(core.encode_frame(STATUS_REQUEST, 0, 0, 0))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                return None
+            frame = sock.recv()
+            try:
+                mtype, _, _, _, _, payload = core.decode_frame(frame)
+            except ProtocolError:
+                continue
+            if mtype == STATUS_REPLY:
+                return json.loads(bytes(payload))
+    finally:
+        sock.close(0)
+
+
+def collect(hosts, timeout_s: float = 2.0) -> list:
+    rows = []
+    for rid, addr in hosts.replicas.items():
+        st = query(addr.client_endpoint, timeout_s)
+        rows.append({"id": rid, "address": f"{addr.host}:{addr.peer_port}", "reachable": st is not None,
+                     **(st or {})})
+    return rows
+
+
+def main(args) -> int:
+    from .config import load_config
+    config = load_config(args, need_role=False)
+    rows = collect(config.hosts, args.timeout)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    else:
+        cols = ("id", "address", "state", "view", "leader", "commit", "executed", "lag", "app")
+        top = max((r.get("commit", 0) for r in rows if r["reachable"]), default=0)
+        table = [cols]
+        for r in rows:
+            if not r["reachable"]:
+                table.append((str(r["id"]), r["address"], "UNREACHABLE", "-", "-", "-", "-", "-", "-"))
+                continue
+            state = "leader" if r["status"] == "normal" and r["leader"] == r["id"] else (
+                "follower" if r["status"] == "normal" else r["status"])
+            table.append((str(r["id"]), r["address"], state, str(r["view"]), str(r["leader"]),
+                          str(r["commit"]), str(r["executed"]), str(top - r["commit"]),
+                          "ok" if r.get("app_ready") else "down"))
+        widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+        for row in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        for r in rows:
+            if not r["reachable"]:
+                print(f"replica {r['id']} at {r['address']}: no answer within {args.timeout:g} s "
+                      "(stopped, partitioned, or not yet started)", file=sys.stderr)
+    return 0 if all(r["reachable"] for r in rows) else 1

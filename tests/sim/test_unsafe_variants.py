@@ -1,0 +1,74 @@
+# The simulator's checks must be able to fail: deliberately unsafe protocol variants are run
+# through the same swarm and a violation must be found within a bounded number of seeds.
+from dataclasses import replace
+
+from smrd.protocol import CrashFaultPolicy, Replica
+from smrd.simulation import Params, run_seed
+
+BOUND = 60
+
+
+class MinorityQuorum(CrashFaultPolicy):
+    """floor(n/2) votes: two quorums need not intersect."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.quorum = max(1, n // 2)
+
+
+class SkipGather(Replica):
+    """A new leader that ignores what the quorum accepted and starts from its own commit point."""
+
+    def _choose_values(self, dvcs, start):
+        return {}
+
+
+class VoteWithoutPersisting(Replica):
+    """Votes, then forgets undecided votes when it crashes (the PySyncObj PR #202 class of bug)."""
+
+    def _restore(self, durable):
+        durable.entries = {i: e for i, e in durable.entries.items() if e[2] or i <= durable.commit}
+        super()._restore(durable)
+
+
+def _crash_heavy(seed):
+    # Forgotten votes only matter when crashes and restarts are frequent and messages linger.
+    return replace(Params.swarm(seed), crash=0.03, restart_after=10, duplicate=0.1, max_delay=8,
+                   drop=0.05, clients=3, client_window=2, reply_cache=4)
+
+
+def _first_violation(params=None, **kw):
+    for seed in range(BOUND):
+        result = run_seed(seed, params=params(seed) if params else None, **kw)
+        if not result.ok:
+            return seed, result.violation
+    return None, None
+
+
+def test_minority_quorum_is_caught():
+    seed, violation = _first_violation(policy_class=MinorityQuorum)
+    assert seed is not None, f"no violation in {BOUND} seeds with quorum floor(n/2)"
+    assert "agreement" in violation or "differ" in violation
+
+
+def test_leader_change_without_gathering_is_caught():
+    seed, violation = _first_violation(replica_class=SkipGather)
+    assert seed is not None, f"no violation in {BOUND} seeds when the new leader skips gathering"
+
+
+def test_the_safe_protocol_passes_the_same_seeds():
+    # The same seeds with the real protocol: the violations above come from the variants.
+    for seed in range(BOUND):
+        result = run_seed(seed)
+        assert result.ok, f"seed {seed}: {result.violation}"
+
+
+def test_votes_not_persisted_are_caught():
+    seed, violation = _first_violation(replica_class=VoteWithoutPersisting, params=_crash_heavy)
+    assert seed is not None, f"no violation in {BOUND} crash-heavy seeds when votes are not durable"
+
+
+def test_the_safe_protocol_passes_crash_heavy_seeds():
+    for seed in range(BOUND):
+        result = run_seed(seed, params=_crash_heavy(seed))
+        assert result.ok, f"seed {seed}: {result.violation}"

@@ -1,0 +1,701 @@
+"""smrd.app_adapter: never reorder, never skip, never invent.
+
+Against the real demo app (a subprocess, line and close framing) and small in-test servers for
+what a well-behaved app never does: hang, die mid-reply, come up late, send too much. Waiting is
+synchronised on the adapter's on_state_change callback or on the test servers' own events, never
+on guessed sleeps; the only clocks are the adapter's short reply time-outs under test.
+"""
+import asyncio
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smrd import app_adapter
+from smrd.app_adapter import (
+    AppAdapter, AppConnectionLost, AppError, AppProtocolError,
+)
+from smrd.framing import FramingError
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+
+
+def run(coro, timeout=15):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+# -- the real demo app ------------------------------------------------------------------------
+
+def start_hashmap(framing, port=0, stderr=subprocess.DEVNULL):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smrd.apps.hashmap", "--host", HOST, "--port", str(port),
+         "--framing", framing], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    line = proc.stdout.readline()
+    if not line.startswith("listening "):
+        proc.kill()
+        raise RuntimeError(f"hashmap did not start (exit {proc.wait()}): {line!r}")
+    return proc, int(line.split()[1].rsplit(":", 1)[1])
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module", params=["line", "close"])
+def hashmap(request):
+    proc, port = start_hashmap(request.param)
+    yield request.param, port
+    stop(proc)
+
+
+def kv_workload(n, seed, prefix, close_framing):
+    """n random PUT/GET/REMOVE requests and the replies a dict model predicts for them."""
+    rng = random.Random(seed)
+    model, requests, expected = {}, [], []
+    end = b"\n" if close_framing else b""  # close framing: the reply is followed by "\n"
+    for i in range(n):
+        key = b"%s-k%d" % (prefix, rng.randrange(20))
+        op = rng.choice((b"PUT", b"PUT", b"GET", b"GET", b"REMOVE"))
+        if op == b"PUT":
+            value = b"v%d" % i
+            requests.append(b"PUT " + key + b" " + value)
+            model[key] = value
+            expected.append(b"OK" + end)
+        elif op == b"GET":
+            requests.append(b"GET " + key)
+            expected.append((b"VALUE " + model[key] if key in model else b"NOT_FOUND") + end)
+        else:
+            requests.append(b"REMOVE " + key)
+            expected.append((b"OK" if model.pop(key, None) is not None else b"NOT_FOUND") + end)
+    return requests, expected
+
+
+@pytest.mark.parametrize("pipeline", [64, 7, 1])
+def test_hashmap_order_preserved_against_dict_model(hashmap, pipeline):
+    mode, port = hashmap
+    n = 1000 if mode == "line" else 150  # close mode: one connection per request
+
+    async def main():
+        states = []
+        async with AppAdapter(HOST, port, mode, pipeline=pipeline,
+                              on_state_change=lambda r, why: states.append(r)) as adapter:
+            requests, expected = kv_workload(n, seed=pipeline, prefix=b"p%d" % pipeline,
+                                             close_framing=mode == "close")
+            replies = await adapter.execute(requests)
+            assert replies == expected
+            # A second call on the same adapter continues the same app state and connection.
+            more = await adapter.execute([b"SIZE", b"GET nobody"])
+            assert more[1] == (b"NOT_FOUND\n" if mode == "close" else b"NOT_FOUND")
+            assert adapter.ready and states == [True]
+            assert adapter.stats["requests"] == n + 2
+            if mode == "line":
+                assert adapter.stats["connections"] == 1
+            else:
+                assert adapter.stats["connections"] == n + 2
+            assert adapter.stats["errors"] == adapter.stats["retries"] == 0
+    run(main())
+
+
+def test_hashmap_killed_with_requests_in_flight_then_restarted(tmp_path):
+    """SIGSTOP the app so it cannot answer, write a window, SIGKILL it: every written request is
+    in doubt (the adapter cannot know the app never read them) and is reported, not resent. A
+    restarted app is reached again, and it is empty: the adapter hides nothing from the caller,
+    which owns rebuilding the app's state."""
+    proc, port = start_hashmap("line")
+    try:
+        async def main():
+            states = []
+            adapter = AppAdapter(HOST, port, "line", timeout_s=5,
+                                 on_state_change=lambda r, why: states.append(r))
+            assert await adapter.execute([b"PUT a 1"]) == [b"OK"]
+            os.kill(proc.pid, signal.SIGSTOP)
+            task = asyncio.create_task(adapter.execute([b"PUT b 2", b"GET a", b"GET b"]))
+            await asyncio.sleep(0)  # the task writes its window in its first step
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            with pytest.raises(AppConnectionLost) as info:
+                await task
+            assert info.value.executed_unknown == [0, 1, 2]
+            assert info.value.replies_so_far == [] and info.value.not_written == []
+            assert states == [True, False] and not adapter.ready
+
+            proc2, _ = start_hashmap("line", port=port)
+            try:
+                assert await adapter.execute([b"GET a"]) == [b"NOT_FOUND"]
+                assert states == [True, False, True]
+            finally:
+                stop(proc2)
+            await adapter.close()
+        run(main())
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            stop(proc)
+
+
+# -- in-test apps -----------------------------------------------------------------------------
+
+class App:
+    """A small asyncio server: handler(reader, writer) per connection. Counts connections and
+    how many were open at once, and records every request it read (`seen`)."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.connections = 0
+        self.active = 0
+        self.max_active = 0
+        self.seen = []
+        self.event = asyncio.Event()
+        self.server = None
+        self.port = None
+
+    async def start(self, port=0):
+        self.server = await asyncio.start_server(self._handle, HOST, port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer):
+        self.connections += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await self.handler(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.active -= 1
+            writer.close()
+
+    async def stop(self):
+        self.server.close()
+
+
+async def read_lines(app, reader, n):
+    lines = []
+    for _ in range(n):
+        line = (await reader.readuntil(b"\n"))[:-1]
+        app.seen.append(line)
+        lines.append(line)
+    return lines
+
+
+async def echo_lines(app, reader, writer):
+    while True:
+        line = await reader.readline()
+        if not line:
+            return
+        app.seen.append(line[:-1])
+        writer.write(b"R:" + line)
+
+
+async def echo_close(app, reader, writer):
+    request = await reader.read()  # until the adapter half-closes
+    app.seen.append(request)
+    await asyncio.sleep(0.002)  # overlapping connections would show up in max_active
+    writer.write(b"R:" + request)
+    await writer.drain()
+
+
+def reset(writer):
+    """Die the way a crashed process with unread input does: a RST, not a FIN."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def test_close_mode_one_connection_per_request_strictly_sequential():
+    async def main():
+        app = await App(echo_close).start()
+        requests = [b"req %d" % i for i in range(30)] + [b"", b"bin\x00\n\r\xff"]
+        async with AppAdapter(HOST, app.port, "close") as adapter:
+            replies = await adapter.execute(requests)
+        assert replies == [b"R:" + r for r in requests]
+        assert app.seen == requests
+        assert app.connections == len(requests)
+        assert app.max_active == 1
+        await app.stop()
+    run(main())
+
+
+def test_length_mode_pipelined_binary_and_empty_messages():
+    async def handler(app, reader, writer):
+        while True:
+            try:
+                prefix = await reader.readexactly(4)
+            except asyncio.IncompleteReadError:
+                return
+            body = await reader.readexactly(int.from_bytes(prefix, "big"))
+            app.seen.append(body)
+            reply = b"L:" + body[::-1]
+            writer.write(len(reply).to_bytes(4, "big") + reply)
+
+    async def main():
+        app = await App(handler).start()
+        rng = random.Random(7)
+        requests = [bytes(rng.randrange(256) for _ in range(rng.randrange(40))) for _ in range(1000)]
+        requests[3] = b""
+        requests[4] = b"x" * 100_000
+        async with AppAdapter(HOST, app.port, "length", pipeline=16) as adapter:
+            replies = await adapter.execute(requests)
+        assert replies == [b"L:" + r[::-1] for r in requests]
+        assert app.seen == requests and app.connections == 1
+        await app.stop()
+    run(main())
+
+
+def http_request(method, target, body=None):
+    head = b"%s %s HTTP/1.1\r\nHost: app\r\n" % (method, target)
+    if body is None:
+        return head + b"\r\n"
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+async def http_app(app, reader, writer):
+    """GET: Content-Length body; HEAD: Content-Length but no body; POST: chunked echo;
+    /close: answers with Connection: close and stops reading (RFC 9112 §9.6)."""
+    while True:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return
+        method, target = head.split(b" ")[:2]
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        body = await reader.readexactly(length)
+        app.seen.append(method + b" " + target)
+        payload = b"%s %s" % (method, target)
+        if method == b"POST":
+            writer.write(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        elif target == b"/close":
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(payload), payload))
+            await writer.drain()
+            return
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload))
+            if method != b"HEAD":
+                writer.write(payload)
+
+
+def test_http_mode_head_chunked_and_connection_close_mid_pipeline():
+    async def main():
+        app = await App(http_app).start()
+        requests = [http_request(b"GET", b"/a"), http_request(b"HEAD", b"/b"),
+                    http_request(b"POST", b"/c", b"hello"), http_request(b"GET", b"/close"),
+                    http_request(b"GET", b"/d"), http_request(b"HEAD", b"/e"),
+                    http_request(b"GET", b"/f")]
+        async with AppAdapter(HOST, app.port, "http") as adapter:
+            replies = await adapter.execute(requests)
+            assert replies == [
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nGET /a",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",  # HEAD: no body, length kept
+                b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nhello",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nGET /close",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nGET /d",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nGET /f",
+            ]
+            # Requests after the closing response were not processed there; each ran exactly
+            # once, in order, the rest on a new connection.
+            assert app.seen == [b"GET /a", b"HEAD /b", b"POST /c", b"GET /close", b"GET /d",
+                                b"HEAD /e", b"GET /f"]
+            assert app.connections == 2 and adapter.stats["reconnects"] == 1
+            assert adapter.stats["errors"] == 0
+        await app.stop()
+    run(main())
+
+
+async def http_close_delimited(app, reader, writer):
+    """An HTTP/1.0-style app: reads one request, answers without a length, closes."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    app.seen.append(head.split(b" ")[1])
+    writer.write(b"HTTP/1.1 200 OK\r\n\r\nbody of " + head.split(b" ")[1])
+    await writer.drain()
+
+
+def test_http_close_delimited_replies_pipelined_leave_the_rest_in_doubt():
+    """A reply delimited by the close promises nothing about requests pipelined behind it (unlike
+    Connection: close): they are in doubt, never resent. pipeline=1 serves such an app."""
+    async def main():
+        app = await App(http_close_delimited).start()
+        requests = [http_request(b"GET", b"/%d" % i) for i in range(3)]
+        adapter = AppAdapter(HOST, app.port, "http")
+        with pytest.raises(AppConnectionLost) as info:
+            await adapter.execute(requests)
+        assert info.value.replies_so_far == [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nbody of /0"]
+        assert info.value.executed_unknown == [1, 2]
+        one_by_one = AppAdapter(HOST, app.port, "http", pipeline=1)
+        replies = await one_by_one.execute(requests)
+        assert [r[-10:] for r in replies] == [b"body of /0", b"body of /1", b"body of /2"]
+        assert one_by_one.stats["connections"] == 3 and one_by_one.stats["errors"] == 0
+        assert app.seen == [b"/0", b"/0", b"/1", b"/2"]
+        await app.stop()
+    run(main())
+
+
+# -- failures: down, hung, dying, misbehaving apps --------------------------------------------
+
+@pytest.mark.parametrize("mode", ["line", "close"])
+def test_app_down_at_first_then_up(mode):
+    async def main():
+        port = free_port()
+        states = []
+        went_down = asyncio.Event()
+
+        def on_state(ready, reason):
+            states.append((ready, reason))
+            if not ready:
+                went_down.set()
+
+        adapter = AppAdapter(HOST, port, mode, on_state_change=on_state)
+        task = asyncio.create_task(adapter.execute([b"one", b"two", b"three"]))
+        await went_down.wait()  # the adapter met a refused connect and is backing off
+        assert not adapter.ready and "cannot connect" in states[0][1]
+        app = await App(echo_lines if mode == "line" else echo_close).start(port)
+        replies = await task
+        assert replies == [b"R:one", b"R:two", b"R:three"]
+        assert [ready for ready, _ in states] == [False, True] and adapter.ready
+        assert adapter.stats["retries"] >= 1
+        assert app.seen == [b"one", b"two", b"three"]  # nothing skipped, nothing twice
+        await adapter.close()
+        await app.stop()
+    run(main())
+
+
+def test_backoff_doubles_from_50_ms_to_2_s(monkeypatch):
+    delays = []
+
+    async def fake_sleep(delay):
+        delays.append(delay)
+        if len(delays) == 9:
+            raise asyncio.CancelledError  # as a replica shutting down would
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(app_adapter, "_sleep", fake_sleep)
+
+    async def main():
+        adapter = AppAdapter(HOST, free_port(), "line")
+        with pytest.raises(asyncio.CancelledError):
+            await adapter.execute([b"x"])
+        assert delays == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
+        assert adapter.stats["retries"] == 9 and adapter.stats["connections"] == 0
+    run(main())
+
+
+def test_hung_app_times_out_with_requests_in_doubt():
+    async def handler(app, reader, writer):
+        lines = await read_lines(app, reader, 5)
+        writer.write(b"R:%s\nR:%s\n" % (lines[0], lines[1]))  # then never another byte
+        app.event.set()
+        await asyncio.Event().wait()
+
+    async def main():
+        app = await App(handler).start()
+        states = []
+        adapter = AppAdapter(HOST, app.port, "line", timeout_s=0.2,
+                             on_state_change=lambda r, why: states.append((r, why)))
+        requests = [b"r%d" % i for i in range(5)]
+        with pytest.raises(AppConnectionLost) as info:
+            await adapter.execute(requests)
+        err = info.value
+        assert err.replies_so_far == [b"R:r0", b"R:r1"]
+        assert err.executed_unknown == [2, 3, 4] and err.not_written == []
+        assert "no reply" in err.reason and "2..4" in str(err)
+        assert [r for r, _ in states] == [True, False] and not adapter.ready
+        assert adapter.stats["timeouts"] == 1 and adapter.stats["errors"] == 1
+        await app.stop()
+    run(main())
+
+
+def test_app_closes_mid_reply():
+    async def handler(app, reader, writer):
+        await read_lines(app, reader, 10)
+        writer.write(b"R:0\nR:1\nR:2\nR:3-cut-sh")  # three replies and part of the fourth
+        await writer.drain()
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "line")
+        with pytest.raises(AppConnectionLost) as info:
+            await adapter.execute([b"%d" % i for i in range(10)])
+        assert info.value.replies_so_far == [b"R:0", b"R:1", b"R:2"]
+        assert info.value.executed_unknown == list(range(3, 10))
+        assert "mid-reply" in info.value.reason
+        await app.stop()
+    run(main())
+
+
+def test_app_dies_after_reading_requests():
+    async def handler(app, reader, writer):
+        await read_lines(app, reader, 10)
+        writer.write(b"R:0\nR:1\nR:2\n")
+        await writer.drain()
+        reset(writer)
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "line")
+        with pytest.raises(AppConnectionLost) as info:
+            await adapter.execute([b"%d" % i for i in range(10)])
+        assert info.value.replies_so_far == [b"R:0", b"R:1", b"R:2"]
+        assert info.value.executed_unknown == list(range(3, 10))
+        await app.stop()
+    run(main())
+
+
+def test_app_dies_with_small_window_never_resends_and_reports_exactly():
+    """pipeline < n: how much was written when the app died depends on timing, but the report is
+    always exact: everything the app read is answered or in doubt, and nothing in doubt or not
+    written was ever answered."""
+    async def handler(app, reader, writer):
+        for _ in range(20):
+            line = (await read_lines(app, reader, 1))[0]
+            writer.write(b"R:" + line + b"\n")
+        await writer.drain()  # then closes, with unread requests: a reset
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "line", pipeline=8)
+        requests = [b"%d" % i for i in range(50)]
+        with pytest.raises(AppConnectionLost) as info:
+            await adapter.execute(requests)
+        err = info.value
+        assert err.replies_so_far == [b"R:%d" % i for i in range(20)]
+        assert err.executed_unknown == list(range(20, 20 + len(err.executed_unknown)))
+        assert 1 <= len(err.executed_unknown) <= 8
+        assert err.not_written == list(range(20 + len(err.executed_unknown), 50))
+        assert app.seen == requests[:20]
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_hang_and_reset_are_in_doubt():
+    async def handler(app, reader, writer):
+        request = await reader.read()
+        app.seen.append(request)
+        if request == b"hang":
+            await asyncio.Event().wait()
+        if request == b"reset":
+            writer.write(b"partial")
+            await writer.drain()
+            reset(writer)
+            return
+        writer.write(b"R:" + request)
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "close", timeout_s=0.2)
+        with pytest.raises(AppConnectionLost) as info:
+            await adapter.execute([b"a", b"hang", b"c"])
+        assert info.value.replies_so_far == [b"R:a"]
+        assert info.value.executed_unknown == [1] and info.value.not_written == [2]
+        with pytest.raises(AppConnectionLost) as info:
+            await adapter.execute([b"reset", b"d"])
+        assert info.value.replies_so_far == [] and info.value.executed_unknown == [0]
+        assert await adapter.execute([b"e"]) == [b"R:e"]
+        assert app.seen == [b"a", b"hang", b"reset", b"e"]  # never resent, never skipped ahead
+        assert adapter.stats["timeouts"] == 1 and adapter.stats["errors"] == 2
+        await app.stop()
+    run(main())
+
+
+@pytest.mark.parametrize("mode", ["line", "close"])
+def test_too_large_reply_is_a_protocol_error(mode):
+    async def handler(app, reader, writer):
+        if mode == "close":
+            request = await reader.read()
+            writer.write(b"x" * 2000 if request == b"big" else b"R:" + request)
+            return
+        for line in await read_lines(app, reader, 3):
+            writer.write((b"x" * 2000 if line == b"big" else b"R:" + line) + b"\n")
+        await asyncio.Event().wait()
+
+    async def main():
+        app = await App(handler).start()
+        states = []
+        adapter = AppAdapter(HOST, app.port, mode, max_reply_bytes=1000,
+                             on_state_change=lambda r, why: states.append(r))
+        with pytest.raises(AppProtocolError) as info:
+            await adapter.execute([b"ok", b"big", b"ok2"])
+        err = info.value
+        assert err.replies_so_far == [b"R:ok"]
+        assert err.executed_unknown == ([1, 2] if mode == "line" else [1])
+        assert "exceeds the limit of 1000" in err.reason
+        assert states == [True, False]
+        await app.stop()
+    run(main())
+
+
+def test_unparsable_http_reply_is_a_protocol_error():
+    async def handler(app, reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"I am not HTTP\r\n\r\n")
+        await asyncio.Event().wait()
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "http")
+        with pytest.raises(AppProtocolError) as info:
+            await adapter.execute([http_request(b"GET", b"/")])
+        assert info.value.executed_unknown == [0] and "bad reply" in info.value.reason
+        await app.stop()
+    run(main())
+
+
+def test_extra_replies_are_a_protocol_error():
+    async def handler(app, reader, writer):
+        line = (await read_lines(app, reader, 1))[0]
+        writer.write(b"R:" + line + b"\nsurprise\n")  # two replies to one request, one write
+        await asyncio.Event().wait()
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "line")
+        with pytest.raises(AppProtocolError, match="2 replies to 1 requests"):
+            await adapter.execute([b"a"])
+        await app.stop()
+    run(main())
+
+
+def test_unsolicited_bytes_between_calls_are_reported_then_a_new_connection_is_used():
+    async def handler(app, reader, writer):
+        if app.connections > 1:
+            return await echo_lines(app, reader, writer)
+        line = (await read_lines(app, reader, 1))[0]
+        writer.write(b"R:" + line + b"\n")
+        await app.event.wait()
+        writer.write(b"late\n")  # a reply to nothing
+        await asyncio.Event().wait()
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "line")
+        assert await adapter.execute([b"a"]) == [b"R:a"]
+        app.event.set()
+        while adapter._conn.usable:  # until the stray bytes have arrived
+            await asyncio.sleep(0.002)
+        with pytest.raises(AppProtocolError) as info:
+            await adapter.execute([b"b"])
+        assert info.value.executed_unknown == [] and info.value.not_written == [0]
+        assert await adapter.execute([b"b"]) == [b"R:b"]  # on a second connection
+        assert app.seen == [b"a", b"b"] and app.connections == 2
+        await app.stop()
+    run(main())
+
+
+def test_idle_connection_closed_by_app_reconnects_transparently():
+    async def handler(app, reader, writer):
+        line = (await read_lines(app, reader, 1))[0]
+        writer.write(b"R:" + line + b"\n")
+        await writer.drain()  # then close: an app that drops idle connections
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "line")
+        assert await adapter.execute([b"a"]) == [b"R:a"]
+        while adapter._conn.usable:  # until the adapter has seen the app's FIN
+            await asyncio.sleep(0.002)
+        assert await adapter.execute([b"b"]) == [b"R:b"]
+        assert adapter.stats["reconnects"] == 1 and adapter.stats["errors"] == 0
+        assert app.seen == [b"a", b"b"]
+        await app.stop()
+    run(main())
+
+
+def test_cancel_drops_the_connection_so_late_replies_are_never_misattributed():
+    async def handler(app, reader, writer):
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            app.seen.append(line[:-1])
+            if line == b"slow\n":
+                app.event.set()
+                await asyncio.sleep(0.1)
+            writer.write(b"R:" + line)
+            await writer.drain()
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "line")
+        task = asyncio.create_task(adapter.execute([b"slow"]))
+        await app.event.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await adapter.execute([b"fast"]) == [b"R:fast"]
+        assert adapter.stats["connections"] == 2
+        await adapter.close()
+        with pytest.raises(RuntimeError):
+            await adapter.execute([b"x"])
+        await app.stop()
+    run(main())
+
+
+def test_execute_is_not_reentrant():
+    async def main():
+        app = await App(lambda app, r, w: asyncio.Event().wait()).start()
+        adapter = AppAdapter(HOST, app.port, "line")
+        task = asyncio.create_task(adapter.execute([b"a"]))
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="not reentrant"):
+            await adapter.execute([b"b"])
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await app.stop()
+    run(main())
+
+
+def test_nothing_to_do_and_uncarriable_requests_touch_nothing():
+    async def main():
+        adapter = AppAdapter(HOST, free_port(), "line")
+        assert await adapter.execute([]) == []
+        with pytest.raises(FramingError):
+            await adapter.execute([b"ok", b"two\nlines"])
+        with pytest.raises(FramingError):
+            await AppAdapter(HOST, 1, "http").execute([b"\x00not http"])
+        assert adapter.stats["connections"] == 0 and adapter.stats["retries"] == 0
+        assert adapter._state is None
+    run(main())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        AppAdapter(HOST, 1, "udp")
+    with pytest.raises(ValueError):
+        AppAdapter(HOST, 1, "line", pipeline=0)
+    with pytest.raises(ValueError):
+        AppAdapter(HOST, 1, "line", timeout_s=0)
+    with pytest.raises(ValueError):
+        AppAdapter(HOST, 1, "line", max_reply_bytes=-1)
+
+
+def test_errors_share_one_base():
+    assert issubclass(AppConnectionLost, AppError) and issubclass(AppProtocolError, AppError)
+    err = AppConnectionLost("gone", executed_unknown=range(2, 4), replies_so_far=[b"a", b"b"])
+    assert err.executed_unknown == [2, 3] and err.replies_so_far == [b"a", b"b"]
+    assert "gone" in str(err) and "2..3" in str(err)

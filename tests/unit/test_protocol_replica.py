@@ -1,0 +1,168 @@
+# Scripted scenarios for the protocol core, in the spirit of raft_paper_test: a tiny lossless
+# in-memory router, then one behaviour per test. Faults at scale are the simulator's job.
+from smrd import core
+from smrd.protocol import (
+    AcceptRecord, Accepted, DurableState, Options, Replica, Requests, StartViewChange, ViewRecord,
+)
+from smrd.protocol import messages as m
+from smrd.protocol.sessions import DUPLICATE, EXECUTE, Sessions, execute_batch
+from smrd.simulation.kvapp import KVApp
+
+OPTS = Options(window=2, batch_max_requests=4, heartbeat_ticks=2, election_ticks=10,
+               request_ticks=20, retransmit_ticks=4)
+
+
+class Cluster:
+    def __init__(self, n=3, opts=OPTS):
+        self.replicas = [Replica(r, n=n, options=opts) for r in range(n)]
+        self.records = [[] for _ in range(n)]
+        self.apps = [KVApp() for _ in range(n)]
+        self.applied = [[] for _ in range(n)]
+        self.replies = [[] for _ in range(n)]
+        self.down = set()
+        self.inbox = []
+
+    def request(self, client_id, seq, payload, to=None):
+        batch = core.pack_batch([(client_id, seq, payload)])
+        for r in (to if to is not None else range(len(self.replicas))):
+            self.inbox.append(("gw", r, Requests(batch)))
+        self.flush()
+
+    def flush(self, limit=10_000):
+        for r in range(len(self.replicas)):
+            self._drain(r)
+        while self.inbox and limit:
+            limit -= 1
+            src, dst, msg = self.inbox.pop(0)
+            if dst in self.down or src in self.down:
+                continue
+            self.replicas[dst].step(src, msg)
+            self._drain(dst)
+
+    def tick(self, times=1):
+        for _ in range(times):
+            for r, rep in enumerate(self.replicas):
+                if r not in self.down:
+                    rep.tick()
+            self.flush()
+
+    def _drain(self, r):
+        rep = self.replicas[r]
+        while rep.has_ready():
+            rd = rep.ready()
+            self.records[r].extend(rd.persist)
+            for dst, msg in rd.messages:
+                self.inbox.append((r, dst, msg))
+            for instance, value in rd.apply:
+                self.applied[r].append((instance, value))
+                self.replies[r].extend(execute_batch(rep.sessions, value, self.apps[r].execute))
+            self.replies[r].extend(rd.replies)
+
+
+def test_three_replicas_decide_and_execute_the_same_order():
+    c = Cluster()
+    c.request(1, 1, b"PUT a 1")
+    c.request(1, 2, b"GET a")
+    c.tick(3)
+    assert c.applied[0] == c.applied[1] == c.applied[2]
+    assert [r[3] for r in c.replies[1]] == [b"OK", b"VALUE 1"]
+    assert all(rep.commit == 2 for rep in c.replicas)
+
+
+def test_a_vote_is_persisted_before_it_is_sent():
+    rep = Replica(1, n=3, options=OPTS)
+    value = core.pack_batch([(1, 1, b"PUT a 1")])
+    rep.step(0, m.Propose(0, 1, value, 0))
+    rd = rep.ready()
+    assert rd.persist == [AcceptRecord(1, 0, value)]
+    assert rd.messages == [(0, Accepted(0, 1, 1))]
+
+
+def test_leader_batches_and_respects_the_window():
+    rep = Replica(0, n=3, options=Options(window=1, batch_max_requests=2, heartbeat_ticks=2,
+                                           election_ticks=10))
+    batch = core.pack_batch([(1, s, b"GET a") for s in range(1, 6)])
+    rep.step("gw", Requests(batch))
+    proposes = [msg for _, msg in rep.ready().messages if isinstance(msg, m.Propose)]
+    assert {p.instance for p in proposes} == {1}, "W=1: one instance in flight"
+    assert len(core.Batch(proposes[0].value)) == 2, "batch_max_requests"
+    rep.step(1, Accepted(0, 1))
+    proposes = [msg for _, msg in rep.ready().messages if isinstance(msg, m.Propose)]
+    assert {p.instance for p in proposes} == {2}
+
+
+def test_leader_crash_elects_the_next_leader_and_keeps_pending_requests():
+    c = Cluster()
+    c.request(1, 1, b"PUT a 1")
+    c.down.add(0)
+    c.request(1, 2, b"PUT b 2")      # reaches the followers only: the leader is down
+    c.tick(60)
+    assert c.replicas[1].is_leader and c.replicas[1].view == 1
+    assert [v for _, v in c.applied[1]] == [v for _, v in c.applied[2]]
+    executed = [(cid, seq) for cid, seq, st, _ in c.replies[2] if st == EXECUTE]
+    assert executed == [(1, 1), (1, 2)]
+
+
+def test_a_duplicate_request_gets_the_cached_reply_without_ordering():
+    c = Cluster()
+    c.request(7, 1, b"PUT k v")
+    c.tick(3)
+    decided = c.replicas[0].commit
+    c.request(7, 1, b"PUT k v")
+    assert c.replicas[0].commit == decided
+    assert (("gw", 7, 1, DUPLICATE, b"OK")) in c.replies[0]
+
+
+def test_a_restarted_leader_does_not_lead_its_old_view_again():
+    c = Cluster()
+    c.request(1, 1, b"PUT a 1")
+    durable = DurableState.fold(c.records[0])
+    restarted = Replica(0, n=3, options=OPTS, durable=durable)
+    assert restarted.view == 1 and not restarted.is_leader
+    assert ViewRecord(1) in restarted.ready().persist
+    assert restarted.commit == durable.commit >= 1
+
+
+def test_a_lagging_follower_catches_up_from_peers():
+    c = Cluster(opts=Options(window=4, batch_max_requests=1, heartbeat_ticks=2, election_ticks=10,
+                             request_ticks=20, retransmit_ticks=4, catchup_max_entries=3))
+    c.down.add(2)
+    for seq in range(1, 11):
+        c.request(1, seq, b"PUT k %d" % seq, to=[0, 1])
+        c.tick()
+    assert c.replicas[0].commit == 10 and c.replicas[2].commit == 0
+    c.down.discard(2)
+    c.tick(20)
+    assert c.replicas[2].commit == 10
+    assert c.applied[2] == c.applied[0]
+
+
+def test_a_higher_view_is_joined_and_stale_views_are_ignored():
+    c = Cluster()
+    c.replicas[2].step(1, StartViewChange(5))
+    assert c.replicas[2].view == 5
+    c.flush()
+    c.tick(5)
+    assert all(rep.view == 5 for rep in c.replicas)
+    assert c.replicas[5 % 3].is_leader
+    before = c.replicas[0].describe()["stale_messages"]
+    c.replicas[0].step(0 if c.replicas[0].id else 1, m.Propose(2, 9, core.pack_batch([]), 0))
+    assert c.replicas[0].describe()["stale_messages"] == before + 1
+
+
+def test_unknown_sender_is_ignored():
+    rep = Replica(0, n=3, options=OPTS)
+    rep.step(9, m.Commit(0, 5))
+    assert rep.describe()["stale_messages"] == 1 and not rep.has_ready()
+
+
+def test_sessions_reject_too_old_and_expired():
+    s = Sessions(k=2, ttl_ms=1000)
+    app = KVApp()
+    out = execute_batch(s, core.pack_batch([(1, q, b"SIZE") for q in (1, 2, 3)], timestamp=10), app.execute)
+    assert [o[2] for o in out] == [EXECUTE] * 3
+    out = execute_batch(s, core.pack_batch([(1, 1, b"SIZE"), (1, 3, b"SIZE")], timestamp=20), app.execute)
+    assert [o[2] for o in out] == [2, DUPLICATE]          # seq 1 was evicted: TOO_OLD
+    execute_batch(s, core.pack_batch([], timestamp=5000), app.execute)
+    out = execute_batch(s, core.pack_batch([(1, 9, b"SIZE")], timestamp=5001), app.execute)
+    assert out[0][2] == 3                                  # session expired: UNKNOWN_SESSION
