@@ -70,6 +70,19 @@ cdef extern from "Python.h":
     Py_ssize_t PyNumber_AsSsize_t(object o, PyObject *exc) except? -1
 
 
+cdef extern from "Python.h":
+    # Borrowed-reference accessors for the packing loops: no reference counting per entry.
+    # Only used where nothing can run Python code between fetching and using the pointer.
+    PyObject *_list_item "PyList_GET_ITEM" (object lst, Py_ssize_t i)
+    Py_ssize_t _list_size "PyList_GET_SIZE" (object lst)
+    PyObject *_tuple_item "PyTuple_GET_ITEM" (PyObject *tup, Py_ssize_t i)
+    Py_ssize_t _tuple_size "PyTuple_GET_SIZE" (PyObject *tup)
+    bint _is_tuple "PyTuple_CheckExact" (PyObject *obj)
+    bint _is_bytes "PyBytes_CheckExact" (PyObject *obj)
+    char *_bytes_data "PyBytes_AS_STRING" (PyObject *obj)
+    Py_ssize_t _bytes_size "PyBytes_GET_SIZE" (PyObject *obj)
+
+
 cdef extern from *:
     """
     /* A 1-byte-per-item, 1-D, C-contiguous memoryview of base[off:off+n].
@@ -362,14 +375,15 @@ cdef int _open_entry_slow(object item, _Buf *b, uint64_t *client_id, uint64_t *s
     return 0
 
 
-cdef inline Py_ssize_t _fast_size(object item) noexcept:
-    """Payload size of a (int, int, bytes) entry, or -1 when the entry needs the general path."""
-    cdef object payload
-    if type(item) is tuple and PyTuple_GET_SIZE(item) == 3:
-        payload = <object>PyTuple_GET_ITEM(item, 2)
-        if PyBytes_CheckExact(payload) and <uint64_t>PyBytes_GET_SIZE(payload) <= _U32_MAX:
-            return PyBytes_GET_SIZE(payload)
-    return -1
+cdef inline PyObject *_fast_payload(PyObject *item) noexcept:
+    """The bytes payload of a (client_id, seq, bytes) tuple, or NULL when the entry needs the
+    general path (other shapes or buffer types)."""
+    cdef PyObject *payload
+    if _is_tuple(item) and _tuple_size(item) == 3:
+        payload = _tuple_item(item, 2)
+        if _is_bytes(payload) and <uint64_t>_bytes_size(payload) <= _U32_MAX:
+            return payload
+    return NULL
 
 
 cdef Py_ssize_t _slow_size(object item) except -1:
@@ -395,8 +409,10 @@ def pack_batch(entries, timestamp=0, flags=0):
     cdef list items = entries if type(entries) is list else list(entries)
     cdef Py_ssize_t count = len(items)
     cdef Py_ssize_t total = _BATCH_HEADER
-    cdef Py_ssize_t i = 0, n, pos
-    cdef object item, err
+    cdef Py_ssize_t i, n, pos
+    cdef PyObject *item
+    cdef PyObject *payload
+    cdef object err
     cdef uint64_t cid, sq, ts
     cdef uint32_t fl
     cdef _Buf b
@@ -404,13 +420,19 @@ def pack_batch(entries, timestamp=0, flags=0):
     cdef unsigned char *p
     # Pass 1 only sizes the output, so client_id/seq are converted once (in pass 2). An entry
     # off the fast path is checked fully; if it fails, earlier entries are checked first so the
-    # error is the one the twin raises (it stops at the first bad entry).
-    for item in items:
-        n = _fast_size(item)
-        if n < 0:
+    # error is the one the twin raises (it stops at the first bad entry). The general path can
+    # run foreign code (__index__, buffer exporters) that may even shrink the list: sizes are
+    # re-read every step and pass 2 re-checks everything against the total computed here.
+    i = 0
+    while i < _list_size(items):
+        item = _list_item(items, i)
+        payload = _fast_payload(item)
+        if payload != NULL:
+            n = _bytes_size(payload)
+        else:
             err = None
             try:
-                n = _slow_size(item)
+                n = _slow_size(<object>item)
             except BaseException as e:
                 err = e
             if err is not None:
@@ -418,16 +440,24 @@ def pack_batch(entries, timestamp=0, flags=0):
                 raise err
         total += _ENTRY_HEADER + n
         i += 1
+    count = i
     if <uint64_t>count > _U32_MAX:
         raise OverflowError(f"count={count} does not fit in an unsigned 32-bit field")
     out = PyBytes_FromStringAndSize(NULL, total)
     p = <unsigned char *>PyBytes_AS_STRING(out)
-    # Pass 2 converts and copies. Pass 1 may have run foreign code (__index__, buffer exporters)
-    # that changed the entries, so every write is bounds-checked against the size computed there.
     pos = _BATCH_HEADER
     i = 0
-    for item in items:
-        _open_entry(item, &b, &cid, &sq)
+    while i < _list_size(items):
+        item = _list_item(items, i)
+        payload = _fast_payload(item)
+        if payload != NULL:
+            cid = <object>_tuple_item(item, 0)
+            sq = <object>_tuple_item(item, 1)
+            b.p = <const unsigned char *>_bytes_data(payload)
+            b.n = _bytes_size(payload)
+            b.held = False
+        else:
+            _open_entry(<object>item, &b, &cid, &sq)
         if b.n > total - pos - _ENTRY_HEADER:
             _buf_release(&b)
             raise RuntimeError("pack_batch: entries changed while being packed")
@@ -435,8 +465,7 @@ def pack_batch(entries, timestamp=0, flags=0):
         _wr64(p + pos + 8, sq)
         _wr32(p + pos + 16, <uint32_t>b.n)
         pos += _ENTRY_HEADER
-        if b.n:
-            memcpy(p + pos, b.p, b.n)
+        memcpy(p + pos, b.p, b.n)
         pos += b.n
         _buf_release(&b)
         i += 1

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from . import core
 from .errors import ProtocolError
-from .framing import FramingError, MessageReader, error_reply, split_idempotency, write_message
+from .framing import FramingError, MessageReader, MessageTooLarge, error_reply, split_idempotency, write_message
 from .protocol import messages as m
 from .protocol.sessions import TOO_OLD, UNKNOWN_SESSION
 from .transport import Channels, gateway_identity
@@ -247,7 +247,9 @@ class Gateway:
                 try:
                     request = await messages.next()
                 except FramingError as e:
-                    await replies.put(error_reply(mode, str(e), status=getattr(e, "status", 400), close=True))
+                    what = "request too large" if isinstance(e, MessageTooLarge) else "malformed request"
+                    self.stats["errors"] += 1
+                    await replies.put(error_reply(mode, f"{what}: {e}", status=getattr(e, "status", 400), close=True))
                     break
                 if request is None:
                     break

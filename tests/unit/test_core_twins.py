@@ -226,7 +226,7 @@ class ReplyCacheTwins(RuleBasedStateMachine):
             assert len(self.caches[0]) == len(self.caches[1])
 
 
-STATEFUL = settings(max_examples=60, stateful_step_count=40, deadline=None)
+STATEFUL = settings(max_examples=40, stateful_step_count=40, deadline=None)
 TestQuorumTwins = QuorumTwins.TestCase
 TestQuorumTwins.settings = STATEFUL
 TestReplyCacheTwins = ReplyCacheTwins.TestCase
