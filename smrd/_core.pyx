@@ -79,6 +79,7 @@ cdef extern from "Python.h":
     Py_ssize_t _tuple_size "PyTuple_GET_SIZE" (PyObject *tup)
     bint _is_tuple "PyTuple_CheckExact" (PyObject *obj)
     bint _is_bytes "PyBytes_CheckExact" (PyObject *obj)
+    bint _is_int "PyLong_CheckExact" (PyObject *obj)
     char *_bytes_data "PyBytes_AS_STRING" (PyObject *obj)
     Py_ssize_t _bytes_size "PyBytes_GET_SIZE" (PyObject *obj)
 
@@ -376,12 +377,14 @@ cdef int _open_entry_slow(object item, _Buf *b, uint64_t *client_id, uint64_t *s
 
 
 cdef inline PyObject *_fast_payload(PyObject *item) noexcept:
-    """The bytes payload of a (client_id, seq, bytes) tuple, or NULL when the entry needs the
-    general path (other shapes or buffer types)."""
+    """The bytes payload of an (int, int, bytes) tuple, or NULL when the entry needs the general
+    path. Exact types only: converting them runs no Python code that could free the borrowed
+    pointers (an int subclass's __index__ could empty the list)."""
     cdef PyObject *payload
     if _is_tuple(item) and _tuple_size(item) == 3:
         payload = _tuple_item(item, 2)
-        if _is_bytes(payload) and <uint64_t>_bytes_size(payload) <= _U32_MAX:
+        if (_is_bytes(payload) and <uint64_t>_bytes_size(payload) <= _U32_MAX
+                and _is_int(_tuple_item(item, 0)) and _is_int(_tuple_item(item, 1))):
             return payload
     return NULL
 
@@ -398,9 +401,10 @@ cdef Py_ssize_t _slow_size(object item) except -1:
 
 cdef int _validate_prefix(list items, Py_ssize_t end) except -1:
     """Fully checks items[:end], raising the first error the twin would raise there."""
-    cdef Py_ssize_t i
-    for i in range(min(end, len(items))):
-        _slow_size(items[i])
+    cdef Py_ssize_t i = 0
+    while i < end and i < len(items):  # foreign code may shrink the list meanwhile
+        _slow_size(<object>_list_item(items, i))
+        i += 1
     return 0
 
 
@@ -409,7 +413,8 @@ def pack_batch(entries, timestamp=0, flags=0):
     cdef list items = entries if type(entries) is list else list(entries)
     cdef Py_ssize_t count = len(items)
     cdef Py_ssize_t total = _BATCH_HEADER
-    cdef Py_ssize_t i, n, pos
+    cdef Py_ssize_t i, pos
+    cdef Py_ssize_t n = 0
     cdef PyObject *item
     cdef PyObject *payload
     cdef object err

@@ -148,10 +148,13 @@ def pack_batch(entries: Iterable[Tuple[int, int, object]], timestamp: int = 0,
             else:
                 append(pack(client_id, seq, _nbytes(payload)))
             append(payload)
-        parts[0] = _BATCH_HEAD.pack(len(entries), flags, timestamp)
+        # Counted from what was packed: a list mutated while packing must still yield a batch
+        # whose count matches its entries.
+        count = (len(parts) - 1) >> 1
+        parts[0] = _BATCH_HEAD.pack(count, flags, timestamp)
     except struct.error:
         _bad_entry(entries)
-        _uint("count", len(entries), 32)
+        _uint("count", (len(parts) - 1) >> 1, 32)
         _uint("flags", flags, 32)
         _uint("timestamp", timestamp, 64)
         raise

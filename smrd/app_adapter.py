@@ -134,7 +134,8 @@ class _Connection(asyncio.Protocol):
                 self.lost_reason = f"the app closed the connection mid-reply ({exc})"
             else:
                 if len(replies) > self.outstanding:
-                    self._fail(f"the app sent {len(replies)} replies to {self.outstanding} requests")
+                    self._fail(
+                        f"the app sent {len(replies)} replies to {self.outstanding} requests")
                 else:
                     self.replies += replies
                     self.outstanding -= len(replies)

@@ -6,6 +6,7 @@
 # order (app, then its replica; gateways last), and waiting for each to say it is up (no sleeps).
 # The LocalCluster class is also the test suite's way to run clusters and inject process faults.
 # Never: starts anything outside 127.0.0.1, or leaves a child running when it exits.
+import json
 import os
 import signal
 import subprocess
@@ -104,7 +105,8 @@ class Child:
 
 class LocalCluster:
     def __init__(self, replicas=3, gateways=1, framing="line", base_port=11000,
-                 data_dir="./smrd-local", durability="fsync", extra_args=(), settings=None):
+                 data_dir="./smrd-local", durability="fsync", extra_args=(), settings=None,
+                 app_command=None):
         self.n = replicas
         self.framing = framing
         self.base = base_port
@@ -117,7 +119,7 @@ class LocalCluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         if settings:
             self.settings_path = self.dir / "smrd.toml"
-            self.settings_path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in settings.items()))
+            self.settings_path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
         lines = ["# written by smrd local\n"]
         for i in range(replicas):
             lines.append(f"replica {i} 127.0.0.1 {self.peer_port(i)} {self.client_port(i)}\n")
@@ -126,9 +128,12 @@ class LocalCluster:
         self.hosts_path.write_text("".join(lines))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for i in range(replicas):
-            self.apps.append(Child(f"app-{i}", [PY, "-m", "smrd.apps.hashmap", "--host", "127.0.0.1",
-                                                "--port", str(self.app_port(i)), "--framing", framing],
-                                   self.dir / f"app-{i}.log", env))
+            if app_command is None:
+                app_argv = [PY, "-m", "smrd.apps.hashmap", "--host", "127.0.0.1",
+                            "--port", str(self.app_port(i)), "--framing", framing]
+            else:
+                app_argv = app_command(i, self.app_port(i))  # must print "listening" when up
+            self.apps.append(Child(f"app-{i}", app_argv, self.dir / f"app-{i}.log", env))
             argv = [PY, "-m", "smrd", "--role", "server", "-c", str(self.hosts_path), "--id", str(i),
                     "--app-port", str(self.app_port(i)), "--framing", framing,
                     "--data-dir", str(self.dir / f"replica-{i}"), "--durability", durability, *self.extra]

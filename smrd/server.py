@@ -85,6 +85,7 @@ class Server:
         self.apply_queue = deque()
         self.apply_wakeup = asyncio.Event()
         self.executed = 0           # last instance whose replies went out
+        self.halted = None          # why execution stopped, if it did
         self.stopping = asyncio.Event()
         self.exit_code = 0
         self.stats = defaultdict(int)
@@ -245,13 +246,13 @@ class Server:
             try:
                 results = await self.adapter.execute(payloads) if payloads else []
             except (AppConnectionLost, AppProtocolError) as e:
-                # What the app holds is unknown now; executing on would risk running a request
-                # twice or skipping one. Stop, so the replica restarts with a fresh app and
-                # rebuilds it from the log.
-                log.error("app connection lost during execution (%s); stopping: restart this "
-                          "replica together with its app to rebuild the app's state", e)
-                self.exit_code = 1
-                self.stopping.set()
+                # What the app holds is unknown now: executing on could run a request twice or
+                # skip one. Stop executing (the replica keeps voting, so the cluster keeps its
+                # fault tolerance) until the pod restarts and the app is rebuilt from the log.
+                self.halted = f"app failed mid-request: {e}"
+                log.error("execution halted: %s; this replica still takes part in consensus but "
+                          "no longer executes or replies; restart it together with its app to "
+                          "rebuild the app's state from the log", e)
                 return
             replies = []
             it = iter(results)
@@ -281,7 +282,7 @@ class Server:
     def status(self) -> dict:
         d = self.replica.describe()
         d.update(role="server", executed=self.executed, pid=os.getpid(),
-                 app_ready=getattr(self.adapter, "ready", None), uptime_s=round(time.time() - self.started, 3),
+                 app_ready=self.adapter.ready and self.halted is None, halted=self.halted, uptime_s=round(time.time() - self.started, 3),
                  n=self.n, **{k: v for k, v in self.stats.items()})
         return d
 
@@ -290,6 +291,10 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
         self.channels.start(self.loop, self._on_message, self._on_idle)
+        if self.replica.commit:
+            log.info("replaying %d decided instances into the app at %s:%d; the app must have "
+                     "started empty (restart it together with this replica)", self.replica.commit,
+                     self.settings.app_host, self.settings.app_port)
         executor = asyncio.create_task(self._executor())
         self.loop.call_soon(self._tick)
         log.info("replica %d ready: peers on port %d, gateways on port %d, app %s:%d (%s framing)",

@@ -207,6 +207,11 @@ def _check_key(ops: List[Operation]) -> Optional[dict]:
 
     bits = [1 << i for i in range(n)]
     observes = [kind[i] == _GET or (kind[i] == _REMOVE and answered[i]) for i in range(n)]
+    # Within a node, candidates are tried in order of their interval's midpoint, the best guess
+    # of where the op really took effect: on a linearizable history the first guess is usually
+    # right, so the search rarely backtracks. Unanswered ops go last.
+    try_order = [(op.invoke + op.complete) / 2 if op.complete is not None else float("inf")
+                 for op in ops]
     unplaced_answered = sum(answered)
     state = _ABSENT
     placed = 0  # bitmask of answered ops linearized so far
@@ -215,8 +220,6 @@ def _check_key(ops: List[Operation]) -> Optional[dict]:
     # an answered remove): followed by a write or by nothing, its effect is overwritten unseen and
     # the same order without it is just as valid. `must_observe` enforces that canonical form.
     must_observe = False
-    # What to restore on undo: (call event, state, placed, spent, must_observe, forced).
-    stack: List[Tuple[int, int, int, int, bool, bool]] = []
     # Memo: (placed, state, must_observe) -> the `spent` sets already explored from there. Having
     # spent more unanswered ops only removes options, so a superset of an explored (and, since we
     # are still searching, failed) set fails too.
@@ -232,89 +235,82 @@ def _check_key(ops: List[Operation]) -> Optional[dict]:
         spent_sets.append(new_spent)
         return True
 
+    def open_node() -> List:
+        """[candidate ops, the op whose return is next, position]. The candidates are the ops
+        invoked before the first pending return: only they may go next."""
+        candidates = []
+        event = nxt[0]
+        # Never runs off the end: this is only called while an answered op is unplaced, and its
+        # return event is still in the list.
+        while not is_return[event]:
+            candidates.append(op_of[event])
+            event = nxt[event]
+        for i in candidates:
+            # A forced move: an op that reads the state without changing it (a get of the current
+            # value, a remove -> False on an absent key). Placing it now is never worse than
+            # later (it only ends an interval sooner), so it is the node's only branch. Without
+            # this a burst of concurrent puts makes the search try their orders first.
+            if (kind[i] == _GET and expected[i] == state) or (
+                    kind[i] == _REMOVE and answered[i] and expected[i] == 0 and state == _ABSENT):
+                return [[i], op_of[event], 0]
+        candidates.sort(key=try_order.__getitem__)
+        return [candidates, op_of[event], 0]
+
+    if unplaced_answered == 0:
+        return None
+    frames = [open_node()]
+    undo: List[Tuple[int, int, int, int, bool]] = []  # per placed op: what it overwrote
     deepest = -1
     deepest_info: Tuple[int, int, List[int]] = (0, _ABSENT, [])
-    # The walk never runs off the end: while an answered op is unplaced its return event lies
-    # ahead of the head and of any call event we resume from, and every walk stops at a return.
-    event = nxt[0]
-    fresh = True  # at a node not yet examined: look for a forced move first
-    while True:
-        if unplaced_answered == 0:
-            return None
-        backtrack = False
-        if fresh:
-            fresh = False
-            # A forced move: an enabled op that reads the current state without changing it (a
-            # get of the current value, a remove -> False on an absent key). Placing it now is
-            # never worse than later (it only ends an interval sooner), so the node needs no
-            # other branch; on backtrack it is undone together with its node. Without this, a
-            # burst of concurrent puts makes the search try their orders before a pending read.
-            forced = nxt[0]
-            while not is_return[forced]:
-                i = op_of[forced]
-                if (kind[i] == _GET and expected[i] == state) or (
-                        kind[i] == _REMOVE and answered[i] and expected[i] == 0 and state == _ABSENT):
-                    break
-                forced = nxt[forced]
-            if not is_return[forced]:
-                i = op_of[forced]
-                if is_new((placed | bits[i], state, False), spent):
-                    stack.append((forced, state, placed, spent, must_observe, True))
-                    placed |= bits[i]
-                    must_observe = False
-                    unplaced_answered -= 1
-                    lift(forced)
-                    event = nxt[0]
-                    fresh = True
-                    continue
-                backtrack = True
-        if not backtrack and not is_return[event]:
-            i = op_of[event]
+    while frames:
+        frame = frames[-1]
+        candidates, blocked, position = frame
+        descended = False
+        while position < len(candidates):
+            i = candidates[position]
+            position += 1
             if must_observe and not observes[i]:
-                event = nxt[event]
                 continue
             k = kind[i]
             if k == _PUT:
-                ok, new_state = True, arg[i]
+                new_state = arg[i]
             elif k == _GET:
-                ok, new_state = state == expected[i], state
-            else:
-                ok = not answered[i] or (state != _ABSENT) == (expected[i] == 1)
-                new_state = _ABSENT
-            if ok:
-                if answered[i]:
-                    new_placed, new_spent, new_must_observe = placed | bits[i], spent, False
-                else:
-                    new_placed, new_spent, new_must_observe = placed, spent | bits[i], True
-                if is_new((new_placed, new_state, new_must_observe), new_spent):
-                    stack.append((event, state, placed, spent, must_observe, False))
-                    state, placed, spent, must_observe = new_state, new_placed, new_spent, new_must_observe
-                    if answered[i]:
-                        unplaced_answered -= 1
-                    lift(event)
-                    event = nxt[0]
-                    fresh = True
+                if state != expected[i]:
                     continue
-            event = nxt[event]
-            continue
-        if not backtrack:
-            # Every op still in the list must be linearized before this return: the op it ends
-            # cannot go next after this prefix, so undo the last choice and try the next one.
-            if len(stack) > deepest:
-                deepest = len(stack)
-                deepest_info = (op_of[event], state, [op_of[entry[0]] for entry in stack[-_DETAIL_OPS:]])
-        while stack:
-            event, state, placed, spent, must_observe, forced_move = stack.pop()
-            unlift(event)
-            if answered[op_of[event]]:
-                unplaced_answered += 1
-            if not forced_move:
-                break
-        else:
+                new_state = state
+            else:
+                if answered[i] and (state != _ABSENT) != (expected[i] == 1):
+                    continue
+                new_state = _ABSENT
+            if answered[i]:
+                new_placed, new_spent, new_must_observe = placed | bits[i], spent, False
+            else:
+                new_placed, new_spent, new_must_observe = placed, spent | bits[i], True
+            if not is_new((new_placed, new_state, new_must_observe), new_spent):
+                continue
+            frame[2] = position
+            undo.append((i, state, placed, spent, must_observe))
+            state, placed, spent, must_observe = new_state, new_placed, new_spent, new_must_observe
+            lift(call_event[i])
+            if answered[i]:
+                unplaced_answered -= 1
+                if unplaced_answered == 0:
+                    return None
+            frames.append(open_node())
+            descended = True
             break
-        if forced_move:
-            break  # the stack emptied on a forced move: nothing left to try
-        event = nxt[event]
+        if descended:
+            continue
+        # No candidate can go next after this prefix: `blocked` can never be placed from here.
+        if len(undo) > deepest:
+            deepest = len(undo)
+            deepest_info = (blocked, state, [entry[0] for entry in undo[-_DETAIL_OPS:]])
+        frames.pop()
+        if undo:
+            i, state, placed, spent, must_observe = undo.pop()
+            unlift(call_event[i])
+            if answered[i]:
+                unplaced_answered += 1
     return _describe_failure(ops, values, deepest, *deepest_info)
 
 

@@ -53,6 +53,7 @@ def stop(proc):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    proc.stdout.close()
 
 
 @pytest.fixture(scope="module", params=["line", "close"])
@@ -144,7 +145,7 @@ def test_hashmap_killed_with_requests_in_flight_then_restarted(tmp_path):
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGCONT)
-            stop(proc)
+        stop(proc)
 
 
 # -- in-test apps -----------------------------------------------------------------------------
@@ -159,6 +160,7 @@ class App:
         self.active = 0
         self.max_active = 0
         self.seen = []
+        self.writers = set()
         self.event = asyncio.Event()
         self.server = None
         self.port = None
@@ -172,16 +174,21 @@ class App:
         self.connections += 1
         self.active += 1
         self.max_active = max(self.max_active, self.active)
+        self.writers.add(writer)
         try:
             await self.handler(self, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             self.active -= 1
+            self.writers.discard(writer)
             writer.close()
 
     async def stop(self):
         self.server.close()
+        for writer in list(self.writers):  # handlers still waiting: hang up on the adapter
+            writer.transport.abort()
+        await asyncio.sleep(0)
 
 
 async def read_lines(app, reader, n):
@@ -252,7 +259,8 @@ def test_length_mode_pipelined_binary_and_empty_messages():
     async def main():
         app = await App(handler).start()
         rng = random.Random(7)
-        requests = [bytes(rng.randrange(256) for _ in range(rng.randrange(40))) for _ in range(1000)]
+        requests = [bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+                    for _ in range(1000)]
         requests[3] = b""
         requests[4] = b"x" * 100_000
         async with AppAdapter(HOST, app.port, "length", pipeline=16) as adapter:
@@ -345,7 +353,8 @@ def test_http_close_delimited_replies_pipelined_leave_the_rest_in_doubt():
         adapter = AppAdapter(HOST, app.port, "http")
         with pytest.raises(AppConnectionLost) as info:
             await adapter.execute(requests)
-        assert info.value.replies_so_far == [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nbody of /0"]
+        assert info.value.replies_so_far == [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nbody of /0"]
         assert info.value.executed_unknown == [1, 2]
         one_by_one = AppAdapter(HOST, app.port, "http", pipeline=1)
         replies = await one_by_one.execute(requests)

@@ -254,3 +254,23 @@ def test_builder_never_exceeds_limits_except_alone(impl, max_count, max_bytes, s
             assert len(accepted) == 1 or fits
         assert builder.nbytes == 16 + sum(20 + len(p) for _, _, p in accepted)
     assert as_tuples(impl.Batch(builder.build())) == accepted
+
+
+def test_pack_survives_entries_that_change_while_packing(impl):
+    """A client_id whose __index__ empties the entry list must not crash the packer (the
+    compiled twin walks the list twice with raw pointers): any clean outcome is fine."""
+    entries = []
+
+    class Sneaky:
+        def __index__(self):
+            entries.clear()
+            return 1
+
+        __int__ = __index__  # the compiled twin's conversion calls __int__
+
+    entries.extend([(2, 2, b"b" * 100), (Sneaky(), 1, b"a" * 100), (3, 3, b"c" * 100)])
+    try:
+        packed = impl.pack_batch(entries)
+    except (RuntimeError, ValueError, TypeError, OverflowError):
+        return
+    impl.Batch(packed)  # whatever came out is a well-formed batch
