@@ -62,8 +62,6 @@ NEW = _NEW
 DUPLICATE = _DUPLICATE
 TOO_OLD = _TOO_OLD
 
-_U64_MAX = (1 << 64) - 1
-
 
 cdef extern from "Python.h":
     # Declared here because cpython.number types `exc` as object: NULL asks for clipping.
@@ -599,6 +597,7 @@ cdef class Batch:
 
 
 cdef class _BatchIter:
+    # Only Batch.__iter__ makes these; one built from Python has no batch and is simply empty.
     cdef Batch _batch
     cdef Py_ssize_t _i
 
@@ -607,7 +606,7 @@ cdef class _BatchIter:
 
     def __next__(self):
         cdef Py_ssize_t j = self._i
-        if j >= self._batch._n:
+        if self._batch is None or j >= self._batch._n:
             raise StopIteration
         self._i = j + 1
         return self._batch._item(j)

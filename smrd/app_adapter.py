@@ -388,9 +388,9 @@ class AppAdapter:
         while True:
             conn = _Connection(make_decoder(self.mode, self.max_reply_bytes, "response"))
             try:
-                await asyncio.wait_for(
-                    loop.create_connection(lambda: conn, self.host, self.port), self.timeout_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.timeout_s):  # no extra task, unlike wait_for
+                    await loop.create_connection(lambda: conn, self.host, self.port)
+            except TimeoutError:
                 self.stats["timeouts"] += 1
                 reason = f"connect to {self.host}:{self.port} timed out after {self.timeout_s:g} s"
             except OSError as exc:

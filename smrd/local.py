@@ -106,7 +106,7 @@ class Child:
 class LocalCluster:
     def __init__(self, replicas=3, gateways=1, framing="line", base_port=11000,
                  data_dir="./smrd-local", durability="fsync", extra_args=(), settings=None,
-                 app_command=None):
+                 app_command=None, replica_host=None):
         self.n = replicas
         self.framing = framing
         self.base = base_port
@@ -122,7 +122,8 @@ class LocalCluster:
             self.settings_path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
         lines = ["# written by smrd local\n"]
         for i in range(replicas):
-            lines.append(f"replica {i} 127.0.0.1 {self.peer_port(i)} {self.client_port(i)}\n")
+            host = replica_host(i) if replica_host else "127.0.0.1"
+            lines.append(f"replica {i} {host} {self.peer_port(i)} {self.client_port(i)}\n")
         for g in range(gateways):
             lines.append(f"gateway {g} 127.0.0.1 {self.gateway_port(g)}\n")
         self.hosts_path.write_text("".join(lines))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from smrd.errors import ProtocolError
 
-SETTINGS = settings(max_examples=150, deadline=None,
+SETTINGS = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 u64 = st.integers(0, 2**64 - 1)

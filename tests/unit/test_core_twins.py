@@ -10,7 +10,7 @@ from smrd import _core_py as P
 
 C = pytest.importorskip("smrd._core", reason="smrd._core is not built: run `pip install -e .`")
 
-SETTINGS = settings(max_examples=200, deadline=None,
+SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 u16 = st.integers(0, 0xFFFF)

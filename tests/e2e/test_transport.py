@@ -1,0 +1,15 @@
+# Transport behaviour that only real processes show: a peer whose DNS name does not resolve (a pod
+# that is not scheduled yet) must not crash anyone, and the others still form a quorum.
+from smrd.apps.kvclient import KVClient
+
+
+def test_an_unresolvable_peer_name_is_retried_not_fatal(make_cluster):
+    cluster = make_cluster(replicas=3, gateways=1, framing="line",
+                           replica_host=lambda i: "replica-2.not-yet.invalid" if i == 2 else "127.0.0.1")
+    cluster.start_replica(0)
+    cluster.start_replica(1)
+    cluster.start_gateway(0)
+    with KVClient("127.0.0.1", cluster.gateway_port(0), "line", timeout=15) as c:
+        assert c.request("PUT a 1") == b"OK"
+        assert c.request("GET a") == b"VALUE 1"
+    assert cluster.servers[0].alive and cluster.servers[1].alive and cluster.gateways[0].alive
