@@ -134,6 +134,8 @@ class Server:
         except ProtocolError as e:
             self._bad(f"malformed frame from gateway {identity[:16]!r}: {e}")
             return
+        if self.stopping.is_set():
+            return  # stopping: take no new work (every replica got the same requests)
         if not isinstance(msg, m.Requests):
             self._bad(f"gateway {identity[:16]!r} sent {type(msg).__name__}, which only replicas may send")
             return
@@ -302,6 +304,8 @@ class Server:
                  self.settings.app_host, self.settings.app_port, self.settings.framing)
         try:
             await self.stopping.wait()
+            if self.exit_code == 0:
+                await self._hand_off()
         finally:
             executor.cancel()
             try:
@@ -313,6 +317,25 @@ class Server:
             self.wal.close()
         log.info("replica %d stopped", self.id)
         return self.exit_code
+
+    async def _hand_off(self, deadline_s: float = 3.0):
+        """Graceful stop: a leader first hands leadership to the next replica and waits (bounded)
+        until that replica's view is active, so a rolling restart costs no election timeout."""
+        rep = self.replica
+        if not rep.transfer_leadership():
+            return
+        old_view = rep.view - 1
+        log.info("handing leadership of view %d to replica %d before stopping", old_view, rep.leader)
+        self._flush()
+        end = self.loop.time() + deadline_s
+        while self.loop.time() < end and not (rep.status == NORMAL and rep.view > old_view):
+            await asyncio.sleep(self.settings.tick_ms / 1000)
+            rep.tick(int(time.time() * 1000))
+            self._flush()
+        if rep.status == NORMAL:
+            log.info("view %d is active under replica %d; stopping", rep.view, rep.leader)
+        else:
+            log.warning("no new view within %.1f s; stopping anyway (the others will elect one)", deadline_s)
 
     def _on_signal(self, sig):
         if self.stopping.is_set():

@@ -163,6 +163,14 @@ class Replica:
     def has_ready(self) -> bool:
         return bool(self._ready) or self.commit > self._commit_recorded
 
+    def transfer_leadership(self) -> bool:
+        """A leader about to stop hands the order to the next view's leader at once, so clients
+        wait one round trip instead of an election timeout. False if this replica is not leading."""
+        if not self.is_leader:
+            return False
+        self._start_view_change(self.view + 1)
+        return True
+
     def describe(self) -> dict:
         return {"id": self.id, "view": self.view, "leader": self.leader, "status": self.status,
                 "commit": self.commit, "applied": self.applied, "top": self.top,

@@ -154,3 +154,24 @@ def test_kill_stop_and_restart_under_load_stays_linearizable(make_cluster, frami
         with KVClient("127.0.0.1", cluster.app_port(i), framing, timeout=10) as app:
             scans.append(app.request("SCAN"))
     assert scans[0] == scans[1] == scans[2], "the replicas' apps diverged"
+
+
+def test_sigterm_on_the_leader_hands_off_without_errors(make_cluster):
+    cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
+    load = Load(cluster, clients=4, framing="line").start()
+    try:
+        load.wait_progress(50)
+        leader = cluster.leader()
+        cluster.servers[leader].signal(signal.SIGTERM)
+        assert cluster.servers[leader].proc.wait(10) == 0
+        cluster.servers[leader].wait_for("is active under replica", 1)
+        load.wait_progress(50)
+    finally:
+        load.finish()
+    assert load.errors == 0, "a client saw an error during the hand-off"
+    ops = sorted((o.invoke, o.complete) for o in load.history.operations() if o.complete is not None)
+    completions = sorted(c for _, c in ops)
+    gap = max(b - a for a, b in zip(completions, completions[1:]))
+    print(f"longest pause between completed requests around the hand-off: {gap * 1000:.0f} ms")
+    assert gap < 1.5, f"clients stalled {gap:.2f} s: the hand-off waited for an election timeout"
+    assert load.history.check().ok
