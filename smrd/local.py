@@ -105,7 +105,7 @@ class Child:
 
 class LocalCluster:
     def __init__(self, replicas=3, gateways=1, framing="line", base_port=11000,
-                 data_dir="./smrd-local", durability="fsync", extra_args=(), settings=None,
+                 data_dir="./smrd-local", durability=None, extra_args=(), settings=None,
                  app_command=None, replica_host=None):
         self.n = replicas
         self.framing = framing
@@ -137,7 +137,9 @@ class LocalCluster:
             self.apps.append(Child(f"app-{i}", app_argv, self.dir / f"app-{i}.log", env))
             argv = [PY, "-m", "smrd", "--role", "server", "-c", str(self.hosts_path), "--id", str(i),
                     "--app-port", str(self.app_port(i)), "--framing", framing,
-                    "--data-dir", str(self.dir / f"replica-{i}"), "--durability", durability, *self.extra]
+                    "--data-dir", str(self.dir / f"replica-{i}"), *self.extra]
+            if durability:
+                argv += ["--durability", durability]
             if self.settings_path:
                 argv += ["--settings", str(self.settings_path)]
             self.servers.append(Child(f"replica-{i}", argv, self.dir / f"replica-{i}.log", env))

@@ -71,11 +71,11 @@ class Server:
         self.replica = Replica(self.id, CrashFaultPolicy(self.n), self.options, self.sessions,
                                durable if has_state else None)
         me = hosts.replica(self.id)
-        self.channels = Channels(hwm=s.hwm)
-        self.peer_router = self.channels.bind_router(bind_endpoint(me.host, me.peer_port))
+        self.channels = Channels(hwm=s.hwm, security=config.security)
+        self.peer_router = self.channels.bind_router(bind_endpoint(me.host, me.peer_port), replicas_only=True)
         self.client_router = self.channels.bind_router(bind_endpoint(me.host, me.client_port))
         self.peer_out = {
-            r: self.channels.connect_dealer(addr.peer_endpoint, replica_identity(self.id))
+            r: self.channels.connect_dealer(addr.peer_endpoint, replica_identity(self.id), replica=r)
             for r, addr in hosts.peers_of(self.id).items()
         }
         self.adapter = AppAdapter(s.app_host, s.app_port, s.framing, s.app_timeout_ms / 1000,
@@ -232,17 +232,14 @@ class Server:
                 self.apply_wakeup.clear()
                 await self.apply_wakeup.wait()
                 continue
-            plan = []        # (client_id, seq, status) in decided order
+            plan = []        # (client_id, seq, status, payload or cached reply) in decided order
             payloads = []
             last_instance = 0
             while queue and len(payloads) < EXECUTE_CHUNK:
-                instance, value = queue.popleft()
+                instance, _, batch_plan = queue.popleft()
                 last_instance = instance
-                batch = core.Batch(value)
-                sessions.advance(batch.timestamp)
-                for client_id, seq, payload in batch:
-                    status = sessions.begin(client_id, seq)
-                    plan.append((client_id, seq, status))
+                for client_id, seq, status, payload in batch_plan:
+                    plan.append((client_id, seq, status, payload))
                     if status == EXECUTE:
                         payloads.append(bytes(payload))
             try:
@@ -258,12 +255,12 @@ class Server:
                 return
             replies = []
             it = iter(results)
-            for client_id, seq, status in plan:
+            for client_id, seq, status, payload in plan:
                 if status == EXECUTE:
                     reply = next(it)
                     sessions.finish(client_id, seq, reply)
                 elif status == DUPLICATE:
-                    reply = sessions.reply(client_id, seq) or b""
+                    reply = payload if payload is not None else sessions.take_reply(client_id, seq)
                 else:
                     reply = ERROR_TEXT[status]
                 replies.append((None, client_id, seq, status, reply))

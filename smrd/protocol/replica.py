@@ -29,7 +29,7 @@ from .options import Options
 from .quorum import CrashFaultPolicy
 from .ready import Ready
 from .records import AcceptRecord, CommitRecord, DecideRecord, ViewRecord
-from .sessions import DUPLICATE, TOO_OLD, Sessions
+from .sessions import DUPLICATE, TOO_OLD, Sessions, plan_batch
 
 NORMAL = "normal"
 VIEW_CHANGE = "view-change"
@@ -83,7 +83,9 @@ class Replica:
         self.catchup_target = 0    # highest commit point heard of from anyone
         self.catchup_sent = -1 << 60
         self.catchup_peer = 0
-        self.last_heard = 0        # tick of the last message from the current leader
+        # Tick of the last message from the current leader. A starting replica gives the leader
+        # twice the election timeout to reach it: peers reconnect to a new process with back-off.
+        self.last_heard = self.opt.election_ticks
         self.last_sent = 0         # leader: tick of the last message to followers
         self.vc_started = 0
         self.vc_last_sent = 0
@@ -617,11 +619,13 @@ class Replica:
             return
         apply = self._ready.apply
         pending, proposed = self.pending, self.proposed
+        sessions = self.sessions
         while self.applied < i:
             self.applied += 1
             value = log[self.applied].value
-            apply.append((self.applied, value))
-            for client_id, seq, _ in Batch(value):
+            plan = plan_batch(sessions, value)
+            apply.append((self.applied, value, plan))
+            for client_id, seq, _, _ in plan:
                 key = (client_id, seq)
                 if pending.pop(key, None) is None:
                     proposed.pop(key, None)

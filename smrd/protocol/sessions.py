@@ -27,6 +27,11 @@ class Sessions:
         self.clock_ms = 0          # the newest batch timestamp applied
         self._next_expiry_ms = 0
         self.expired = 0
+        # Duplicates planned while their original had not run yet: they take its reply when it
+        # comes, even if k newer seqs evict it from the cache in between (plans run ahead of
+        # execution; the answer must not depend on how far ahead).
+        self._awaiting = {}
+        self._late = {}
 
     def advance(self, timestamp_ms: int) -> None:
         """Called with each applied batch's timestamp, in decided order."""
@@ -64,33 +69,74 @@ class Sessions:
                 return TOO_OLD
         return status
 
+    def await_reply(self, client_id: int, seq: int) -> None:
+        key = (client_id, seq)
+        self._awaiting[key] = self._awaiting.get(key, 0) + 1
+
+    def take_reply(self, client_id: int, seq: int):
+        """The reply for a duplicate planned with await_reply (after its original finished)."""
+        key = (client_id, seq)
+        left = self._awaiting.get(key, 0) - 1
+        if left > 0:
+            self._awaiting[key] = left
+            return self._late.get(key) or self.cache.get(client_id, seq)
+        self._awaiting.pop(key, None)
+        reply = self._late.pop(key, None)
+        return reply if reply is not None else self.cache.get(client_id, seq)
+
     def finish(self, client_id: int, seq: int, reply: bytes) -> None:
+        if self._awaiting and (client_id, seq) in self._awaiting:
+            self._late[(client_id, seq)] = reply
         # Timestamp 0 leaves last-active as begin() set it: drivers may finish a batch after
         # later batches began, and expiry must not depend on how they grouped the work.
-        self.cache.put(client_id, seq, reply, 0)
+        cache = self.cache
+        if cache.check(client_id, seq) == core.DUPLICATE:
+            cache.put(client_id, seq, reply, 0)
+        # else: k newer seqs of this client were planned since, evicting this one; its reply
+        # still goes out now, but a later retransmission gets TOO_OLD.
 
     def reply(self, client_id: int, seq: int):
         return self.cache.get(client_id, seq)
 
 
-def execute_batch(sessions: Sessions, value, app) -> list:
-    """Run one decided batch through the exactly-once table and a synchronous app.
-
-    Returns (client_id, seq, status, reply) per request: status EXECUTE or DUPLICATE carry the
-    app's reply; TOO_OLD and UNKNOWN_SESSION carry ERROR_TEXT. The daemon's server does the same
-    with an asynchronous app; this form serves the simulator and tests.
-    """
+def plan_batch(sessions: Sessions, value) -> list:
+    """Decide, in decided order, what each request of a batch gets: (client_id, seq, status,
+    payload). The protocol core calls this the moment it hands the batch over, so the table is
+    always current with the core's applied point (a request that arrives while the batch is still
+    being executed is recognised as a duplicate, not queued again)."""
     batch = core.Batch(value)
     sessions.advance(batch.timestamp)
-    out = []
+    begin = sessions.begin
+    plan = []
     for client_id, seq, payload in batch:
-        status = sessions.begin(client_id, seq)
+        status = begin(client_id, seq)
+        if status == DUPLICATE:
+            # A duplicate carries its answer in the plan (payload is not needed): the cached
+            # reply now, or None = take it from the original when that has run.
+            payload = sessions.cache.get(client_id, seq)
+            if payload is None:
+                sessions.await_reply(client_id, seq)
+        plan.append((client_id, seq, status, payload))
+    return plan
+
+
+def run_plan(sessions: Sessions, plan, app) -> list:
+    """Execute a plan on a synchronous app, in order: (client_id, seq, status, reply) per request.
+    EXECUTE and DUPLICATE carry the app's reply; TOO_OLD and UNKNOWN_SESSION carry ERROR_TEXT.
+    The daemon's server does the same with an asynchronous app; this form serves the simulator."""
+    out = []
+    for client_id, seq, status, payload in plan:
         if status == EXECUTE:
             reply = app(bytes(payload))
             sessions.finish(client_id, seq, reply)
         elif status == DUPLICATE:
-            reply = sessions.reply(client_id, seq)
+            reply = payload if payload is not None else sessions.take_reply(client_id, seq)
         else:
             reply = ERROR_TEXT[status]
         out.append((client_id, seq, status, reply))
     return out
+
+
+def execute_batch(sessions: Sessions, value, app) -> list:
+    """plan_batch then run_plan: one decided batch through the table and a synchronous app."""
+    return run_plan(sessions, plan_batch(sessions, value), app)

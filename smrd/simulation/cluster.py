@@ -15,7 +15,7 @@ from ..protocol.options import Options
 from ..protocol.quorum import CrashFaultPolicy
 from ..protocol.records import DurableState
 from ..protocol.replica import NORMAL, Replica
-from ..protocol.sessions import DUPLICATE, EXECUTE, Sessions, execute_batch
+from ..protocol.sessions import DUPLICATE, EXECUTE, Sessions, execute_batch, run_plan
 from .kvapp import KVApp
 
 
@@ -137,13 +137,13 @@ class Simulation:
             self.durable[r].extend(rd.persist)
             for dst, msg in rd.messages:
                 self._send(r, dst, msg)
-            for instance, value in rd.apply:
-                self._apply(r, instance, value)
+            for instance, value, plan in rd.apply:
+                self._apply(r, instance, value, plan)
             for origin, client_id, seq, status, reply in rd.replies:
                 self._reply(r, origin, client_id, seq, status, reply)
             self._check_replica(r)
 
-    def _apply(self, r, instance, value):
+    def _apply(self, r, instance, value, plan):
         known = self.decided.get(instance)
         if known is None:
             self.decided[instance] = value
@@ -153,7 +153,7 @@ class Simulation:
         expected = self.ref_results.get(instance)
         if expected is None:
             raise Violation(f"replica {r} applied instance {instance} before instances below it were decided anywhere")
-        results = execute_batch(self.replicas[r].sessions, value, self.apps[r].execute)
+        results = run_plan(self.replicas[r].sessions, plan, self.apps[r].execute)
         if results != expected:
             raise Violation(f"replica {r} instance {instance}: replies {results} differ from the "
                             f"sequential execution of the decided order {expected}")

@@ -6,6 +6,7 @@ from smrd.simulation import Simulation, run_seed
 
 PINNED = {
     493: "a restarted replica restored its commit point but never re-applied its log",
+    179: "a duplicate planned before its original ran lost its reply when k newer seqs evicted it",
 }
 
 

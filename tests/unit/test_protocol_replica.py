@@ -5,7 +5,7 @@ from smrd.protocol import (
     AcceptRecord, Accepted, DurableState, Options, Replica, Requests, StartViewChange, ViewRecord,
 )
 from smrd.protocol import messages as m
-from smrd.protocol.sessions import DUPLICATE, EXECUTE, Sessions, execute_batch
+from smrd.protocol.sessions import DUPLICATE, EXECUTE, Sessions, execute_batch, run_plan
 from smrd.simulation.kvapp import KVApp
 
 OPTS = Options(window=2, batch_max_requests=4, heartbeat_ticks=2, election_ticks=10,
@@ -53,9 +53,9 @@ class Cluster:
             self.records[r].extend(rd.persist)
             for dst, msg in rd.messages:
                 self.inbox.append((r, dst, msg))
-            for instance, value in rd.apply:
+            for instance, value, plan in rd.apply:
                 self.applied[r].append((instance, value))
-                self.replies[r].extend(execute_batch(rep.sessions, value, self.apps[r].execute))
+                self.replies[r].extend(run_plan(rep.sessions, plan, self.apps[r].execute))
             self.replies[r].extend(rd.replies)
 
 
