@@ -17,6 +17,7 @@ from collections import OrderedDict
 
 from . import core
 from .errors import ProtocolError
+from .observability import Observability
 from .framing import FramingError, MessageReader, MessageTooLarge, error_reply, split_idempotency, write_message
 from .protocol import messages as m
 from .protocol.sessions import TOO_OLD, UNKNOWN_SESSION
@@ -61,12 +62,12 @@ class Gateway:
         self.reply_quorum = s.reply_quorum
         self.retransmit_s = s.gateway_retransmit_ms / 1000
         self.deadline_s = s.gateway_request_deadline_ms / 1000
-        self.channels = Channels(hwm=s.hwm)
+        self.channels = Channels(hwm=s.hwm, security=config.security)
         self.identity = gateway_identity(config.settings.id or 0)
         self.replica_socks = {}
         self.sock_replica = {}
         for r, addr in config.hosts.replicas.items():
-            sock = self.channels.connect_dealer(addr.client_endpoint, self.identity)
+            sock = self.channels.connect_dealer(addr.client_endpoint, self.identity, replica=r)
             self.replica_socks[r] = sock
             self.sock_replica[sock] = r
         self._new_session()
@@ -77,9 +78,11 @@ class Gateway:
         self._flush_scheduled = False
         self.recent = OrderedDict()     # (client_id, seq) -> reply, to compare late replies
         self.stats = {"requests": 0, "replies": 0, "retransmits": 0, "timeouts": 0,
-                      "divergences": 0, "errors": 0, "connections": 0}
+                      "divergences": 0, "errors": 0, "connections": 0, "bad_messages": 0}
         self.server = None
         self.stopping = asyncio.Event()
+        self.heard_from = {}            # replica id -> loop time of its last message
+        self.obs = Observability("client", config.settings.id or 0, self._snapshot, self.ready)
 
     def _new_session(self):
         # 63 random bits: two gateways (or incarnations) never share a session by accident.
@@ -153,12 +156,44 @@ class Gateway:
 
     # ------------------------------------------------------------------ replies
 
+    def _snapshot(self) -> dict:
+        return dict(self.stats, inflight=len(self.calls), n=self.n,
+                    replicas_reachable=self._reachable())
+
+    def _reachable(self) -> int:
+        now = self.loop.time()
+        return sum(1 for t in self.heard_from.values() if now - t <= 3.0)
+
+    def ready(self):
+        """Ready while listening and a quorum of replicas answered within the last 3 s."""
+        if self.stopping.is_set() or self.server is None:
+            return False, "not listening"
+        reachable, quorum = self._reachable(), self.n // 2 + 1
+        if reachable < quorum:
+            return False, f"{reachable} of {self.n} replicas reachable, need {quorum}"
+        return True, "ready"
+
+    def _probe(self):
+        # An idle gateway hears nothing: ask replicas that were silent for a second how they are,
+        # so readiness reflects reachability rather than traffic.
+        if self.stopping.is_set():
+            return
+        now = self.loop.time()
+        for r, sock in self.replica_socks.items():
+            if now - self.heard_from.get(r, -10.0) >= 1.0:
+                self.channels.send(sock, [core.encode_frame(m.STATUS_REQUEST, 0, 0, 0)])
+        self.loop.call_later(1.0, self._probe)
+
     def _on_message(self, sock, parts):
         replica = self.sock_replica.get(sock)
+        self.heard_from[replica] = self.loop.time()
         for frame in parts:
+            if len(frame) > 3 and frame[3] == m.STATUS_REPLY:
+                continue  # an answer to _probe: hearing it was the point
             try:
                 _, msg = m.decode(frame)
             except ProtocolError as e:
+                self.stats["bad_messages"] += 1
                 log.warning("dropped a malformed frame from replica %s: %s", replica, e)
                 continue
             if isinstance(msg, m.Replies):
@@ -182,6 +217,7 @@ class Gateway:
         matching = sum(1 for r in call.replies.values() if r == reply)
         if matching >= self.reply_quorum:
             self.stats["replies"] += 1
+            self.obs.observe_request_latency(self.loop.time() - call.first_sent)
             self.recent[key] = reply
             if len(self.recent) > 4096:
                 self.recent.popitem(last=False)
@@ -306,6 +342,16 @@ class Gateway:
             self.channels.close()
             return 1
         self.loop.call_soon(self._timer)
+        self.loop.call_soon(self._probe)
+        if self.config.metrics_port:
+            try:
+                port = await self.obs.start(me.host, self.config.metrics_port)
+            except OSError as e:
+                log.error("cannot serve metrics on port %d: %s", self.config.metrics_port, e)
+                self.server.close()
+                self.channels.close()
+                return 1
+            log.info("metrics and health on port %d (/metrics, /healthz, /readyz)", port)
         log.info("gateway %d listening on %s:%d (%s framing) for %d replicas; reply quorum %d",
                  self.config.settings.id or 0, me.host, me.port, self.mode, self.n, self.reply_quorum)
         try:
@@ -315,6 +361,7 @@ class Gateway:
             for call in list(self.calls.values()):
                 self._complete(call, error=ClusterUnavailable("gateway shutting down"))
             self.channels.close()
+            await self.obs.stop()
         log.info("gateway stopped")
         return 0
 

@@ -123,9 +123,10 @@ class LocalCluster:
         lines = ["# written by smrd local\n"]
         for i in range(replicas):
             host = replica_host(i) if replica_host else "127.0.0.1"
-            lines.append(f"replica {i} {host} {self.peer_port(i)} {self.client_port(i)}\n")
+            lines.append(f"replica {i} {host} {self.peer_port(i)} {self.client_port(i)} "
+                         f"metrics={self.metrics_port(i)}\n")
         for g in range(gateways):
-            lines.append(f"gateway {g} 127.0.0.1 {self.gateway_port(g)}\n")
+            lines.append(f"gateway {g} 127.0.0.1 {self.gateway_port(g)} metrics={self.gateway_metrics_port(g)}\n")
         self.hosts_path.write_text("".join(lines))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for i in range(replicas):
@@ -150,7 +151,8 @@ class LocalCluster:
                 argv += ["--settings", str(self.settings_path)]
             self.gateways.append(Child(f"gateway-{g}", argv, self.dir / f"gateway-{g}.log", env))
 
-    # Port layout: replica i uses base+10i (peers), +1 (gateways), +2 (its app); gateway g base+900+g.
+    # Port layout: replica i uses base+10i (peers), +1 (gateways), +2 (its app), +3 (metrics);
+    # gateway g listens on base+900+g, metrics on base+950+g.
     def peer_port(self, i):
         return self.base + 10 * i
 
@@ -163,6 +165,12 @@ class LocalCluster:
     def gateway_port(self, g):
         return self.base + 900 + g
 
+    def metrics_port(self, i):
+        return self.base + 10 * i + 3
+
+    def gateway_metrics_port(self, g):
+        return self.base + 950 + g
+
     def start(self):
         for i in range(self.n):
             self.start_replica(i)
@@ -172,7 +180,13 @@ class LocalCluster:
 
     def start_replica(self, i, timeout=30.0):
         """Start replica i's pod: its app first (it must start empty), then the replica."""
+        self.start_app(i, timeout)
+        self.start_server(i, timeout)
+
+    def start_app(self, i, timeout=30.0):
         self.apps[i].start().wait_for("listening", timeout)
+
+    def start_server(self, i, timeout=30.0):
         self.servers[i].start().wait_for("ready", timeout)
 
     def start_gateway(self, g, timeout=30.0):

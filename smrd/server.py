@@ -16,9 +16,12 @@ import signal
 import time
 from collections import defaultdict, deque
 
+import psutil
+
 from . import core
 from .app_adapter import AppAdapter, AppConnectionLost, AppProtocolError
 from .errors import ProtocolError
+from .observability import Observability
 from .protocol import messages as m
 from .protocol.options import Options
 from .protocol.quorum import CrashFaultPolicy
@@ -34,6 +37,8 @@ STATUS_REPLY = m.STATUS_REPLY
 
 # How many requests the executor hands the app in one go (one pipelined round trip).
 EXECUTE_CHUNK = 512
+# A replica further behind than this (instances) reports itself not ready.
+READY_MAX_LAG = 64
 
 
 def bind_endpoint(host: str, port: int) -> str:
@@ -86,9 +91,15 @@ class Server:
         self.apply_wakeup = asyncio.Event()
         self.executed = 0           # last instance whose replies went out
         self.halted = None          # why execution stopped, if it did
+        self.proposed_at = {}       # leader: instance -> loop time of its first PROPOSE
         self.stopping = asyncio.Event()
         self.exit_code = 0
         self.stats = defaultdict(int)
+        for key in ("requests_received", "requests_executed", "requests_deduplicated", "bad_messages"):
+            self.stats[key] = 0
+        self.process = psutil.Process()
+        self.recovered_bytes, self.recovered_records = report.bytes, report.records
+        self.obs = Observability("server", self.id, self._snapshot, self.ready)
         self._last_role = None
         self._bad_frames_logged = 0
         self.started = time.time()
@@ -170,6 +181,13 @@ class Server:
             if rd.apply:
                 self.apply_queue.extend(rd.apply)
                 self.apply_wakeup.set()
+                obs = self.obs
+                now = self.loop.time()
+                for instance, _, plan in rd.apply:
+                    obs.observe_batch(len(plan))
+                    started = self.proposed_at.pop(instance, None)
+                    if started is not None:
+                        obs.observe_consensus_latency(now - started)
             if rd.replies:
                 self._send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
         role = (rep.view, rep.status)
@@ -187,6 +205,8 @@ class Server:
         by_dest = defaultdict(list)
         encoded = {}
         for dest, msg in messages:
+            if type(msg) is m.Propose and msg.instance not in self.proposed_at:
+                self.proposed_at[msg.instance] = self.loop.time()
             frame = encoded.get(id(msg))
             if frame is None:
                 frame = encoded[id(msg)] = m.encode(self.id, msg)
@@ -278,10 +298,43 @@ class Server:
 
     # ------------------------------------------------------------------ status and lifecycle
 
+    def _snapshot(self) -> dict:
+        d = self.status()
+        rep, wal, app = self.replica, self.wal, self.adapter.stats
+        d.update(known_commit=max(rep.catchup_target, rep.leader_commit, rep.commit),
+                 app_errors=app.get("errors", 0), app_timeouts=app.get("timeouts", 0),
+                 app_reconnects=app.get("reconnects", 0), app_retries=app.get("retries", 0),
+                 log_bytes=self.recovered_bytes + wal.bytes_written,
+                 log_records=self.recovered_records + wal.records_written,
+                 wal_bytes_written=wal.bytes_written, wal_records_written=wal.records_written,
+                 wal_syncs=wal.syncs)
+        return d
+
+    def ready(self):
+        """In the current view and normal, caught up within READY_MAX_LAG, app reachable."""
+        rep = self.replica
+        if self.stopping.is_set():
+            return False, "stopping"
+        if self.halted:
+            return False, f"execution halted: {self.halted}"
+        if rep.status != NORMAL:
+            return False, f"view change to view {rep.view} in progress"
+        if rep.is_leader and not rep.has_quorum_contact():
+            return False, "leader without contact to a quorum (view change expected)"
+        known = max(rep.catchup_target, rep.leader_commit, rep.commit)
+        if known - rep.commit > READY_MAX_LAG:
+            return False, f"catching up: decided {rep.commit} of {known}"
+        if rep.commit - self.executed > READY_MAX_LAG:
+            return False, f"executing: {self.executed} of {rep.commit} applied to the app"
+        if self.adapter._state is False:
+            return False, f"app at {self.settings.app_host}:{self.settings.app_port} is not answering"
+        return True, "ready"
+
     def status(self) -> dict:
         d = self.replica.describe()
         d.update(role="server", executed=self.executed, pid=os.getpid(),
-                 app_ready=self.adapter.ready and self.halted is None, halted=self.halted, uptime_s=round(time.time() - self.started, 3),
+                 app_ready=self.adapter._state is not False and self.halted is None, halted=self.halted,
+                 rss_bytes=self.process.memory_info().rss, ready=self.ready()[0], uptime_s=round(time.time() - self.started, 3),
                  n=self.n, **{k: v for k, v in self.stats.items()})
         return d
 
@@ -290,6 +343,14 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
         self.channels.start(self.loop, self._on_message, self._on_idle)
+        if self.config.metrics_port:
+            try:
+                port = await self.obs.start(self.config.replica.host, self.config.metrics_port)
+            except OSError as e:
+                log.error("cannot serve metrics on port %d: %s", self.config.metrics_port, e)
+                self.channels.close()
+                return 1
+            log.info("metrics and health on port %d (/metrics, /healthz, /readyz)", port)
         if self.replica.commit:
             log.info("replaying %d decided instances into the app at %s:%d; the app must have "
                      "started empty (restart it together with this replica)", self.replica.commit,
@@ -310,6 +371,7 @@ class Server:
             except (asyncio.CancelledError, Exception):
                 pass
             self.channels.close()
+            await self.obs.stop()
             await self.adapter.close()
             self.wal.close()
         log.info("replica %d stopped", self.id)

@@ -5,7 +5,7 @@ through ``Replica.ready()``. Drivers (the real server, the simulator) persist, t
 apply, in that order. See docs/PROTOCOL.md.
 """
 from .messages import (
-    Accepted, CatchupReply, CatchupRequest, Commit, DoViewChange, Forward, Message, Propose,
+    Accepted, Ack, CatchupReply, CatchupRequest, Commit, DoViewChange, Forward, Message, Propose,
     Replies, ReplyErrors, Requests, StartView, StartViewChange,
 )
 from .options import Options
@@ -16,7 +16,7 @@ from .replica import NORMAL, VIEW_CHANGE, Replica
 from .sessions import Sessions
 
 __all__ = [
-    "Accepted", "CatchupReply", "CatchupRequest", "Commit", "DoViewChange", "Forward", "Message",
+    "Accepted", "Ack", "CatchupReply", "CatchupRequest", "Commit", "DoViewChange", "Forward", "Message",
     "Propose", "Replies", "ReplyErrors", "Requests", "StartView", "StartViewChange", "Options",
     "CrashFaultPolicy", "QuorumPolicy", "Ready", "AcceptRecord", "CommitRecord", "DecideRecord",
     "DurableState", "ViewRecord", "NORMAL", "VIEW_CHANGE", "Replica", "Sessions",

@@ -15,6 +15,7 @@ REPLY_ERRORS = 3       # replica -> gateway: a batch of (client_id, seq, error c
 PROPOSE = 10           # leader -> replica: value for an instance, and the leader's commit point
 ACCEPTED = 11          # replica -> leader: accepted instances [instance, instance + count)
 COMMIT = 12            # leader -> replica: everything up to `commit` is decided (also heartbeat)
+ACK = 13               # replica -> leader: answer to a heartbeat (the leader's quorum contact)
 START_VIEW_CHANGE = 20 # any -> all: move to `view`
 DO_VIEW_CHANGE = 21    # any -> leader(view): my promise for `view` and what I accepted
 START_VIEW = 22        # leader(view) -> all: the view's log above its commit point
@@ -82,6 +83,13 @@ class Commit(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Ack(Message):
+    view: int
+    commit: int
+    TYPE = ACK
+
+
+@dataclass(frozen=True, slots=True)
 class StartViewChange(Message):
     view: int
     TYPE = START_VIEW_CHANGE
@@ -144,7 +152,7 @@ def encode(sender: int, msg: Message) -> bytes:
                                  msg.commit.to_bytes(8, "little") + msg.value)
     if t == ACCEPTED:
         return core.encode_frame(t, sender, msg.view, msg.instance, msg.count.to_bytes(4, "little"))
-    if t == COMMIT:
+    if t == COMMIT or t == ACK:
         return core.encode_frame(t, sender, msg.view, msg.commit)
     if t == START_VIEW_CHANGE:
         return core.encode_frame(t, sender, msg.view, 0)
@@ -183,6 +191,9 @@ def decode(frame, max_payload: int = core.DEFAULT_MAX_PAYLOAD) -> Tuple[int, Mes
     if t == COMMIT:
         _no_payload(t, payload)
         return sender, Commit(view, instance)
+    if t == ACK:
+        _no_payload(t, payload)
+        return sender, Ack(view, instance)
     if t == START_VIEW_CHANGE:
         _no_payload(t, payload)
         return sender, StartViewChange(view)

@@ -105,9 +105,11 @@ class Replica:
         if durable is not None:
             self._restore(durable)
 
+        self.contact = {}          # replica id -> tick of its last message (leader's quorum contact)
         self._handlers = {
             m.Requests: self._on_requests, m.Forward: self._on_forward,
             m.Propose: self._on_propose, m.Accepted: self._on_accepted, m.Commit: self._on_commit,
+            m.Ack: self._on_ack,
             m.StartViewChange: self._on_start_view_change, m.DoViewChange: self._on_do_view_change,
             m.StartView: self._on_start_view, m.CatchupRequest: self._on_catchup_request,
             m.CatchupReply: self._on_catchup_reply,
@@ -135,6 +137,8 @@ class Replica:
         if not isinstance(msg, m.Requests) and not (isinstance(sender, int) and 0 <= sender < self.n):
             self.stats["stale_messages"] += 1
             return
+        if type(sender) is int:
+            self.contact[sender] = self.now
         handler(sender, msg)
         self._after_input()
 
@@ -288,6 +292,16 @@ class Replica:
     def _on_commit(self, sender, msg) -> None:
         if self._from_current_leader(sender, msg.view):
             self._learn_leader_commit(msg.commit)
+            self._send(sender, m.Ack(self.view, self.commit))
+
+    def _on_ack(self, sender, msg) -> None:
+        pass  # step() recorded the contact; that is all an Ack is for
+
+    def has_quorum_contact(self) -> bool:
+        """Leader: a quorum (itself included) was heard from within the election timeout. A
+        leader cut off into a minority stays 'normal' but must not call itself ready."""
+        recent = sum(1 for t in self.contact.values() if self.now - t < self.opt.election_ticks)
+        return recent + 1 >= self.policy.quorum
 
     def _from_current_leader(self, sender, view) -> bool:
         """Admits a normal-case message; handles the ones from other views."""

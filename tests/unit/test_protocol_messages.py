@@ -19,6 +19,7 @@ MESSAGES = st.one_of(
     st.builds(m.Propose, small, small, batch, small),
     st.builds(m.Accepted, small, small, st.integers(1, 1000)),
     st.builds(m.Commit, small, small),
+    st.builds(m.Ack, small, small),
     st.builds(m.StartViewChange, small),
     st.builds(m.DoViewChange, small, small, st.lists(st.tuples(small, u64, batch), max_size=4).map(tuple)),
     st.builds(m.StartView, small, small, st.lists(st.tuples(small, batch), max_size=4).map(tuple)),
