@@ -82,6 +82,7 @@ class Gateway:
         self.server = None
         self.stopping = asyncio.Event()
         self.heard_from = {}            # replica id -> loop time of its last message
+        self.drained = asyncio.Event()  # set whenever no request is in flight
         self.obs = Observability("client", config.settings.id or 0, self._snapshot, self.ready)
 
     def _new_session(self):
@@ -148,6 +149,8 @@ class Gateway:
         if key[0] == self.client_id:
             self.session_calls.pop(key[1], None)
             self.window_open.set()
+        if not self.calls:
+            self.drained.set()
         if not call.future.done():
             if error is not None:
                 call.future.set_exception(error)
@@ -287,7 +290,9 @@ class Gateway:
                     self.stats["errors"] += 1
                     await replies.put(error_reply(mode, f"{what}: {e}", status=getattr(e, "status", 400), close=True))
                     break
-                if request is None:
+                if request is None or self.stopping.is_set():
+                    if request is not None:
+                        await replies.put(asyncio.ensure_future(self._answer(request)))
                     break
                 await replies.put(asyncio.ensure_future(self._answer(request)))
                 if mode == "close" or messages.wants_close:
@@ -356,6 +361,20 @@ class Gateway:
                  self.config.settings.id or 0, me.host, me.port, self.mode, self.n, self.reply_quorum)
         try:
             await self.stopping.wait()
+            # Stop intake, then let what is in flight finish (bounded by the request deadline)
+            # so a rolling restart of gateways shows clients no errors.
+            self.server.close()
+            end = self.loop.time() + self.deadline_s
+            if self.calls:
+                log.info("draining %d requests in flight before stopping", len(self.calls))
+            if self.calls:
+                self.drained.clear()
+                try:
+                    await asyncio.wait_for(self.drained.wait(), max(0.0, end - self.loop.time()))
+                except asyncio.TimeoutError:
+                    log.warning("%d requests still in flight after %.1f s; stopping anyway",
+                                len(self.calls), self.deadline_s)
+            await asyncio.sleep(0)  # let the connection writers send the last replies
         finally:
             self.server.close()
             for call in list(self.calls.values()):
