@@ -211,6 +211,9 @@ class AppAdapter:
         self.max_reply_bytes = max_reply_bytes
         self.pipeline = pipeline
         self.on_state_change = on_state_change
+        # Called after every new connection, before anything is written on it; the replica uses
+        # it to check that the app is still the process it has been feeding.
+        self.on_connect: Optional[Callable[[], None]] = None
         self.stats = {"requests": 0, "connections": 0, "reconnects": 0, "retries": 0,
                       "timeouts": 0, "errors": 0}
         self._state: Optional[bool] = None  # None until the first attempt has an outcome
@@ -279,6 +282,8 @@ class AppAdapter:
                     self.stats["reconnects"] += 1
                     self._conn = None
                 conn = self._conn = await self._connect()
+                if self.on_connect is not None:
+                    self.on_connect()  # may raise (e.g. the app restarted): nothing written yet
             try:
                 await self._exchange(conn, encoded, methods, replies)
             except BaseException:
@@ -352,6 +357,8 @@ class AppAdapter:
         for i, request in enumerate(encoded):
             conn = await self._connect()
             try:
+                if self.on_connect is not None:
+                    self.on_connect()  # may raise before this request is written
                 conn.replies = replies
                 conn.outstanding = 1
                 conn.transport.write(request)

@@ -20,13 +20,14 @@ import psutil
 
 from . import core
 from .app_adapter import AppAdapter, AppConnectionLost, AppProtocolError
+from .app_watch import AppRestarted, AppWatch
 from .errors import ProtocolError
 from .observability import Observability
 from .protocol import messages as m
 from .protocol.options import Options
 from .protocol.quorum import CrashFaultPolicy
 from .protocol.replica import NORMAL, Replica
-from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, Sessions
+from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, Sessions, plan_batch
 from .storage import StorageError, WriteAheadLog
 from .transport import Channels, parse_replica_identity, replica_identity
 
@@ -85,6 +86,8 @@ class Server:
         }
         self.adapter = AppAdapter(s.app_host, s.app_port, s.framing, s.app_timeout_ms / 1000,
                                   on_state_change=self._app_state)
+        self.watch = AppWatch(s.app_port)
+        self.adapter.on_connect = self.watch.check
         self.max_payload = max(64 << 20, s.batch_max_bytes * 2)
         self.routes = {}            # client_id -> gateway identity that last sent it
         self.apply_queue = deque()
@@ -95,7 +98,7 @@ class Server:
         self.stopping = asyncio.Event()
         self.exit_code = 0
         self.stats = defaultdict(int)
-        for key in ("requests_received", "requests_executed", "requests_deduplicated", "bad_messages"):
+        for key in ("requests_received", "requests_executed", "requests_deduplicated", "bad_messages", "app_restarts"):
             self.stats[key] = 0
         self.process = psutil.Process()
         self.recovered_bytes, self.recovered_records = report.bytes, report.records
@@ -264,7 +267,13 @@ class Server:
                         payloads.append(bytes(payload))
             try:
                 results = await self.adapter.execute(payloads) if payloads else []
+            except AppRestarted as e:
+                self._rebuild(str(e))
+                continue
             except (AppConnectionLost, AppProtocolError) as e:
+                if await self._app_was_replaced():
+                    self._rebuild(f"the app's process changed after: {e}")
+                    continue
                 # What the app holds is unknown now: executing on could run a request twice or
                 # skip one. Stop executing (the replica keeps voting, so the cluster keeps its
                 # fault tolerance) until the pod restarts and the app is rebuilt from the log.
@@ -288,6 +297,42 @@ class Server:
             self.stats["requests_deduplicated"] += len(plan) - len(payloads)
             self.executed = last_instance
             self._send_replies(replies)
+
+    async def _app_was_replaced(self) -> bool:
+        """After a failure mid-request: wait for an app to listen again and tell whether it is a
+        new process (state lost: rebuild) or the same one (outcome unknown: halt)."""
+        watch = self.watch
+        if watch.identity is None:
+            return False
+        old = watch.identity
+        delay = 0.05
+        while not self.stopping.is_set():
+            found = watch.find()
+            if found is not None:
+                if found == old:
+                    return False
+                watch.identity = None
+                return True
+            await asyncio.sleep(delay)  # waiting for a process we cannot get an event from
+            delay = min(delay * 2, 1.0)
+        return False
+
+    def _rebuild(self, why: str) -> None:
+        """The app restarted empty: replay every decided instance into it, from the first.
+        Exactly-once decisions are re-made from scratch in the same order, so they come out
+        the same as before and as on every other replica."""
+        rep = self.replica
+        self.stats["app_restarts"] += 1
+        log.warning("app restart detected (%s): rebuilding the app's state by replaying "
+                    "instances 1..%d", why, rep.applied)
+        sessions = Sessions(self.settings.reply_cache_size, self.settings.session_ttl_s * 1000)
+        self.sessions = rep.sessions = sessions
+        self.apply_queue.clear()
+        for i in range(1, rep.applied + 1):
+            value = rep.log[i].value
+            self.apply_queue.append((i, value, plan_batch(sessions, value)))
+        self.executed = 0
+        self.watch.identity = None  # adopt the new process on the next connection
 
     def _app_state(self, ready, reason):
         if ready:
@@ -334,7 +379,9 @@ class Server:
         d = self.replica.describe()
         d.update(role="server", executed=self.executed, pid=os.getpid(),
                  app_ready=self.adapter._state is not False and self.halted is None, halted=self.halted,
-                 rss_bytes=self.process.memory_info().rss, ready=self.ready()[0], uptime_s=round(time.time() - self.started, 3),
+                 rss_bytes=self.process.memory_info().rss, ready=self.ready()[0],
+                 peer_contact_s={r: round((self.replica.now - t) * self.settings.tick_ms / 1000, 3)
+                                 for r, t in self.replica.contact.items()}, uptime_s=round(time.time() - self.started, 3),
                  n=self.n, **{k: v for k, v in self.stats.items()})
         return d
 

@@ -195,6 +195,11 @@ class HashMapServer:
                 await self._serve_one(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away; nothing to answer
+        except asyncio.CancelledError:
+            # Only serve() cancels us, at shutdown. Ending normally instead of re-raising: on
+            # Python 3.11 the stream callback calls task.exception() on a cancelled task and logs
+            # a spurious traceback.
+            pass
         finally:
             self.connections.discard(task)
             writer.close()

@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 FRAMINGS = ("line", "close")
 READ_ONLY_COMMANDS = frozenset({"GET", "SIZE", "SCAN", "SNAPSHOT"})
@@ -27,6 +27,7 @@ DEFAULT_RETRIES = 3
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 2.0
 READ_CHUNK = 64 * 1024
+REPLY_TOO_LARGE = b"ERR request too large"  # the app closes a line connection after sending it
 
 Text = Union[str, bytes]
 
@@ -216,7 +217,8 @@ class KVClient(_Commands):
 
     def _connect(self, deadline: float) -> socket.socket:
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=max(deadline - time.monotonic(), 0.001))
+            sock = socket.create_connection((self.host, self.port),
+                                            timeout=max(deadline - time.monotonic(), 0.001))
         except OSError as exc:
             raise KVUnavailable(f"cannot connect to {self.host}:{self.port}: {_reason(exc)}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -242,7 +244,7 @@ class KVClient(_Commands):
         return _strip_terminator(bytes(reply))
 
     def _request_line(self, data: bytes, deadline: float) -> bytes:
-        if self._sock is not None and _closed_by_peer(self._sock):
+        if self._sock is not None and _is_stale(self._sock):
             self.close()  # the server dropped an idle connection: nothing of ours was in flight
         if self._sock is None:
             self._sock = self._connect(deadline)
@@ -263,7 +265,10 @@ class KVClient(_Commands):
         except KVProtocolError:
             self.close()
             raise
-        return _strip_terminator(bytes(reply))
+        reply = _strip_terminator(bytes(reply))
+        if reply == REPLY_TOO_LARGE:
+            self.close()  # the server closes after this reply; do not race it with a new request
+        return reply
 
 
 def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
@@ -286,19 +291,14 @@ def _remaining(deadline: float) -> float:
     return remaining
 
 
-def _closed_by_peer(sock: socket.socket) -> bool:
-    """True if an idle line connection was closed by the server (it would read EOF now)."""
+def _is_stale(sock: socket.socket) -> bool:
+    """True if an idle line connection cannot carry a request: the server closed it, or sent bytes
+    nobody asked for (they would be taken for the next reply)."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
-            return False
-        sock.setblocking(False)
-        try:
-            return sock.recv(1, socket.MSG_PEEK) == b""
-        finally:
-            sock.setblocking(True)
     except (OSError, ValueError):
         return True
+    return bool(readable)
 
 
 def _reason(exc: BaseException) -> str:
@@ -401,7 +401,10 @@ class AsyncKVClient(_Commands):
         except KVProtocolError:
             await self.close()
             raise
-        return _strip_terminator(bytes(reply))
+        reply = _strip_terminator(bytes(reply))
+        if reply == REPLY_TOO_LARGE:
+            await self.close()  # the server closes after this reply; do not race it
+        return reply
 
 
 def _async_remaining(deadline: float) -> float:
@@ -462,10 +465,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retries", type=_non_negative_int, default=DEFAULT_RETRIES, metavar="N",
                         help="attempts after the first one (default %(default)s)")
     parser.add_argument("--retry-writes", action="store_true",
-                        help="also retry PUT/REMOVE/RESTORE when the request may have reached the server")
+                        help="also retry PUT/REMOVE/RESTORE when the request may have reached "
+                             "the server")
     parser.add_argument("command", nargs="+", metavar="COMMAND",
                         help="the command and its arguments, e.g. PUT a 1, GET a, SIZE")
     return parser
+
+
+def _print_reply(reply: bytes) -> None:
+    # Bytes as they came: a value need not be valid in the terminal's encoding.
+    stdout = getattr(sys.stdout, "buffer", None)
+    if stdout is None:
+        print(reply.decode("utf-8", "replace"))
+        return
+    sys.stdout.flush()
+    stdout.write(reply + b"\n")
+    stdout.flush()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -474,7 +489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     request = " ".join(args.command)
     if "\n" in request or "\r" in request:
         parser.error("the command must not contain newlines")
-    retry_after_send = args.retry_writes or args.command[0].upper() in READ_ONLY_COMMANDS
+    retry_after_send = args.retry_writes or args.command[0] in READ_ONLY_COMMANDS
     client = KVClient(args.host, args.port, args.framing, args.timeout)
     attempt = 0
     try:
@@ -500,7 +515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             attempt += 1
     finally:
         client.close()
-    print(_text(reply))
+    _print_reply(reply)
     return 3 if reply == b"ERR" or reply.startswith(b"ERR ") else 0
 
 

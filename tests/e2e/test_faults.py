@@ -212,3 +212,26 @@ def test_sigterm_on_a_gateway_drains_in_flight_requests(make_cluster):
     assert len(answered) >= 100
     assert not [r for r in load.reasons if "ERR" in r], f"clients got error replies: {load.reasons}"
     assert load.history.check().ok
+
+
+@pytest.mark.parametrize("framing", ["line", "close"])
+def test_app_restart_alone_is_detected_and_its_state_rebuilt(make_cluster, framing):
+    cluster = make_cluster(replicas=3, gateways=1, framing=framing).start()
+    load = Load(cluster, clients=3, framing=framing).start()
+    try:
+        load.wait_progress(60)
+        victim = next(i for i in range(3) if i != cluster.leader())
+        cluster.apps[victim].kill()                 # the app container restarts; smrd does not
+        cluster.start_app(victim)                   # ... and comes back empty
+        cluster.servers[victim].wait_for("app restart detected", 30)
+        load.wait_progress(60)
+    finally:
+        load.finish()
+    assert load.history.check().ok
+    wait_converged(cluster)
+    scans = []
+    for i in range(3):
+        with KVClient("127.0.0.1", cluster.app_port(i), framing, timeout=10) as app:
+            scans.append(app.request("SCAN"))
+    assert scans[0] == scans[1] == scans[2], "the rebuilt app differs from the others"
+    assert cluster.status(victim)["app_restarts"] == 1
