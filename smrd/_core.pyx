@@ -17,13 +17,13 @@
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.long cimport (PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongMask, PyLong_CheckExact,
-                           PyLong_FromUnsignedLongLong)
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongMask, PyLong_CheckExact
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.dict cimport PyDict_Next
 
@@ -415,7 +415,7 @@ def pack_batch(entries, timestamp=0, flags=0):
     cdef Py_ssize_t n = 0
     cdef PyObject *item
     cdef PyObject *payload
-    cdef object err
+    cdef object err, owned = None
     cdef uint64_t cid, sq, ts
     cdef uint32_t fl
     cdef _Buf b
@@ -460,7 +460,10 @@ def pack_batch(entries, timestamp=0, flags=0):
             b.n = _bytes_size(payload)
             b.held = False
         else:
-            _open_entry(<object>item, &b, &cid, &sq)
+            # Owned for the whole step: converting client_id/seq may run code that drops the
+            # list's reference, and a bytes payload is only kept alive by its tuple.
+            owned = <object>item
+            _open_entry(owned, &b, &cid, &sq)
         if b.n > total - pos - _ENTRY_HEADER:
             _buf_release(&b)
             raise RuntimeError("pack_batch: entries changed while being packed")
@@ -471,6 +474,7 @@ def pack_batch(entries, timestamp=0, flags=0):
         memcpy(p + pos, b.p, b.n)
         pos += b.n
         _buf_release(&b)
+        owned = None
         i += 1
     if pos != total or i != count:
         raise RuntimeError("pack_batch: entries changed while being packed")
@@ -780,61 +784,90 @@ cdef class QuorumTracker:
 # -------------------------------------------------------------------------------- reply cache
 
 cdef class _Client:
-    # replies: seq -> reply (None while executing). heap: the same seqs as a C min-heap, so the
-    # lowest is evicted in O(log k) even when seqs arrive out of order.
-    cdef dict replies
+    """One client's window: the kept seqs in ascending order in slots [head, head + n) of a C
+    array, their replies (owned references, None while executing) in a parallel array.
+    Seqs mostly arrive in increasing order, so the common insert is an append, the common
+    lookup hits the last slot, and evicting the lowest is head += 1; out-of-order seqs cost a
+    binary search and a short memmove. No dict, no per-seq Python objects."""
+    cdef uint64_t *seqs
+    cdef PyObject **replies
+    cdef Py_ssize_t head
+    cdef Py_ssize_t n
+    cdef Py_ssize_t cap
     cdef uint64_t floor
     cdef uint64_t last_active
-    cdef uint64_t *heap
-    cdef Py_ssize_t hlen
-    cdef Py_ssize_t hcap
 
     def __dealloc__(self):
-        free(self.heap)
+        cdef Py_ssize_t i
+        for i in range(self.head, self.head + self.n):
+            Py_XDECREF(self.replies[i])
+        free(self.seqs)
+        free(self.replies)
 
-    cdef int push(self, uint64_t s) except -1:
-        cdef Py_ssize_t i, parent
-        cdef Py_ssize_t cap
-        cdef uint64_t *nh
-        if self.hlen == self.hcap:
-            cap = self.hcap * 2 if self.hcap else 8
-            nh = <uint64_t *>realloc(self.heap, cap * sizeof(uint64_t))
-            if nh == NULL:
-                raise MemoryError()
-            self.heap = nh
-            self.hcap = cap
-        i = self.hlen
-        self.hlen += 1
-        while i > 0:
-            parent = (i - 1) >> 1
-            if self.heap[parent] <= s:
-                break
-            self.heap[i] = self.heap[parent]
-            i = parent
-        self.heap[i] = s
+    cdef inline Py_ssize_t find(self, uint64_t s) noexcept:
+        """Slot holding s, or -1."""
+        cdef Py_ssize_t lo = self.head, hi = self.head + self.n, mid
+        if self.n and self.seqs[hi - 1] == s:
+            return hi - 1
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.seqs[mid] < s:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.head + self.n and self.seqs[lo] == s:
+            return lo
+        return -1
+
+    cdef int insert(self, uint64_t s, object reply) except -1:
+        """Adds s (not present, above the floor) keeping the slots sorted."""
+        cdef Py_ssize_t end, pos, lo, hi, mid, cap
+        cdef uint64_t *ns
+        cdef PyObject **nr
+        if self.head + self.n == self.cap:
+            if self.head:
+                # Slide the window back to the start: amortised O(1) per insert.
+                memmove(self.seqs, self.seqs + self.head, self.n * sizeof(uint64_t))
+                memmove(self.replies, self.replies + self.head, self.n * sizeof(PyObject *))
+                self.head = 0
+            else:
+                cap = self.cap * 2 if self.cap else 4
+                ns = <uint64_t *>realloc(self.seqs, cap * sizeof(uint64_t))
+                if ns == NULL:
+                    raise MemoryError()
+                self.seqs = ns
+                nr = <PyObject **>realloc(self.replies, cap * sizeof(PyObject *))
+                if nr == NULL:
+                    raise MemoryError()
+                self.replies = nr
+                self.cap = cap
+        end = self.head + self.n
+        if self.n == 0 or self.seqs[end - 1] < s:
+            pos = end
+        else:
+            lo = self.head
+            hi = end
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if self.seqs[mid] < s:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            pos = lo
+            memmove(self.seqs + pos + 1, self.seqs + pos, (end - pos) * sizeof(uint64_t))
+            memmove(self.replies + pos + 1, self.replies + pos, (end - pos) * sizeof(PyObject *))
+        self.seqs[pos] = s
+        Py_INCREF(reply)
+        self.replies[pos] = <PyObject *>reply
+        self.n += 1
         return 0
 
-    cdef uint64_t pop(self) noexcept:
-        # Only called with hlen > k >= 1.
-        cdef uint64_t top = self.heap[0]
-        cdef uint64_t last
-        cdef Py_ssize_t i = 0, child, n
-        self.hlen -= 1
-        n = self.hlen
-        last = self.heap[n]
-        while True:
-            child = 2 * i + 1
-            if child >= n:
-                break
-            if child + 1 < n and self.heap[child + 1] < self.heap[child]:
-                child += 1
-            if last <= self.heap[child]:
-                break
-            self.heap[i] = self.heap[child]
-            i = child
-        if n:
-            self.heap[i] = last
-        return top
+    cdef void evict_lowest(self) noexcept:
+        cdef PyObject *reply = self.replies[self.head]
+        self.floor = self.seqs[self.head]
+        self.head += 1
+        self.n -= 1
+        Py_XDECREF(reply)
 
 
 cdef class ReplyCache:
@@ -855,24 +888,36 @@ cdef class ReplyCache:
     def check(self, client_id, seq):
         cdef uint64_t s = seq
         cdef uint64_t c = client_id
+        cdef _Client cl
         found = self._clients.get(client_id)
         if found is None:
             return _NEW if s else _TOO_OLD
-        if seq in (<_Client>found).replies:
-            return _DUPLICATE
-        return _TOO_OLD if s <= (<_Client>found).floor else _NEW
+        cl = <_Client>found
+        if s <= cl.floor:
+            return _TOO_OLD
+        return _DUPLICATE if cl.find(s) >= 0 else _NEW
 
     def get(self, client_id, seq):
+        cdef uint64_t s
+        cdef Py_ssize_t slot
         found = self._clients.get(client_id)
-        return None if found is None else (<_Client>found).replies.get(seq)
+        if found is None:
+            return None
+        try:
+            s = seq
+        except (OverflowError, TypeError):
+            return None  # not a seq any client can hold, as a dict lookup in the twin says
+        slot = (<_Client>found).find(s)
+        return None if slot < 0 else <object>(<_Client>found).replies[slot]
 
     def put(self, client_id, seq, reply, timestamp=0):
         cdef uint64_t s = seq
         cdef uint64_t c = client_id
         cdef uint64_t ts = timestamp
         cdef uint64_t floor
+        cdef Py_ssize_t slot
         cdef _Client cl
-        cdef dict replies
+        cdef PyObject *old
         found = self._clients.get(client_id)
         floor = 0 if found is None else (<_Client>found).floor
         if s <= floor:
@@ -880,23 +925,23 @@ cdef class ReplyCache:
                 f"seq {seq} of client {client_id} is at or below its floor {floor} (TOO_OLD)")
         if found is None:
             cl = _Client.__new__(_Client)
-            cl.replies = {}
             cl.last_active = ts
             self._clients[client_id] = cl
         else:
             cl = <_Client>found
             if ts > cl.last_active:
                 cl.last_active = ts
-        replies = cl.replies
-        if seq in replies:
-            replies[seq] = reply
+        slot = cl.find(s)
+        if slot >= 0:
+            # Filling a placeholder (or replacing a reply): same seq, no new slot.
+            old = cl.replies[slot]
+            Py_INCREF(reply)
+            cl.replies[slot] = <PyObject *>reply
+            Py_XDECREF(old)
             return
-        replies[seq] = reply
-        cl.push(s)
-        if len(replies) > self._k:
-            s = cl.pop()
-            del replies[PyLong_FromUnsignedLongLong(s)]
-            cl.floor = s
+        cl.insert(s, reply)
+        if cl.n > self._k:
+            cl.evict_lowest()
 
     def floor(self, client_id):
         found = self._clients.get(client_id)

@@ -228,8 +228,9 @@ class Gateway:
 
     def _divergence(self, key, replica, other=None):
         self.stats["divergences"] += 1
-        log.error("divergence: replicas returned different replies for request %s (replica %s vs %s)",
-                  key, replica, "the first reply" if other is None else other)
+        log.error("event=divergence client_id=%x seq=%d replica=%s other=%s (replicas returned "
+                  "different replies for one request)", key[0], key[1], replica,
+                  "first_reply" if other is None else other)
 
     def _on_error(self, replica, key, status, text):
         call = self.calls.get(key)
@@ -392,6 +393,4 @@ class Gateway:
 
 
 def run(config) -> int:
-    for warning in config.warnings:
-        log.warning("%s", warning)
     return asyncio.run(Gateway(config).run())

@@ -104,6 +104,7 @@ class Server:
         self.recovered_bytes, self.recovered_records = report.bytes, report.records
         self.obs = Observability("server", self.id, self._snapshot, self.ready)
         self._last_role = None
+        self._lagging = False
         self._bad_frames_logged = 0
         self.started = time.time()
         log.info("replica %d of %d starting: view %d, commit %d, log top %d, data %s (%s)",
@@ -198,11 +199,18 @@ class Server:
             old = self._last_role
             self._last_role = role
             if rep.status == NORMAL:
-                log.info("view %d is active: leader is replica %d%s (was view %s)", rep.view,
-                         rep.leader, " (this replica)" if rep.leader == self.id else "",
-                         old[0] if old else "-")
+                log.info("event=view_active view=%d leader=%d self=%s previous_view=%s",
+                         rep.view, rep.leader, rep.leader == self.id, old[0] if old else "-")
             else:
-                log.info("view change to view %d started (leader-to-be: replica %d)", rep.view, rep.leader)
+                log.info("event=view_change view=%d new_leader=%d old_leader=%s reason=%r",
+                         rep.view, rep.leader, rep.leader_of(old[0]) if old else "-",
+                         rep.view_change_reason)
+        if self._lagging != (rep.commit < rep.catchup_target):
+            self._lagging = not self._lagging
+            if self._lagging:
+                log.info("event=catching_up commit=%d target=%d", rep.commit, rep.catchup_target)
+            else:
+                log.info("event=caught_up commit=%d", rep.commit)
 
     def _send_all(self, messages):
         by_dest = defaultdict(list)
@@ -323,8 +331,8 @@ class Server:
         the same as before and as on every other replica."""
         rep = self.replica
         self.stats["app_restarts"] += 1
-        log.warning("app restart detected (%s): rebuilding the app's state by replaying "
-                    "instances 1..%d", why, rep.applied)
+        log.warning("event=app_restart_detected detail=%r action=replay instances=1..%d "
+                    "(app restart detected: rebuilding its state)", why, rep.applied)
         sessions = Sessions(self.settings.reply_cache_size, self.settings.session_ttl_s * 1000)
         self.sessions = rep.sessions = sessions
         self.apply_queue.clear()
@@ -451,8 +459,6 @@ class Server:
 
 
 def run(config) -> int:
-    for warning in config.warnings:
-        log.warning("%s", warning)
     return asyncio.run(_main(config))
 
 

@@ -99,6 +99,7 @@ class Replica:
         self.proposed = {}         # leader: (client_id, seq) -> _Pending, in an undecided instance
         self._ready = Ready()
         self._commit_recorded = 0
+        self.view_change_reason = ""
         self.stats = {"view_changes": 0, "requests_dropped": 0, "requests_forwarded": 0,
                       "catchup_requests": 0, "stale_messages": 0}
 
@@ -172,9 +173,9 @@ class Replica:
     def transfer_leadership(self) -> bool:
         """A leader about to stop hands the order to the next view's leader at once, so clients
         wait one round trip instead of an election timeout. False if this replica is not leading."""
-        if not self.is_leader:
+        if not self.is_leader or self.n == 1:
             return False
-        self._start_view_change(self.view + 1)
+        self._start_view_change(self.view + 1, reason="leadership hand-off")
         return True
 
     def describe(self) -> dict:
@@ -198,7 +199,7 @@ class Replica:
         if self.leader == self.id and (self.view > 0 or self.top > 0):
             # Whatever this replica proposed as leader before the crash is forgotten; leading the
             # same view again could propose a second value for an instance. Move on instead.
-            self._start_view_change(self.view + 1)
+            self._start_view_change(self.view + 1, reason="restarted as the leader of its last view")
 
     # ------------------------------------------------------------------ client requests
 
@@ -313,7 +314,8 @@ class Replica:
         if view > self.view:
             # A view change completed without us: promise the view, then ask its leader for
             # the START_VIEW that tells us its log.
-            self._start_view_change(view, announce=False)
+            self._start_view_change(view, announce=False,
+                                    reason=f"missed the change to view {view} (heard its leader)")
             return False
         if self.status != NORMAL:
             if self.now - self.vc_last_sent >= self.opt.retransmit_ticks:
@@ -371,7 +373,7 @@ class Replica:
     def _follower_tick(self) -> None:
         opt, now = self.opt, self.now
         if now - self.last_heard >= opt.election_ticks:
-            self._start_view_change(self.view + 1)
+            self._start_view_change(self.view + 1, reason=f"leader silent for {now - self.last_heard} ticks")
             return
         queue, pending = self.queue, self.pending
         while queue and queue[0] not in pending:
@@ -382,7 +384,7 @@ class Replica:
         if caught_up and now - pending[queue[0]].arrived >= 2 * opt.request_ticks:
             # The leader hears us (or we would have timed out above) but does not order a
             # request it was sent twice: move to a leader that will.
-            self._start_view_change(self.view + 1)
+            self._start_view_change(self.view + 1, reason="a request waited too long for order")
             return
         builder = BatchBuilder(opt.batch_max_requests, opt.batch_max_bytes)
         for key in queue:
@@ -401,7 +403,7 @@ class Replica:
         backoff = min(1 << min(self.vc_attempt, 16), opt.max_view_change_backoff)
         if now - self.vc_started >= opt.election_ticks * backoff:
             self.vc_attempt += 1
-            self._start_view_change(self.view + 1)
+            self._start_view_change(self.view + 1, reason=f"view change to {self.view} did not complete")
         elif now - self.vc_last_sent >= opt.retransmit_ticks:
             self.vc_last_sent = now
             self._broadcast(m.StartViewChange(self.view))
@@ -414,11 +416,12 @@ class Replica:
 
     def _on_start_view_change(self, sender, msg) -> None:
         if msg.view > self.view:
-            self._start_view_change(msg.view)
+            self._start_view_change(msg.view, reason=f"replica {sender} moved to view {msg.view}")
 
-    def _start_view_change(self, view, announce=True) -> None:
+    def _start_view_change(self, view, announce=True, reason="") -> None:
         if self.is_leader:
             self._step_down()
+        self.view_change_reason = reason
         self.stats["view_changes"] += 1
         self.view = view
         self.status = VIEW_CHANGE
@@ -458,7 +461,7 @@ class Replica:
         if msg.view < self.view:
             return
         if msg.view > self.view:
-            self._start_view_change(msg.view)
+            self._start_view_change(msg.view, reason=f"replica {sender} moved to view {msg.view}")
         if self.leader_of(msg.view) != self.id:
             return
         if self.status == NORMAL:

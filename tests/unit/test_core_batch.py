@@ -274,3 +274,27 @@ def test_pack_survives_entries_that_change_while_packing(impl):
     except (RuntimeError, ValueError, TypeError, OverflowError):
         return
     impl.Batch(packed)  # whatever came out is a well-formed batch
+
+
+def test_pack_keeps_payloads_alive_while_copying(impl):
+    """A client_id that empties the list on its second conversion (the compiled twin's copy
+    pass) must not leave the packer reading a freed payload."""
+    entries = []
+    calls = []
+
+    class LateSneaky:
+        def __index__(self):
+            calls.append(1)
+            if len(calls) >= 2:
+                entries.clear()
+            return 5
+
+        __int__ = __index__
+
+    payload = bytes(range(200))
+    entries.append((LateSneaky(), 6, payload[:150] + b"!"))  # only the tuple holds this bytes
+    try:
+        packed = impl.pack_batch(entries)
+    except (RuntimeError, ValueError, TypeError, OverflowError):
+        return
+    assert [(c, s, bytes(p)) for c, s, p in impl.Batch(packed)] == [(5, 6, payload[:150] + b"!")]

@@ -146,3 +146,24 @@ def test_matches_a_simple_model(impl, k, ops):
             kept[cid] = seqs
         assert cache.floor(cid) == floors.get(cid, 0)
     assert cache.clients() == sorted(kept)
+
+
+def test_replies_are_released(impl):
+    import sys
+
+    reply = bytes(range(7)) * 3  # a fresh object: only this frame and the cache refer to it
+    before = sys.getrefcount(reply)
+    cache = impl.ReplyCache(1)
+    cache.put(1, 1, reply)
+    assert sys.getrefcount(reply) == before + 1
+    cache.put(1, 2, b"x")  # evicts seq 1
+    assert sys.getrefcount(reply) == before
+    cache.put(2, 1, reply)
+    cache.put(2, 1, b"y")  # replaced in place
+    assert sys.getrefcount(reply) == before
+    cache.put(3, 1, reply)
+    assert cache.expire(1) == 3
+    assert sys.getrefcount(reply) == before
+    cache.put(4, 1, reply)
+    del cache
+    assert sys.getrefcount(reply) == before
