@@ -5,7 +5,7 @@ import os
 from setuptools import setup
 
 ext_modules = []
-if os.environ.get("SMRD_NO_EXTENSIONS", "") not in ("1", "true", "yes"):
+if os.environ.get("SMRD_NO_EXTENSIONS", "").strip().lower() not in ("1", "true", "yes"):
     from Cython.Build import cythonize
     from setuptools import Extension
 

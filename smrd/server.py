@@ -8,6 +8,7 @@
 # executor is its own task, fed in decided order), or answers a request it did not execute or
 # find in the reply cache.
 import asyncio
+import glob
 import ipaddress
 import json
 import logging
@@ -28,7 +29,7 @@ from .protocol.options import Options
 from .protocol.quorum import CrashFaultPolicy
 from .protocol.replica import NORMAL, Replica
 from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, Sessions, plan_batch
-from .storage import StorageError, WriteAheadLog
+from .storage import CORRUPT_MIDDLE, CORRUPT_SUFFIX, StorageError, WriteAheadLog
 from .transport import Channels, parse_replica_identity, replica_identity
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,18 @@ class Server:
         data_dir = s.data_dir.replace("<id>", str(s.id))
         self.wal = WriteAheadLog(data_dir, s.durability)
         durable, report = self.wal.open()
+        corrupt = sorted(glob.glob(os.path.join(data_dir, "*" + CORRUPT_SUFFIX)))
+        if corrupt or (report.damage is not None and report.damage.kind == CORRUPT_MIDDLE):
+            # Records that were durable (and may have been votes) are unreadable: serving from
+            # the rest could contradict what this replica promised. Refuse, loudly, on every
+            # start until an operator decides (the damaged bytes are kept for inspection).
+            d = report.damage
+            where = f"{d.segment} at offset {d.offset}: {d.reason}" if d else f"kept in {corrupt[0]}"
+            self.wal.close()
+            raise StorageError(
+                f"write-ahead log {data_dir} is corrupt in the middle ({where}); refusing to "
+                f"serve from a log that cannot be verified. Move the directory aside to rejoin "
+                f"this replica with an empty log.")
         if not report.clean:
             d = report.damage
             log.warning("write-ahead log damaged: %s in %s at offset %d (%s); %d bytes discarded, "
