@@ -27,7 +27,7 @@ from .observability import Observability
 from .protocol import messages as m
 from .protocol.options import Options
 from .protocol.quorum import CrashFaultPolicy
-from .protocol.replica import NORMAL, Replica
+from .protocol.replica import NORMAL, RECOVERING, Replica
 from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, Sessions, plan_batch
 from .storage import CORRUPT_MIDDLE, CORRUPT_SUFFIX, StorageError, WriteAheadLog
 from .transport import Channels, parse_replica_identity, replica_identity
@@ -86,9 +86,9 @@ class Server:
             log.warning("write-ahead log damaged: %s in %s at offset %d (%s); %d bytes discarded, "
                         "%d valid records kept; what is missing is fetched from peers",
                         d.kind, d.segment, d.offset, d.reason, d.discarded, report.records)
-        has_state = durable.view or durable.entries
+        # The nonce tells this incarnation's recovery answers from an earlier one's.
         self.replica = Replica(self.id, CrashFaultPolicy(self.n), self.options, self.sessions,
-                               durable if has_state else None)
+                               durable, recovery_nonce=int.from_bytes(os.urandom(8), "little"))
         me = hosts.replica(self.id)
         self.channels = Channels(hwm=s.hwm, security=config.security)
         self.peer_router = self.channels.bind_router(bind_endpoint(me.host, me.peer_port), replicas_only=True)
@@ -211,10 +211,16 @@ class Server:
         if role != self._last_role:
             old = self._last_role
             self._last_role = role
+            if rep.status == RECOVERING:
+                log.info("event=recovering (the log is empty: asking the other replicas for the "
+                         "current state before taking part)")
+            elif old and old[1] == RECOVERING:
+                log.info("event=recovered view=%d leader=%d commit_target=%d", rep.view,
+                         rep.leader, rep.catchup_target)
             if rep.status == NORMAL:
                 log.info("event=view_active view=%d leader=%d self=%s previous_view=%s",
                          rep.view, rep.leader, rep.leader == self.id, old[0] if old else "-")
-            else:
+            elif rep.status != RECOVERING:
                 log.info("event=view_change view=%d new_leader=%d old_leader=%s reason=%r",
                          rep.view, rep.leader, rep.leader_of(old[0]) if old else "-",
                          rep.view_change_reason)
@@ -383,6 +389,8 @@ class Server:
             return False, "stopping"
         if self.halted:
             return False, f"execution halted: {self.halted}"
+        if rep.status == RECOVERING:
+            return False, "recovering: learning the cluster's state before taking part"
         if rep.status != NORMAL:
             return False, f"view change to view {rep.view} in progress"
         if rep.is_leader and not rep.has_quorum_contact():

@@ -6,18 +6,19 @@ apply, in that order. See docs/PROTOCOL.md.
 """
 from .messages import (
     Accepted, Ack, CatchupReply, CatchupRequest, Commit, DoViewChange, Forward, Message, Propose,
-    Replies, ReplyErrors, Requests, StartView, StartViewChange,
+    Recovery, RecoveryResponse, Replies, ReplyErrors, Requests, StartView, StartViewChange,
 )
 from .options import Options
 from .quorum import CrashFaultPolicy, QuorumPolicy
 from .ready import Ready
 from .records import AcceptRecord, CommitRecord, DecideRecord, DurableState, ViewRecord
-from .replica import NORMAL, VIEW_CHANGE, Replica
+from .replica import NORMAL, RECOVERING, VIEW_CHANGE, Replica
 from .sessions import Sessions
 
 __all__ = [
     "Accepted", "Ack", "CatchupReply", "CatchupRequest", "Commit", "DoViewChange", "Forward", "Message",
     "Propose", "Replies", "ReplyErrors", "Requests", "StartView", "StartViewChange", "Options",
     "CrashFaultPolicy", "QuorumPolicy", "Ready", "AcceptRecord", "CommitRecord", "DecideRecord",
-    "DurableState", "ViewRecord", "NORMAL", "VIEW_CHANGE", "Replica", "Sessions",
+    "DurableState", "ViewRecord", "NORMAL", "RECOVERING", "VIEW_CHANGE", "Replica", "Sessions",
+    "Recovery", "RecoveryResponse",
 ]

@@ -19,6 +19,8 @@ ACK = 13               # replica -> leader: answer to a heartbeat (the leader's 
 START_VIEW_CHANGE = 20 # any -> all: move to `view`
 DO_VIEW_CHANGE = 21    # any -> leader(view): my promise for `view` and what I accepted
 START_VIEW = 22        # leader(view) -> all: the view's log above its commit point
+RECOVERY = 23          # empty replica -> all: what do you know? (it votes on nothing until told)
+RECOVERY_RESPONSE = 24 # any -> recovering replica: my view, commit point, and (leader) my log
 CATCHUP_REQUEST = 30   # lagging -> peer: send me decided values from `start`
 CATCHUP_REPLY = 31     # peer -> lagging: decided values, and the peer's commit point
 FORWARD = 40           # follower -> leader: requests that waited too long for order
@@ -112,6 +114,23 @@ class StartView(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Recovery(Message):
+    nonce: int
+    TYPE = RECOVERY
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryResponse(Message):
+    view: int
+    nonce: int
+    commit: int
+    primary: bool          # the sender leads `view` and is in normal status
+    empty: bool            # the sender has never held anything (view 0, empty log)
+    entries: Tuple[Tuple[int, bytes], ...]  # primary only: (instance, value) above commit
+    TYPE = RECOVERY_RESPONSE
+
+
+@dataclass(frozen=True, slots=True)
 class CatchupRequest(Message):
     view: int
     start: int
@@ -162,6 +181,13 @@ def encode(sender: int, msg: Message) -> bytes:
         return core.encode_frame(t, sender, msg.view, msg.commit, _pack_entries(msg.entries, False))
     if t == CATCHUP_REQUEST:
         return core.encode_frame(t, sender, msg.view, msg.start)
+    if t == RECOVERY:
+        return core.encode_frame(t, sender, 0, msg.nonce)
+    if t == RECOVERY_RESPONSE:
+        flags = (1 if msg.primary else 0) | (2 if msg.empty else 0)
+        return core.encode_frame(t, sender, msg.view, msg.nonce,
+                                 msg.commit.to_bytes(8, "little") + _pack_entries(msg.entries, False),
+                                 flags)
     if t == CATCHUP_REPLY:
         return core.encode_frame(t, sender, msg.view, msg.commit, _pack_entries(msg.entries, False))
     raise TypeError(f"cannot encode {msg!r}")
@@ -204,6 +230,15 @@ def decode(frame, max_payload: int = core.DEFAULT_MAX_PAYLOAD) -> Tuple[int, Mes
     if t == CATCHUP_REQUEST:
         _no_payload(t, payload)
         return sender, CatchupRequest(view, instance)
+    if t == RECOVERY:
+        _no_payload(t, payload)
+        return sender, Recovery(instance)
+    if t == RECOVERY_RESPONSE:
+        if len(payload) < 8 or _flags > 3:
+            raise ProtocolError("malformed RECOVERY_RESPONSE")
+        entries = _checked_values(_unpack_entries(payload[8:], False), 1)
+        return sender, RecoveryResponse(view, instance, int.from_bytes(payload[:8], "little"),
+                                        bool(_flags & 1), bool(_flags & 2), entries)
     if t == CATCHUP_REPLY:
         return sender, CatchupReply(view, instance, _checked_values(_unpack_entries(payload, False), 1))
     raise ProtocolError(f"unknown message type {t}")

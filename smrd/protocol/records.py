@@ -37,8 +37,10 @@ class DurableState:
     view: int = 0
     entries: dict = field(default_factory=dict)  # instance -> [view, value, decided]
     commit: int = 0
+    records: int = 0   # how many records were folded: 0 means this replica never wrote any
 
     def add(self, record) -> None:
+        self.records += 1
         if isinstance(record, AcceptRecord):
             old = self.entries.get(record.instance)
             if old is not None and old[2]:

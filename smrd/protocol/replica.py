@@ -33,6 +33,11 @@ from .sessions import DUPLICATE, TOO_OLD, Sessions, plan_batch
 
 NORMAL = "normal"
 VIEW_CHANGE = "view-change"
+RECOVERING = "recovering"   # started with an empty log: votes on nothing until a quorum informs it
+
+
+_WHILE_RECOVERING = frozenset({m.Recovery, m.RecoveryResponse, m.CatchupRequest,
+                               m.CatchupReply, m.Requests, m.Forward})
 
 
 class _Slot:
@@ -56,7 +61,7 @@ class _Pending:
 
 class Replica:
     def __init__(self, replica_id: int, policy=None, options: Options = None,
-                 sessions: Sessions = None, durable=None, n: int = None):
+                 sessions: Sessions = None, durable=None, n: int = None, recovery_nonce=None):
         self.policy = policy if policy is not None else CrashFaultPolicy(n)
         self.n = self.policy.n
         if not 0 <= replica_id < self.n:
@@ -103,8 +108,18 @@ class Replica:
         self.stats = {"view_changes": 0, "requests_dropped": 0, "requests_forwarded": 0,
                       "catchup_requests": 0, "stale_messages": 0}
 
-        if durable is not None:
+        self.recovery_nonce = None
+        self.recovery_responses = {}
+        self.recovery_primary = None   # the latest view's leader's answer, once chosen
+        if durable is not None and durable.records:
             self._restore(durable)
+        elif recovery_nonce is not None and self.n > 1:
+            # Nothing on disk, not even the record written when a recovery ends: a new cluster,
+            # or a replica whose disk was lost. Its old votes are gone, and voting again before
+            # learning the current state could let a decided value be forgotten
+            # (docs/PROTOCOL.md, "Recovery"). So ask first.
+            self.status = RECOVERING
+            self.recovery_nonce = recovery_nonce
 
         self.contact = {}          # replica id -> tick of its last message (leader's quorum contact)
         self._handlers = {
@@ -114,6 +129,7 @@ class Replica:
             m.StartViewChange: self._on_start_view_change, m.DoViewChange: self._on_do_view_change,
             m.StartView: self._on_start_view, m.CatchupRequest: self._on_catchup_request,
             m.CatchupReply: self._on_catchup_reply,
+            m.Recovery: self._on_recovery, m.RecoveryResponse: self._on_recovery_response,
         }
 
     # ------------------------------------------------------------------ public surface
@@ -140,6 +156,8 @@ class Replica:
             return
         if type(sender) is int:
             self.contact[sender] = self.now
+        if self.status == RECOVERING and type(msg) not in _WHILE_RECOVERING:
+            return  # no promises, no votes, no view changes until recovered
         handler(sender, msg)
         self._after_input()
 
@@ -147,7 +165,11 @@ class Replica:
         self.now += 1
         if now_ms is not None and now_ms > self.clock_ms:
             self.clock_ms = now_ms
-        if self.status == NORMAL:
+        if self.status == RECOVERING:
+            if self.recovery_primary is None and (
+                    self.now % self.opt.retransmit_ticks == 1 or self.opt.retransmit_ticks == 1):
+                self._broadcast(m.Recovery(self.recovery_nonce))
+        elif self.status == NORMAL:
             if self.id == self.leader:
                 self._leader_tick()
             else:
@@ -568,6 +590,65 @@ class Replica:
             req.arrived = now
             req.forwarded = False
 
+    # ------------------------------------------------------------------ recovery
+
+    def _on_recovery(self, sender, msg) -> None:
+        primary = self.is_leader
+        entries = ()
+        if primary:
+            entries = tuple((i, self.log[i].value) for i in range(self.commit + 1, self.next_instance))
+        empty = self.status == RECOVERING or (self.view == 0 and self.top == 0 and self.commit == 0)
+        self._send(sender, m.RecoveryResponse(self.view, msg.nonce, self.commit, primary, empty, entries))
+
+    def _on_recovery_response(self, sender, msg) -> None:
+        if self.status != RECOVERING or msg.nonce != self.recovery_nonce or self.recovery_primary:
+            return  # an answer to an earlier incarnation's question: its state may be stale
+        self.recovery_responses[sender] = msg
+        answers = self.recovery_responses
+        if len(answers) < self.policy.quorum:
+            return
+        if all(a.empty for a in answers.values()):
+            # A quorum of the others never held anything, so no value was ever decided: a new
+            # cluster. (A decided value lives in a quorum of logs; this quorum meets it.)
+            self._finish_recovery(0, None)
+            return
+        view = max(a.view for a in answers.values())
+        primary = answers.get(self.leader_of(view))
+        if primary is not None and primary.view == view and primary.primary:
+            # First hold every value decided up to the leader's commit point: until then a
+            # DO_VIEW_CHANGE from us could not vouch for them.
+            self.recovery_primary = primary
+            if primary.commit > self.catchup_target:
+                self.catchup_target = primary.commit
+            self.catchup_peer = self._peers.index(self.leader_of(view))
+            self._check_recovered()
+        # else: wait for the latest view's leader (or for a newer view with a live leader)
+
+    def _check_recovered(self) -> None:
+        primary = self.recovery_primary
+        if primary is not None and self.commit >= primary.commit:
+            self._finish_recovery(primary.view, primary)
+        elif primary is not None and self.now - self.catchup_sent >= self.opt.retransmit_ticks:
+            self._request_catchup()
+
+    def _finish_recovery(self, view, primary) -> None:
+        """Adopt the latest view's leader's log: it holds every value this replica might have
+        voted for before losing its disk, so its votes are restored before it votes again."""
+        self.status = NORMAL
+        self.recovery_primary = None
+        self.recovery_responses = {}
+        self.view = view
+        self._ready.persist.append(ViewRecord(view))
+        self.last_heard = self.now
+        self.leader_commit = 0
+        if primary is not None:
+            for i, value in primary.entries:
+                self._accept(i, view, value)
+            if primary.commit > self.catchup_target:
+                self.catchup_target = primary.commit
+            self._learn_leader_commit(primary.commit)
+        self.stats["recoveries"] = self.stats.get("recoveries", 0) + 1
+
     # ------------------------------------------------------------------ catch-up
 
     def _request_catchup(self) -> None:
@@ -617,6 +698,9 @@ class Replica:
     def _after_input(self) -> None:
         if self.applied < self.commit or self.log.get(self.commit + 1) is not None:
             self._advance_commit()
+        if self.status == RECOVERING:
+            self._check_recovered()
+            return
         if self.commit < self.catchup_target and self.now - self.catchup_sent >= self.opt.retransmit_ticks:
             self._request_catchup()
 

@@ -35,6 +35,7 @@ class Params:
     max_delay: int = 2           # ticks; random delays reorder messages
     crash: float = 0.0           # chance per tick that some replica crashes
     crash_mid_ready: float = 0.0 # chance that a crash lands between persist and send
+    wipe: float = 0.0            # chance per tick that a replica dies and loses its disk
     restart_after: int = 40      # ticks a crashed replica stays down (at most)
     partition: float = 0.0       # chance per tick that the link pattern changes
     fault_ticks: int = 400
@@ -61,6 +62,7 @@ class Params:
             max_delay=r.choice([0, 1, 3, 8]), crash=r.choice([0.0, 0.003, 0.01, 0.02]),
             crash_mid_ready=r.choice([0.0, 0.3]), restart_after=r.choice([5, 40, 150]),
             partition=r.choice([0.0, 0.005, 0.02]), fault_ticks=r.choice([200, 400, 600]),
+            wipe=r.choice([0.0, 0.0, 0.002, 0.006]),
             encode=r.random() < 0.25, options=opts)
 
 
@@ -89,6 +91,8 @@ class Simulation:
         self.healed = False
         n = self.p.n
         self.durable = [[] for _ in range(n)]
+        self.incarnations = 0
+        self.wiped = set()             # replicas whose disk was lost and that have not recovered
         self.replicas = [None] * n
         self.apps = [None] * n
         self.executed = [None] * n     # per incarnation: (client_id, seq) run on the app
@@ -113,8 +117,10 @@ class Simulation:
     def _start(self, r):
         p = self.p
         durable = DurableState.fold(self.durable[r]) if self.durable[r] else None
+        self.incarnations += 1
         self.replicas[r] = self.replica_class(
-            r, self.policy, p.options, Sessions(p.reply_cache, 10 ** 12), durable)
+            r, self.policy, p.options, Sessions(p.reply_cache, 10 ** 12), durable,
+            recovery_nonce=self.incarnations)
         self.apps[r] = KVApp()
         self.executed[r] = set()
         self._log(f"replica {r} starts (view {self.replicas[r].view}, commit {self.replicas[r].commit})")
@@ -289,6 +295,17 @@ class Simulation:
             live = [r for r in range(n) if self.replicas[r] is not None]
             if live:
                 self._crash(rng.choice(live), "killed")
+        if p.wipe and rng.random() < p.wipe:
+            # The fault model allows f lost disks at a time: wipe only when no replica is still
+            # down or recovering from a wipe.
+            self.wiped = {r for r in self.wiped if self.replicas[r] is None
+                          or self.replicas[r].status == "recovering"}
+            live = [r for r in range(n) if self.replicas[r] is not None]
+            if not self.wiped and live:
+                victim = rng.choice(live)
+                self._crash(victim, "killed, and its disk is lost")
+                self.durable[victim] = []
+                self.wiped.add(victim)
         if p.partition and rng.random() < p.partition:
             kind = rng.random()
             nodes = list(range(n))

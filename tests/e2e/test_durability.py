@@ -109,3 +109,32 @@ def test_a_log_corrupt_in_the_middle_is_refused(make_cluster):
         cluster.apps[victim].kill()
     with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as c:
         assert parse_get(c.request("GET k49")) == "v49"   # the other two still serve
+
+
+def test_a_replica_with_a_wiped_disk_recovers_catches_up_and_serves(make_cluster):
+    import shutil
+    cluster = make_cluster(replicas=3, gateways=1, framing="line", durability="fsync").start()
+    load = Load(cluster, clients=3).start()
+    try:
+        load.wait_progress(80)
+        victim = cluster.leader()                     # the worst case: it held the most
+        cluster.kill_replica(victim)
+        shutil.rmtree(cluster.dir / f"replica-{victim}")
+        load.wait_progress(40)
+        cluster.start_replica(victim)
+        cluster.servers[victim].wait_for("event=recovered", 20)
+        wait_caught_up(cluster, victim)
+        # Now the cluster needs the wiped replica: stop another one and keep going.
+        other = next(i for i in range(3) if i != victim and i != cluster.leader())
+        cluster.kill_replica(other)
+        load.wait_progress(40)
+        cluster.start_replica(other)
+        wait_caught_up(cluster, other)
+    finally:
+        load.finish()
+    read_back(cluster, load)
+    result = load.history.check()
+    assert result.ok, str(result)
+    wait_converged(cluster)
+    s = scans(cluster)
+    assert s[0] == s[1] == s[2]

@@ -72,3 +72,26 @@ def test_the_safe_protocol_passes_crash_heavy_seeds():
     for seed in range(BOUND):
         result = run_seed(seed, params=_crash_heavy(seed))
         assert result.ok, f"seed {seed}: {result.violation}"
+
+
+class RejoinWithoutRecovery(Replica):
+    """A replica back with an empty disk that votes at once, as if the cluster were new."""
+
+    def __init__(self, *args, recovery_nonce=None, **kw):
+        super().__init__(*args, **kw)
+
+
+def _wipe_heavy(seed):
+    return replace(Params.swarm(seed), wipe=0.01, crash=0.01, restart_after=10, duplicate=0.05,
+                   max_delay=4, drop=0.02, clients=3, client_window=2, reply_cache=4)
+
+
+def test_rejoining_with_an_empty_disk_without_recovery_is_caught():
+    seed, violation = _first_violation(replica_class=RejoinWithoutRecovery, params=_wipe_heavy)
+    assert seed is not None, f"no violation in {BOUND} seeds when wiped replicas skip recovery"
+
+
+def test_the_safe_protocol_passes_wipe_heavy_seeds():
+    for seed in range(BOUND):
+        result = run_seed(seed, params=_wipe_heavy(seed))
+        assert result.ok, f"seed {seed}: {result.violation}"
