@@ -972,3 +972,25 @@ cdef class ReplyCache:
 
     def clients(self):
         return sorted(self._clients)
+
+    def entries(self, client_id):
+        """The client's kept (seq, reply) pairs in seq order (for checkpoints)."""
+        cdef _Client cl
+        cdef Py_ssize_t i
+        found = self._clients.get(client_id)
+        if found is None:
+            return []
+        cl = <_Client>found
+        return [(cl.seqs[i], <object>cl.replies[i]) for i in range(cl.head, cl.head + cl.n)]
+
+    def restore_client(self, client_id, floor, last_active, entries):
+        """Replace one client's whole state (from a checkpoint): its floor, last-active time and
+        kept (seq, reply) pairs, all above the floor."""
+        cdef _Client cl
+        self._clients.pop(client_id, None)
+        cl = _Client.__new__(_Client)
+        cl.last_active = last_active
+        self._clients[client_id] = cl
+        for seq, reply in entries:
+            self.put(client_id, seq, reply)
+        cl.floor = floor

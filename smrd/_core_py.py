@@ -440,3 +440,16 @@ class ReplyCache:
 
     def clients(self) -> list:
         return sorted(self._clients)
+
+    def entries(self, client_id: int) -> list:
+        """The client's kept (seq, reply) pairs in seq order (for checkpoints)."""
+        c = self._clients.get(client_id)
+        return [] if c is None else sorted(c.replies.items())
+
+    def restore_client(self, client_id: int, floor: int, last_active: int, entries) -> None:
+        """Replace one client's whole state (from a checkpoint)."""
+        self._clients.pop(client_id, None)
+        c = self._clients[client_id] = _Client(last_active)
+        for seq, reply in entries:
+            self.put(client_id, seq, reply)
+        c.floor = floor
