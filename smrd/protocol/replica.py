@@ -597,7 +597,8 @@ class Replica:
         entries = ()
         if primary:
             entries = tuple((i, self.log[i].value) for i in range(self.commit + 1, self.next_instance))
-        empty = self.status == RECOVERING or (self.view == 0 and self.top == 0 and self.commit == 0)
+        # "Empty" means holding no value, whatever the view: views alone decide nothing.
+        empty = self.status == RECOVERING or (self.top == 0 and self.commit == 0)
         self._send(sender, m.RecoveryResponse(self.view, msg.nonce, self.commit, primary, empty, entries))
 
     def _on_recovery_response(self, sender, msg) -> None:
@@ -608,8 +609,9 @@ class Replica:
         if len(answers) < self.policy.quorum:
             return
         if all(a.empty for a in answers.values()):
-            # A quorum of the others never held anything, so no value was ever decided: a new
-            # cluster. (A decided value lives in a quorum of logs; this quorum meets it.)
+            # A quorum of the others holds no value, so no value was ever decided: a decided
+            # value lives in a quorum of logs, and even without ours this quorum meets it. Start
+            # empty; higher views are joined as their messages arrive.
             self._finish_recovery(0, None)
             return
         view = max(a.view for a in answers.values())

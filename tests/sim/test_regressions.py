@@ -7,6 +7,8 @@ from smrd.simulation import Simulation, run_seed
 PINNED = {
     493: "a restarted replica restored its commit point but never re-applied its log",
     179: "a duplicate planned before its original ran lost its reply when k newer seqs evicted it",
+    526: "recovering replicas waited forever on a peer that had views but no values",
+    1015: "recovering replicas waited forever on a peer that had views but no values",
 }
 
 
