@@ -31,6 +31,9 @@ EXIT_USAGE = 2  # bad command line or configuration; argparse uses 2 as well
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in smrd, or a part missing from this build
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
+# Subcommands whose code lives in a module not named after them.
+SUBCOMMAND_MODULES = {"keygen": "smrd.security"}
+
 DESCRIPTION = """\
 smrd makes a deterministic TCP service fault-tolerant without changing it.
 
@@ -53,6 +56,8 @@ configuration layering (later wins):
 subcommands:
   smrd local   start a whole local cluster (replicas + gateways) from built-in defaults
   smrd status  ask every replica in a hosts file for its view, leader and progress
+  smrd keygen  write a CURVE key pair (NAME.key, NAME.pub) for encrypted, authenticated
+               smrd-to-smrd traffic (settings curve_secret_key, curve_public_keys; docs/security.md)
   smrd kv      the demo key-value client (arguments are passed through; smrd kv --help)
 
 exit codes:
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smrd",
         usage="smrd --role {server,client} -c HOSTS [--settings FILE] [--id N] [--SETTING VALUE ...]\n"
-        "       smrd {local,status,kv} ...",
+        "       smrd {local,status,keygen,kv} ...",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -78,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smrd {__version__}")
     add_setting_flags(parser)
 
-    sub = parser.add_subparsers(dest="command", title="subcommands", metavar="{local,status,kv}")
+    sub = parser.add_subparsers(dest="command", title="subcommands", metavar="{local,status,keygen,kv}")
     local = sub.add_parser(
         "local", prog="smrd local", allow_abbrev=False, help="start a whole local cluster from built-in defaults",
         description="Start n replicas, the demo app beside each, and gateways on 127.0.0.1.",
@@ -98,9 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("-c", "--hosts", dest="hosts", default=argparse.SUPPRESS, metavar="PATH",
                         help="hosts file (or SMRD_HOSTS)")
+    status.add_argument("--settings", dest="settings", default=argparse.SUPPRESS, metavar="FILE",
+                        help="settings file, for the CURVE settings (or SMRD_SETTINGS)")
+    for name in ("curve_secret_key", "curve_public_keys"):  # a secured cluster answers only listed keys
+        spec = SETTINGS[name]
+        status.add_argument(spec.flag, dest=name, default=argparse.SUPPRESS, metavar=spec.metavar,
+                            help=f"as for the roles (or {spec.env}); see docs/security.md")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--timeout", type=_positive_float, default=2.0, metavar="S",
                         help="seconds to wait for each replica (default: %(default)s)")
+
+    keygen = sub.add_parser(
+        "keygen", prog="smrd keygen", allow_abbrev=False, help="write a CURVE key pair (NAME.key, NAME.pub)",
+        description="Write DIR/NAME.key (the secret key, mode 0600) and DIR/NAME.pub (the public key), "
+        "each one line of Z85 text. Existing files are never overwritten. Name replicas' keys "
+        "replica-<id>: other processes find a replica's public key as replica-<id>.pub in the "
+        "allow-list directory. See docs/security.md.",
+    )
+    keygen.add_argument("--out", required=True, metavar="DIR", help="directory to write to (created, mode 0700, if missing)")
+    keygen.add_argument("--name", action="append", metavar="NAME",
+                        help="key name, e.g. replica-0, gateway-0; repeat for several pairs (default: smrd)")
 
     kv = sub.add_parser("kv", prog="smrd kv", allow_abbrev=False, help="demo key-value client (smrd kv --help)", add_help=False)
     kv.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -126,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dispatch("smrd.apps.kvclient", "the kv demo client", args.argv)
         if args.command is not None:
             _configure_logging(getattr(args, "log_level", None) or "info", getattr(args, "log_format", None) or "text")
-            return _dispatch(f"smrd.{args.command}", f"smrd {args.command}", args)
+            module = SUBCOMMAND_MODULES.get(args.command, f"smrd.{args.command}")
+            return _dispatch(module, f"smrd {args.command}", args)
         return _run_role(args)
     except ConfigError as exc:
         _error(str(exc))

@@ -33,6 +33,8 @@ MAX_BATCH_BYTES = 32 * MiB
 # "Far below": a retransmission must stop long before the session (and its cached replies) expire.
 SESSION_TTL_MARGIN = 10
 _META = "smrd.setting"
+# Settings that name files; in a settings file they are relative to that file.
+PATH_SETTINGS = ("hosts", "data_dir", "curve_secret_key", "curve_public_keys")
 
 
 def setting(
@@ -150,6 +152,28 @@ class Settings:
     hwm: int = setting(
         10_000, "ZeroMQ high-water mark per socket (0 = unlimited).", group="storage",
         unit="messages", min=0, max=10_000_000)
+    new_cluster: bool = setting(
+        False, "Role server: treat an empty log as a brand-new cluster and skip recovery. By "
+        "default an empty log means 'ask the others first' (a lost disk must not vote before it "
+        "learned the cluster's state), which needs a quorum of the OTHER replicas to answer; set "
+        "this only to bootstrap a new cluster while some replicas are not up yet, never for a "
+        "replica that is replacing one with a lost disk.", group="storage")
+    # --- security ------------------------------------------------------------------------------
+    # Off by default only because it must be: a default that needs keys could not start with zero
+    # configuration, and keys cannot exist before `smrd keygen` makes them (docs/security.md).
+    curve_secret_key: str = setting(
+        "", "Path of this process's CURVE secret key file (NAME.key, written by smrd keygen). Set, "
+        "every smrd-to-smrd channel is encrypted and only keys in curve_public_keys may connect; "
+        "empty, CURVE is off and that traffic is neither encrypted nor authenticated. In the path, "
+        "<name> becomes replica-<id> (role server) or gateway-<id> (role client) and <id> the "
+        "process's id, so one settings file serves every process. See docs/security.md.",
+        group="security", metavar="FILE", shown_default='"" (CURVE off)')
+    curve_public_keys: str = setting(
+        "", "Directory of the public keys allowed to connect (the allow-list: every NAME.pub in it). "
+        "It must hold replica-<id>.pub for every replica in the hosts file: that is how a process "
+        "learns each replica's public key. Only replica-* keys are accepted on peer ports. Re-read "
+        "when its files change. Required exactly when curve_secret_key is set.",
+        group="security", metavar="DIR", shown_default='"" (CURVE off)')
     # --- observability -------------------------------------------------------------------------
     log_level: str = setting(
         "info", "Log level; debug also prints tracebacks of internal errors.", group="observability",
@@ -170,6 +194,7 @@ GROUPS = {
     "gateway": "Gateway",
     "app": "The app",
     "storage": "Storage and transport",
+    "security": "Security (CURVE)",
     "observability": "Observability",
 }
 
@@ -258,6 +283,7 @@ class Config:
     sources: Mapping[str, Source]  # setting name -> where its effective value came from
     warnings: tuple[str, ...] = ()
     metrics_port: int = 0  # effective: the setting if non-zero, else the hosts file's; 0 = off
+    security: Any = None  # smrd.security.Security (keys, allow-list) when CURVE is on, else None
 
     @property
     def role(self) -> str | None:
@@ -329,10 +355,14 @@ def load_config(
         )
     hosts = load_hosts(settings.hosts)
     settings, sources = _check_against_hosts(settings, sources, hosts)
+    security, security_warnings = None, ()
+    if settings.curve_secret_key:
+        settings, security, security_warnings = _load_security(settings, sources, hosts)
     return Config(
         settings=settings, hosts=hosts, sources=sources,
-        warnings=hosts.warnings + _warnings(settings, sources),
+        warnings=hosts.warnings + _warnings(settings, sources) + security_warnings,
         metrics_port=_effective_metrics_port(settings, hosts),
+        security=security,
     )
 
 
@@ -419,7 +449,7 @@ def _file_values(path: str, via: Source) -> dict[str, tuple[Any, Source]]:
                    if key == "settings" else f"is not a smrd setting{did_you_mean(key, valid)}")
             raise ConfigError(f"{source.where}: key {key!r} {why}; fix or remove it")
         parsed = parse_value(SETTINGS[key], value, source)
-        if key in ("hosts", "data_dir") and not os.path.isabs(parsed):
+        if key in PATH_SETTINGS and parsed and not os.path.isabs(parsed):
             parsed = os.path.join(base, parsed)  # paths in a file are relative to the file
         out[key] = (parsed, source)
     return out
@@ -439,6 +469,15 @@ _SIZE_UNITS = {None: 1, "b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g":
 def parse_value(spec: Spec, raw: Any, source: Source) -> Any:
     """Turn a raw value (TOML value, env string or flag string) into the setting's type, checked."""
     where = source.locate(spec.name)
+    if spec.type is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(f"{where}: {raw!r} is not a boolean; use true or false")
     if spec.type is int:
         value = _parse_int(spec, raw, where, from_text=source.kind in ("env", "flag"))
         lo = spec.min if spec.min is not None else value
@@ -494,6 +533,8 @@ def _toml_type(value: Any) -> str:
 def _human(spec: Spec, value: Any) -> str:
     if value is None:
         return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if spec.unit == "bytes" and isinstance(value, int):
         for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
             if value >= size and value % size == 0:
@@ -537,6 +578,13 @@ def _cross_check(s: Settings, sources: Mapping[str, Source]) -> None:
         raise ConfigError(
             f"{show('max_request_bytes')} must not exceed {show('batch_max_bytes')}: a request that fits "
             f"no batch could never be ordered; lower max_request_bytes or raise batch_max_bytes"
+        )
+    if bool(s.curve_secret_key) != bool(s.curve_public_keys):
+        have, lack = (("curve_secret_key", "curve_public_keys") if s.curve_secret_key
+                      else ("curve_public_keys", "curve_secret_key"))
+        raise ConfigError(
+            f"{show(have)} is set but {lack} is not: CURVE needs both this process's secret key and the "
+            f"allow-list of public keys, or neither; set {lack} too, or unset {have} to run without CURVE"
         )
 
 
@@ -585,6 +633,27 @@ def _check_against_hosts(
     return s, sources
 
 
+def _load_security(s: Settings, sources: Mapping[str, Source], hosts: Hosts) -> tuple[Settings, Any, tuple[str, ...]]:
+    """Resolve <name>/<id> in the key path, then load and check the keys (smrd/security.py)."""
+    path = s.curve_secret_key
+    if "<name>" in path or "<id>" in path:
+        if s.role is None or s.id is None:
+            raise ConfigError(
+                f"curve_secret_key={path} ({sources['curve_secret_key']}) uses <name> or <id>, but this "
+                f"command has no role or id to fill in; give the key file's own path, e.g. "
+                f"--curve-secret-key keys/ops.key"
+            )
+        name = f"{'replica' if s.role == 'server' else 'gateway'}-{s.id}"
+        path = path.replace("<name>", name).replace("<id>", str(s.id))
+        s = replace(s, curve_secret_key=path)
+    from .security import load  # only now: a process without CURVE never imports ZeroMQ here
+    security, warnings = load(
+        path, f"curve_secret_key={path} ({sources['curve_secret_key']})",
+        s.curve_public_keys, f"curve_public_keys={s.curve_public_keys} ({sources['curve_public_keys']})",
+        hosts, s.id if s.role == "server" else None)
+    return s, security, warnings
+
+
 def _warnings(s: Settings, sources: Mapping[str, Source]) -> tuple[str, ...]:
     out = []
     if s.election_timeout_ms < 3 * s.heartbeat_ms:
@@ -621,7 +690,8 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
               for key, title in GROUPS.items()}
     for spec in SETTINGS.values():
         names = [spec.short, spec.flag] if spec.short else [spec.flag]
-        metavar = "{" + ",".join(spec.choices) + "}" if spec.choices else (spec.metavar or spec.unit.upper() or "N")
+        metavar = "{" + ",".join(spec.choices) + "}" if spec.choices else (
+            "{true,false}" if spec.type is bool else (spec.metavar or spec.unit.upper() or "N"))
         sizes = " Accepts KiB/MiB/GiB suffixes." if spec.unit == "bytes" else ""
         text = f"{spec.help}{sizes} Default: {spec.default_text()}. Env: {spec.env}."
         groups[spec.group].add_argument(
@@ -667,6 +737,8 @@ def settings_toml() -> str:
             if spec.default is None:
                 example = {"role": '"server"', "id": "0", "hosts": '"hosts.conf"'}.get(spec.name, '"./smrd-data/replica-0"')
                 out.append(f"# {spec.name} = {example}  # default: {spec.default_text()}")
+            elif spec.type is bool:
+                out.append(f"# {spec.name} = {'true' if spec.default else 'false'}")
             elif spec.type is int:
                 human = _human(spec, spec.default)
                 out.append(f"# {spec.name} = {spec.default}" + (f"  # {human}" if spec.unit == "bytes" else ""))

@@ -87,8 +87,9 @@ class Server:
                         "%d valid records kept; what is missing is fetched from peers",
                         d.kind, d.segment, d.offset, d.reason, d.discarded, report.records)
         # The nonce tells this incarnation's recovery answers from an earlier one's.
+        nonce = None if s.new_cluster else int.from_bytes(os.urandom(8), "little")
         self.replica = Replica(self.id, CrashFaultPolicy(self.n), self.options, self.sessions,
-                               durable, recovery_nonce=int.from_bytes(os.urandom(8), "little"))
+                               durable, recovery_nonce=nonce)
         me = hosts.replica(self.id)
         self.channels = Channels(hwm=s.hwm, security=config.security)
         self.peer_router = self.channels.bind_router(bind_endpoint(me.host, me.peer_port), replicas_only=True)

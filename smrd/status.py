@@ -12,12 +12,15 @@ from .errors import ProtocolError
 from .protocol.messages import STATUS_REPLY, STATUS_REQUEST
 
 
-def query(endpoint: str, timeout_s: float = 2.0):
-    """The replica's status dict, or None if it did not answer within timeout_s."""
+def query(endpoint: str, timeout_s: float = 2.0, security=None, replica: int | None = None):
+    """The replica's status dict, or None if it did not answer within timeout_s.
+    With CURVE (security: smrd.security.Security), `replica` picks the public key to expect."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, b"s" + os.urandom(4).hex().encode())
+    if security is not None:
+        security.configure_client(sock, replica)
     try:
         sock.connect(endpoint)
         sock.send(core.encode_frame(STATUS_REQUEST, 0, 0, 0))
@@ -37,10 +40,10 @@ def query(endpoint: str, timeout_s: float = 2.0):
         sock.close(0)
 
 
-def collect(hosts, timeout_s: float = 2.0) -> list:
+def collect(hosts, timeout_s: float = 2.0, security=None) -> list:
     rows = []
     for rid, addr in hosts.replicas.items():
-        st = query(addr.client_endpoint, timeout_s)
+        st = query(addr.client_endpoint, timeout_s, security, rid)
         rows.append({"id": rid, "address": f"{addr.host}:{addr.peer_port}", "reachable": st is not None,
                      **(st or {})})
     return rows
@@ -49,7 +52,7 @@ def collect(hosts, timeout_s: float = 2.0) -> list:
 def main(args) -> int:
     from .config import load_config
     config = load_config(args, need_role=False)
-    rows = collect(config.hosts, args.timeout)
+    rows = collect(config.hosts, args.timeout, config.security)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()

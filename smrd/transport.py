@@ -10,12 +10,32 @@
 # Shape (zguide): every replica binds a ROUTER for its peers and one for gateways; senders use a
 # DEALER per destination with an explicit identity, so a receiver knows who sent each message.
 # A multipart message is one hop's batch: each part is one smrd frame.
+#
+# CURVE (optional, smrd/security.py holds the keys): every bound ROUTER is then a CURVE server and
+# every DEALER a CURVE client that knows its replica's public key; a ZAP handler on the asyncio loop
+# checks each connecting key against the allow-list, and a socket monitor reports handshakes that
+# are not CURVE at all. All of it is settled when a connection is made: sending and receiving are
+# the same code, and a process without CURVE runs exactly what it ran before.
 import logging
 import os
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from .security import CLIENT_DOMAIN, PEER_DOMAIN, KeyFileError, replica_key_name, zap_answer
 
 log = logging.getLogger(__name__)
+
+# RFC 27 fixes the ZAP handler's address; it is per context, hence a context per secured Channels.
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+# How often a secured process re-reads its allow-list directory (rotation without restarts).
+KEY_RELOAD_S = 2.0
+# Distinct refusals logged at WARNING before only the counter and every 1000th refusal speak.
+REFUSALS_LOGGED = 1000
+_HANDSHAKE_FAILURES = {
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "it does not use CURVE",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its CURVE handshake failed (it expects another server key)",
+}
 
 PEER_PREFIX = b"r"
 GATEWAY_PREFIX = b"g"
@@ -41,16 +61,25 @@ def parse_replica_identity(identity: bytes):
 class Channels:
     """The sockets of one process and a single readiness callback for all of them."""
 
-    def __init__(self, hwm: int = 10_000):
-        self.ctx = zmq.Context.instance()
+    def __init__(self, hwm: int = 10_000, security=None):
+        self.security = security  # smrd.security.Security, or None: no CURVE
+        # A secured Channels owns its context: the ZAP endpoint is one per context, so in a shared
+        # one a second Channels could not bind it, or another handler would judge our clients.
+        self.ctx = zmq.Context() if security is not None else zmq.Context.instance()
         self.hwm = hwm
         self.sockets = []
         self.dropped = 0
         self.sent = 0
+        self.refused = 0  # incoming handshakes refused: key not allowed, or not CURVE at all
         self._loop = None
         self._on_message = None
         self._on_idle = None
         self._draining = False
+        self._zap = None
+        self._monitors = {}  # monitor socket -> endpoint of the ROUTER it watches
+        self._dealers = []  # [socket, endpoint, replica id, server key] of secured DEALERs
+        self._refusals_seen = set()
+        self._reload_timer = None
 
     def _socket(self, kind, identity=None):
         s = self.ctx.socket(kind)
@@ -58,7 +87,7 @@ class Channels:
         s.setsockopt(zmq.SNDHWM, self.hwm)
         s.setsockopt(zmq.RCVHWM, self.hwm)
         s.setsockopt(zmq.RECONNECT_IVL, 50)
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 250)  # a restarted peer is found within 250 ms
         s.setsockopt(zmq.HEARTBEAT_IVL, 1000)     # detects dead TCP peers, then reconnects
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         if kind == zmq.ROUTER:
@@ -68,22 +97,118 @@ class Channels:
         self.sockets.append(s)
         return s
 
-    def bind_router(self, endpoint: str):
+    def bind_router(self, endpoint: str, *, replicas_only: bool = False):
+        """A bound ROUTER; with CURVE, replicas_only admits only replica-* keys (a peer port)."""
         s = self._socket(zmq.ROUTER)
+        if self.security is not None:
+            self._secure_router(s, endpoint, replicas_only)
         try:
             s.bind(endpoint)
         except zmq.ZMQError as e:
             raise OSError(f"cannot listen on {endpoint}: {e.strerror}") from None
         return s
 
-    def connect_dealer(self, endpoint: str, identity: bytes):
+    def connect_dealer(self, endpoint: str, identity: bytes, *, replica: int | None = None):
+        """A DEALER towards replica `replica` (its id picks the public key to expect, with CURVE)."""
         s = self._socket(zmq.DEALER, identity)
+        if self.security is not None:
+            if replica is None:
+                raise ValueError("a CURVE client needs the id of the replica it connects to")
+            self._dealers.append([s, endpoint, replica, self.security.configure_client(s, replica)])
         s.connect(endpoint)
         return s
 
+    # ------------------------------------------------------------------ CURVE (connections only)
+
+    def _secure_router(self, s, endpoint: str, replicas_only: bool) -> None:
+        if self._zap is None:
+            # Bound before the first CURVE server: with no ZAP handler, libzmq admits every client
+            # that knows our public key, allow-list or not.
+            self._zap = self.ctx.socket(zmq.ROUTER)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            self._zap.bind(ZAP_ENDPOINT)
+        self.security.configure_server(s, PEER_DOMAIN if replicas_only else CLIENT_DOMAIN)
+        # ZAP never hears of a client that fails the handshake before it (no CURVE, wrong server
+        # key); the monitor does. Such a client often hangs up first, once it sees our greeting
+        # ask for CURVE: that is a "no detail" failure, so both kinds count.
+        mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._monitors[mon] = endpoint
+
+    def _serve_zap(self) -> None:
+        zap = self._zap
+        # Edge-triggered FD (see _kick): read until EVENTS says empty, after our own sends too.
+        while not zap.closed and zap.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            reply, refusal = zap_answer(self.security, frames)
+            if reply is not None:
+                zap.send_multipart(reply, zmq.NOBLOCK)
+            if refusal is not None:
+                if refusal.name is not None:
+                    why = f"key {refusal.key} ({refusal.name}.pub) is not a replica's, and this is a peer port"
+                else:
+                    why = f"public key {refusal.key} is not in the allow-list {self.security.directory}"
+                port = "peer" if refusal.domain.endswith(b"peer") else "client"
+                self._refuse((refusal.key, port), f"refused a connection from {refusal.address} on the "
+                             f"{port} port: {why}")
+
+    def _serve_monitor(self, mon) -> None:
+        while not mon.closed and mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            endpoint = self._monitors.get(mon, "?")
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                kind, why = "hung up", ("it hung up during the handshake (a client without CURVE or "
+                                        "without our public key, or a bare TCP probe)")
+            else:
+                kind = event["value"]
+                why = _HANDSHAKE_FAILURES.get(kind, f"its handshake failed (protocol error {kind:#x})")
+            self._refuse((endpoint, kind), f"refused a connection on {endpoint}: {why}")
+
+    def _refuse(self, key, message: str) -> None:
+        self.refused += 1
+        # Once per distinct client and reason: a refused client reconnects forever.
+        if key not in self._refusals_seen and len(self._refusals_seen) < REFUSALS_LOGGED:
+            self._refusals_seen.add(key)
+            log.warning("%s (refused so far: %d)", message, self.refused)
+        elif self.refused % 1000 == 0:
+            log.warning("%s (refused so far: %d; repeats are not logged)", message, self.refused)
+        else:
+            log.debug("%s (refused so far: %d)", message, self.refused)
+
+    def _reload_keys(self) -> None:
+        self._reload_timer = self._loop.call_later(KEY_RELOAD_S, self._reload_keys)
+        try:
+            change = self.security.reload()
+        except KeyFileError as e:
+            log.warning("allow-list not re-read: %s; the previous one stays in force", e)
+            return
+        if change is None:
+            return
+        added, removed, changed = change
+        log.info("allow-list %s re-read: %d keys (added: %s; removed: %s; changed: %s); connections "
+                 "already made keep their authentication", self.security.directory, len(self.security.allowed),
+                 ", ".join(added) or "-", ", ".join(removed) or "-", ", ".join(changed) or "-")
+        for entry in self._dealers:
+            sock, endpoint, replica, used = entry
+            key = self.security.allowed.get(replica_key_name(replica))
+            if sock.closed or key is None or key == used:
+                continue
+            # Replica `replica` has a new key pair: reconnect expecting it. Messages queued on the
+            # old connection are lost; the protocol's retransmissions cover that, as for any reconnect.
+            sock.disconnect(endpoint)
+            sock.setsockopt(zmq.CURVE_SERVERKEY, key)
+            sock.connect(endpoint)
+            entry[3] = key
+            log.info("replica %d's public key changed; reconnecting to %s with the new one", replica, endpoint)
+
     def send(self, sock, parts) -> bool:
         try:
-            sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart(parts, flags=zmq.NOBLOCK)
             self.sent += 1
             return True
         except zmq.Again:
@@ -99,6 +224,14 @@ class Channels:
         self._on_idle = on_idle
         for s in self.sockets:
             loop.add_reader(s.getsockopt(zmq.FD), self.drain)
+        if self.security is not None:
+            if self._zap is not None:
+                loop.add_reader(self._zap.getsockopt(zmq.FD), self._serve_zap)
+                self._serve_zap()  # handshakes that began before the loop was ours
+            for mon in self._monitors:
+                loop.add_reader(mon.getsockopt(zmq.FD), self._serve_monitor, mon)
+                self._serve_monitor(mon)
+            self._reload_timer = loop.call_later(KEY_RELOAD_S, self._reload_keys)
         self._kick()
 
     def _kick(self):
@@ -133,14 +266,23 @@ class Channels:
         return handled
 
     def close(self) -> None:
+        extra = ([self._zap] if self._zap is not None else []) + list(self._monitors)
+        if self._reload_timer is not None:
+            self._reload_timer.cancel()
+            self._reload_timer = None
         if self._loop is not None:
-            for s in self.sockets:
+            for s in self.sockets + extra:
                 if not s.closed:
                     try:
                         self._loop.remove_reader(s.getsockopt(zmq.FD))
                     except (ValueError, zmq.ZMQError):
                         pass
-        for s in self.sockets:
+        for s in extra + self.sockets:
             s.close(0)
         self.sockets = []
+        self._monitors = {}
+        self._dealers = []
+        self._zap = None
+        if self.security is not None:
+            self.ctx.destroy(linger=0)  # ours alone (see __init__); the shared instance stays
 

@@ -4,7 +4,9 @@ from smrd.apps.kvclient import KVClient
 
 
 def test_an_unresolvable_peer_name_is_retried_not_fatal(make_cluster):
-    cluster = make_cluster(replicas=3, gateways=1, framing="line",
+    # A new cluster bootstrapping without one member: the others may not wait for it to recover
+    # (an empty log normally asks a quorum of the others first), hence new_cluster.
+    cluster = make_cluster(replicas=3, gateways=1, framing="line", settings={"new_cluster": True},
                            replica_host=lambda i: "replica-2.not-yet.invalid" if i == 2 else "127.0.0.1")
     cluster.start_replica(0)
     cluster.start_replica(1)
@@ -13,3 +15,16 @@ def test_an_unresolvable_peer_name_is_retried_not_fatal(make_cluster):
         assert c.request("PUT a 1") == b"OK"
         assert c.request("GET a") == b"VALUE 1"
     assert cluster.servers[0].alive and cluster.servers[1].alive and cluster.gateways[0].alive
+
+
+
+def test_a_new_cluster_with_a_member_missing_waits_instead_of_guessing(make_cluster):
+    # Without new_cluster, an empty replica cannot tell a new cluster from a lost disk while a
+    # peer is missing, so it stays recovering (not ready) rather than risk voting with amnesia.
+    cluster = make_cluster(replicas=3, gateways=1, framing="line",
+                           replica_host=lambda i: "replica-2.not-yet.invalid" if i == 2 else "127.0.0.1")
+    cluster.start_replica(0)
+    cluster.start_replica(1)
+    cluster.servers[0].wait_for("event=recovering", 10)
+    assert cluster.status(0)["status"] == "recovering"
+    assert cluster.status(1)["status"] == "recovering"
