@@ -101,6 +101,10 @@ SERVER_SERIES = (
            "Bytes received in the current (or last) state transfer; 0 when none.", optional=True),
     Series("state_transfer_size", "smrd_state_transfer_size_bytes", G,
            "Total bytes of the current (or last) state transfer; 0 when none.", optional=True),
+    Series("app_restarts", "smrd_app_restarts", C,
+           "App restarts detected (its state was rebuilt by replaying the log)."),
+    Series("connections_refused", "smrd_connections_refused", C,
+           "Connections refused by CURVE authentication (unlisted or missing key)."),
     Series("n", "smrd_cluster_replicas", G, "Replicas in the configuration."),
 )
 

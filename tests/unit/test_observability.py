@@ -30,7 +30,7 @@ def server_snapshot(**over):
         "app_reconnects": 10, "app_retries": 11, "app_ready": True, "halted": None,
         "view": 12, "leader": 0, "status": "normal", "commit": 13, "known_commit": 14,
         "executed": 15, "pending": 16, "log_bytes": 4096, "log_records": 17,
-        "wal_bytes_written": 2048, "wal_records_written": 18, "wal_syncs": 19, "n": 3,
+        "wal_bytes_written": 2048, "wal_records_written": 18, "wal_syncs": 19, "n": 3, "app_restarts": 0, "connections_refused": 0,
         # state_transfer_* left out on purpose: optional until state transfer exists
         # keys the collector does not know are ignored (Server.status() has several)
         "pid": 1234, "uptime_s": 1.5, "top": 20,
