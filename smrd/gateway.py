@@ -94,21 +94,31 @@ class Gateway:
 
     async def submit(self, payload: bytes, idempotency_key: str = None) -> bytes:
         """Order and execute one request; returns the reply or raises ClusterUnavailable."""
+        while True:
+            future = self.try_submit(payload, idempotency_key)
+            if future is not None:
+                return await (asyncio.shield(future) if idempotency_key is not None else future)
+            # The replicas keep k replies per client: issuing further ahead could evict the
+            # reply of a request still outstanding. Wait (back-pressure on outside clients).
+            self.window_open.clear()
+            await self.window_open.wait()
+
+    def _window_open(self) -> bool:
+        oldest = next(iter(self.session_calls), self.next_seq)
+        return self.next_seq < oldest + self.k and len(self.session_calls) < self.max_inflight
+
+    def try_submit(self, payload: bytes, idempotency_key: str = None):
+        """The future of the request's reply, or None while the window is full (no task, no
+        coroutine: this is the per-request path)."""
         loop = self.loop
         if idempotency_key is not None:
             key = (idempotent_client_id(idempotency_key), 1)
             call = self.calls.get(key)
             if call is not None:
-                return await asyncio.shield(call.future)
+                return call.future
         else:
-            while True:
-                oldest = next(iter(self.session_calls), self.next_seq)
-                if self.next_seq < oldest + self.k and len(self.session_calls) < self.max_inflight:
-                    break
-                # The replicas keep k replies per client: issuing further ahead could evict the
-                # reply of a request still outstanding. Wait (back-pressure on outside clients).
-                self.window_open.clear()
-                await self.window_open.wait()
+            if not self._window_open():
+                return None
             key = (self.client_id, self.next_seq)
             self.next_seq += 1
         call = _Call(key, payload, loop.create_future(), loop.time())
@@ -120,7 +130,7 @@ class Gateway:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return await call.future
+        return call.future
 
     def _flush(self):
         self._flush_scheduled = False
@@ -291,11 +301,10 @@ class Gateway:
                     self.stats["errors"] += 1
                     await replies.put(error_reply(mode, f"{what}: {e}", status=getattr(e, "status", 400), close=True))
                     break
+                if request is not None:
+                    replies.put_nowait(self._reply_for(request))
                 if request is None or self.stopping.is_set():
-                    if request is not None:
-                        await replies.put(asyncio.ensure_future(self._answer(request)))
                     break
-                await replies.put(asyncio.ensure_future(self._answer(request)))
                 if mode == "close" or messages.wants_close:
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -308,16 +317,17 @@ class Gateway:
                 pass
             writer.close()
 
-    async def _answer(self, request):
+    def _reply_for(self, request):
+        """What the connection's writer waits on: bytes, or a future of the reply."""
         mode = self.mode
         try:
             key, payload = split_idempotency(mode, request)
         except FramingError as e:
             return error_reply(mode, str(e), status=400)
-        try:
-            return await self.submit(payload, key)
-        except ClusterUnavailable as e:
-            return error_reply(mode, str(e), status=503)
+        future = self.try_submit(payload, key)
+        if future is None:  # window full: wait for it in a task (rare)
+            future = asyncio.ensure_future(self.submit(payload, key))
+        return future
 
     async def _write_replies(self, writer, replies):
         # Replies leave in request order (pipelined clients rely on it), each as soon as it and
@@ -326,7 +336,13 @@ class Gateway:
             item = await replies.get()
             if item is None:
                 return
-            reply = await item if isinstance(item, asyncio.Future) else item
+            if isinstance(item, asyncio.Future):
+                try:
+                    reply = await asyncio.shield(item) if not item.done() else item.result()
+                except ClusterUnavailable as e:
+                    reply = error_reply(self.mode, str(e), status=503)
+            else:
+                reply = item
             try:
                 await write_message(writer, self.mode, reply)
             except (ConnectionError, FramingError) as e:
