@@ -37,7 +37,9 @@ class DurableState:
     view: int = 0
     entries: dict = field(default_factory=dict)  # instance -> [view, value, decided]
     commit: int = 0
-    records: int = 0   # how many records were folded: 0 means this replica never wrote any
+    # How many records were folded: 0 means this replica never wrote any. Not part of equality:
+    # two logs that fold to the same state are the same state.
+    records: int = field(default=0, compare=False)
 
     def add(self, record) -> None:
         self.records += 1
