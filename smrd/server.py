@@ -64,7 +64,8 @@ class Server:
         self.options = Options.from_millis(
             s.tick_ms, s.heartbeat_ms, s.election_timeout_ms, s.request_timeout_ms,
             window=s.window, batch_max_requests=s.batch_max_requests,
-            batch_max_bytes=s.batch_max_bytes)
+            batch_max_bytes=s.batch_max_bytes,
+            max_pending_per_origin=s.max_inflight_per_gateway)
         self.sessions = Sessions(s.reply_cache_size, s.session_ttl_s * 1000)
         data_dir = s.data_dir.replace("<id>", str(s.id))
         self.wal = WriteAheadLog(data_dir, s.durability)

@@ -16,12 +16,13 @@ class Options:
     catchup_max_entries: int = 256
     catchup_max_bytes: int = 4 << 20
     max_pending: int = 200_000        # requests held waiting for order; beyond it they are refused
+    max_pending_per_origin: int = 4096  # the same, per gateway (one gateway cannot fill it alone)
 
     def __post_init__(self):
         for name in ("window", "batch_max_requests", "batch_max_bytes", "heartbeat_ticks",
                      "election_ticks", "request_ticks", "retransmit_ticks",
                      "max_view_change_backoff", "catchup_max_entries", "catchup_max_bytes",
-                     "max_pending"):
+                     "max_pending", "max_pending_per_origin"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Options.{name} must be >= 1, got {getattr(self, name)}")
         if self.heartbeat_ticks >= self.election_ticks:

@@ -51,12 +51,13 @@ class _Slot:
 
 class _Pending:
     """A client request waiting for order (or, at the leader, for its instance to decide)."""
-    __slots__ = ("payload", "arrived", "forwarded")
+    __slots__ = ("payload", "arrived", "forwarded", "origin")
 
-    def __init__(self, payload, arrived):
+    def __init__(self, payload, arrived, origin):
         self.payload = payload
         self.arrived = arrived
         self.forwarded = False
+        self.origin = origin
 
 
 class Replica:
@@ -102,6 +103,7 @@ class Replica:
         self.pending = {}          # (client_id, seq) -> _Pending: not yet proposed
         self.queue = deque()       # pending keys in arrival order (may hold stale keys)
         self.proposed = {}         # leader: (client_id, seq) -> _Pending, in an undecided instance
+        self.pending_by_origin = {}  # gateway -> its requests held here (pending or proposed)
         self._ready = Ready()
         self._commit_recorded = 0
         self.view_change_reason = ""
@@ -230,6 +232,8 @@ class Replica:
         pending = self.pending
         now = self.now
         limit = self.opt.max_pending
+        per_origin = self.opt.max_pending_per_origin
+        by_origin = self.pending_by_origin
         replies = self._ready.replies
         for client_id, seq, payload in Batch(msg.batch):
             key = (client_id, seq)
@@ -246,11 +250,15 @@ class Replica:
                     replies.append((origin, client_id, seq, TOO_OLD, b""))
                 continue
             # UNKNOWN_SESSION is only final at execution, where every replica agrees on it.
-            if len(pending) >= limit:
-                self.stats["requests_dropped"] += 1  # the gateway retransmits; nothing was acked
+            if len(pending) >= limit or (origin is not None and by_origin.get(origin, 0) >= per_origin):
+                # Memory stays bounded whatever the gateways send; nothing was acknowledged, and
+                # the gateway retransmits.
+                self.stats["requests_dropped"] += 1
                 continue
-            pending[key] = _Pending(payload, now)
+            pending[key] = _Pending(payload, now, origin)
             self.queue.append(key)
+            if origin is not None:
+                by_origin[origin] = by_origin.get(origin, 0) + 1
         if self.is_leader:
             self._propose()
 
@@ -723,6 +731,7 @@ class Replica:
         apply = self._ready.apply
         pending, proposed = self.pending, self.proposed
         sessions = self.sessions
+        by_origin = self.pending_by_origin
         while self.applied < i:
             self.applied += 1
             value = log[self.applied].value
@@ -730,8 +739,15 @@ class Replica:
             apply.append((self.applied, value, plan))
             for client_id, seq, _, _ in plan:
                 key = (client_id, seq)
-                if pending.pop(key, None) is None:
-                    proposed.pop(key, None)
+                req = pending.pop(key, None)
+                if req is None:
+                    req = proposed.pop(key, None)
+                if req is not None and req.origin is not None:
+                    left = by_origin[req.origin] - 1
+                    if left:
+                        by_origin[req.origin] = left
+                    else:
+                        del by_origin[req.origin]
             self.sent_at.pop(self.applied, None)
         if advanced and self.is_leader:
             before = len(self._ready.messages)

@@ -166,3 +166,18 @@ def test_sessions_reject_too_old_and_expired():
     execute_batch(s, core.pack_batch([], timestamp=5000), app.execute)
     out = execute_batch(s, core.pack_batch([(1, 9, b"SIZE")], timestamp=5001), app.execute)
     assert out[0][2] == 3                                  # session expired: UNKNOWN_SESSION
+
+
+def test_one_gateway_cannot_fill_a_replica_with_pending_requests():
+    rep = Replica(1, n=3, options=Options(max_pending_per_origin=10, heartbeat_ticks=2,
+                                           election_ticks=10))
+    rep.step("greedy", Requests(core.pack_batch([(1, s, b"GET a") for s in range(1, 50)])))
+    rep.step("polite", Requests(core.pack_batch([(2, s, b"GET a") for s in range(1, 5)])))
+    assert len(rep.pending) == 14
+    assert rep.describe()["requests_dropped"] == 39
+    # Once its requests execute, the greedy gateway may send again.
+    value = core.pack_batch([(1, s, b"GET a") for s in range(1, 11)])
+    rep.step(0, m.Propose(0, 1, value, 1))
+    rep.step(0, m.Commit(0, 1))
+    rep.step("greedy", Requests(core.pack_batch([(1, 60, b"GET a")])))
+    assert (1, 60) in rep.pending
