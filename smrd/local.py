@@ -212,8 +212,14 @@ class LocalCluster:
         raise ProcessFailed("no agreed leader within %s s" % timeout)
 
     def stop(self):
-        for child in self.gateways + self.servers + self.apps:
-            child.stop()
+        # Gateways first (they drain), then replicas together (only the leader hands off), then
+        # the apps: SIGTERM to a whole tier at once, then wait for it.
+        for tier in (self.gateways, self.servers, self.apps):
+            for child in tier:
+                if child.alive:
+                    child.proc.send_signal(signal.SIGTERM)
+            for child in tier:
+                child.stop()
 
 
 def main(args) -> int:
