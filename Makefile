@@ -4,21 +4,29 @@ PY ?= python3
 PIP_FLAGS ?= --quiet --disable-pip-version-check --root-user-action=ignore
 SEEDS ?= 100000
 
-.PHONY: install run test test-fast bench soak clean
+.PHONY: install install-test run test test-fast bench soak clean
 
-install:  ## install smrd (compiling the smrd._core extension) and the test tools
+CHECKOV_VENV ?= .venv-checkov
+
+install:  ## install smrd, compiling the smrd._core extension
+	$(PY) -m pip install $(PIP_FLAGS) -e .
+
+install-test:  ## install smrd and everything the tests need
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]'
+	@# checkov pins an older `packaging`: it lives in its own venv, used by the chart tests.
+	@test -x $(CHECKOV_VENV)/bin/checkov || { $(PY) -m venv $(CHECKOV_VENV) && \
+		$(CHECKOV_VENV)/bin/pip install $(PIP_FLAGS) checkov==3.3.30; }
 
 run: install  ## a local cluster: 3 replicas beside 3 hashmap apps, 1 gateway on 127.0.0.1:11900
 	$(PY) -m smrd local
 
-test: install  ## every test (unit, simulation, real processes)
-	$(PY) -m pytest -q
+test: install-test  ## every test (unit, simulation, real processes, chart)
+	CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest -q
 
-test-fast: install  ## unit tests only
+test-fast: install-test  ## unit tests only
 	$(PY) -m pytest -q tests/unit
 
-bench: install  ## microbenchmarks of the hot path, both twins side by side
+bench: install-test  ## microbenchmarks of the hot path, both twins side by side
 	$(PY) -m pytest bench --benchmark-only --benchmark-group-by=group -q
 
 soak: install  ## long simulation soak: make soak SEEDS=100000
