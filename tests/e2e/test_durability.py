@@ -26,6 +26,16 @@ def read_back(cluster, load):
             load.history.complete(op, parse_get(client.request(f"GET {key}")))
 
 
+def assert_nothing_lost(cluster, load):
+    """Every acknowledged write is read back, the history is linearizable, the apps are equal."""
+    read_back(cluster, load)
+    result = load.history.check()
+    assert result.ok, str(result)
+    wait_converged(cluster)
+    s = scans(cluster)
+    assert s[0] == s[1] == s[2]
+
+
 def test_repeated_kills_under_load_lose_nothing(make_cluster):
     cluster = make_cluster(replicas=3, gateways=1, framing="line", durability="fsync").start()
     load = Load(cluster, clients=4).start()
@@ -40,12 +50,7 @@ def test_repeated_kills_under_load_lose_nothing(make_cluster):
             wait_caught_up(cluster, victim)
     finally:
         load.finish()
-    read_back(cluster, load)
-    result = load.history.check()
-    assert result.ok, str(result)
-    wait_converged(cluster)
-    s = scans(cluster)
-    assert s[0] == s[1] == s[2]
+    assert_nothing_lost(cluster, load)
 
 
 def test_all_replicas_killed_at_once_keep_every_acknowledged_write(make_cluster):
@@ -59,12 +64,7 @@ def test_all_replicas_killed_at_once_keep_every_acknowledged_write(make_cluster)
         load.finish()
     for i in range(3):
         cluster.start_replica(i)
-    read_back(cluster, load)
-    result = load.history.check()
-    assert result.ok, str(result)
-    wait_converged(cluster)
-    s = scans(cluster)
-    assert s[0] == s[1] == s[2]
+    assert_nothing_lost(cluster, load)
 
 
 def _last_segment(cluster, i):
@@ -132,9 +132,4 @@ def test_a_replica_with_a_wiped_disk_recovers_catches_up_and_serves(make_cluster
         wait_caught_up(cluster, other)
     finally:
         load.finish()
-    read_back(cluster, load)
-    result = load.history.check()
-    assert result.ok, str(result)
-    wait_converged(cluster)
-    s = scans(cluster)
-    assert s[0] == s[1] == s[2]
+    assert_nothing_lost(cluster, load)
