@@ -4,7 +4,7 @@ PY ?= python3
 PIP_FLAGS ?= --quiet --disable-pip-version-check --root-user-action=ignore
 SEEDS ?= 100000
 
-.PHONY: install install-test run test test-fast bench soak clean
+.PHONY: install install-test run test test-fast bench bench-check experiments soak clean
 
 CHECKOV_VENV ?= .venv-checkov
 
@@ -26,8 +26,16 @@ test: install-test  ## every test (unit, simulation, real processes, chart)
 test-fast: install-test  ## unit tests only
 	$(PY) -m pytest -q tests/unit
 
-bench: install-test  ## microbenchmarks of the hot path, both twins side by side
-	$(PY) -m pytest bench --benchmark-only --benchmark-group-by=group -q
+bench: install-test  ## regression gate: _core microbenchmarks + e2e run vs bench/baseline
+	$(PY) -m pytest bench --benchmark-only --benchmark-group-by=group -q \
+		--benchmark-storage=bench/baseline --benchmark-compare --benchmark-compare-fail=min:100%
+
+bench-check: install-test  ## the gate passes as is and fails on a planted slowdown
+	$(PY) bench/check_regression_gate.py
+
+experiments: install-test  ## the paper's experiments with same-run baselines (~4 min): results/quick/
+	$(PY) -m pip install $(PIP_FLAGS) matplotlib
+	$(PY) -m bench.experiments --profile quick --out results/quick
 
 soak: install  ## long simulation soak: make soak SEEDS=100000
 	$(PY) -m smrd.simulation --seeds $(SEEDS)

@@ -1,11 +1,12 @@
 # Proves the benchmark regression gate works both ways: the compare against the saved baseline
-# (bench/baseline/) must pass as the code is, and must fail with a planted slowdown
-# (BENCH_PLANT_SLOWDOWN=1: every benchmarked function does its work 3 times, see
-# bench/conftest.py), and every benchmark must be reported as regressed. Exits 0 only if both hold; otherwise 1, saying which did not.
+# (bench/baseline/) must pass as the code is, with every benchmark compared; and with a planted
+# slowdown (BENCH_PLANT_SLOWDOWN=1: every benchmarked function does its work 3 times, see
+# bench/conftest.py) it must fail with every benchmark reported as regressed. Exits 0 only if
+# both hold; otherwise 1, saying which did not.
 #
 #   python bench/check_regression_gate.py [--fail min:100%]
 #
-# The gate itself (what CI or a developer runs) is GATE_COMMAND below; docs/benchmarks.md says
+# The gate itself (what CI or a developer runs) is gate_command() below; docs/benchmarks.md says
 # why the threshold is what it is on the 2-core machine.
 import argparse
 import json

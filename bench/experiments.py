@@ -25,6 +25,13 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
+import smrd
+from bench.measure import measure
+from bench.systems import DirectApp, EtcdCluster, PortAllocator, SmrdSystem, SystemFailed, ensure_etcd
+from smrd import core
+
 ROOT = Path(__file__).resolve().parents[1]
 
 try:
@@ -87,9 +94,7 @@ def alternate(keys, clients, mix, repeats_at=(), repeats=1):
 
 
 def plan(p, with_etcd):
-    from bench.systems import DirectApp, EtcdCluster, SmrdSystem
-
-    def smrd(**kw):
+    def smrd_system(**kw):
         return lambda ctx, kw=kw: SmrdSystem(**ctx.smrd_kwargs(kw), **kw)
 
     def direct(**kw):
@@ -98,9 +103,9 @@ def plan(p, with_etcd):
     top = max(p["clients"])
     rep = p["repeats"]
     groups = [
-        Group("line", {"direct": direct(framing="line"), "smrd": smrd(framing="line")},
+        Group("line", {"direct": direct(framing="line"), "smrd": smrd_system(framing="line")},
               alternate(["direct", "smrd"], p["clients"], "mixed", [top], rep)),
-        Group("close", {"direct": direct(framing="close"), "smrd": smrd(framing="close")},
+        Group("close", {"direct": direct(framing="close"), "smrd": smrd_system(framing="close")},
               alternate(["direct", "smrd"], p["close_clients"], "mixed", [max(p["close_clients"])], rep)),
     ]
     if with_etcd:
@@ -109,32 +114,30 @@ def plan(p, with_etcd):
             runs += alternate(["etcd", "smrd"], clients, mix, [HEADLINE_CLIENTS] if mix == "put" else [], rep)
         groups.append(Group("etcd", {"etcd": lambda ctx: EtcdCluster(
             members=3, data_dir=ctx.tmpfs / "etcd", log_dir=ctx.log_dir / "etcd", ports=ctx.ports),
-            "smrd": smrd(framing="line")}, runs))
+            "smrd": smrd_system(framing="line")}, runs))
     noop = p["noop_clients"]
     groups.append(Group("noop", {"direct": direct(framing="line", app="noop"),
-                                 "smrd": smrd(framing="line", app="noop")},
+                                 "smrd": smrd_system(framing="line", app="noop")},
                         alternate(["direct", "smrd"], noop, "noop", [min(noop), max(noop)], rep)))
     groups.append(Group("durability", {
-        "fsync-tmpfs": smrd(durability="fsync", storage="tmpfs"),
-        "fsync-disk": smrd(durability="fsync", storage="disk"),
-        "memory": smrd(durability="memory", storage="tmpfs")},
+        "fsync-tmpfs": smrd_system(durability="fsync", storage="tmpfs"),
+        "fsync-disk": smrd_system(durability="fsync", storage="disk"),
+        "memory": smrd_system(durability="memory", storage="tmpfs")},
         alternate(["fsync-tmpfs", "fsync-disk", "memory"], p["durability_clients"], "mixed",
                   [max(p["durability_clients"])], rep)))
     for g in p["gateways"]:
         if g != 1:  # gateways = 1 is the "line" group's smrd
-            groups.append(Group(f"gateways-{g}", {"smrd": smrd(gateways=g)},
+            groups.append(Group(f"gateways-{g}", {"smrd": smrd_system(gateways=g)},
                                 alternate(["smrd"], p["clients"], "mixed")))
     for n in p["replicas"]:
         if n != 3:  # replicas = 3 is the "line" group's smrd
-            groups.append(Group(f"replicas-{n}", {"smrd": smrd(replicas=n)},
+            groups.append(Group(f"replicas-{n}", {"smrd": smrd_system(replicas=n)},
                                 alternate(["smrd"], p["replica_clients"], "mixed")))
     return groups
 
 
 class Context:
     def __init__(self, out, tmpfs_root, disk_root):
-        from bench.systems import PortAllocator
-        self.out = out
         self.log_dir = out / "logs"
         self.tmpfs = Path(tempfile.mkdtemp(prefix="smrd-bench-", dir=tmpfs_root))
         self.disk = Path(tempfile.mkdtemp(prefix="smrd-bench-", dir=disk_root))
@@ -163,9 +166,6 @@ def _git(*args):
 
 
 def machine_info():
-    import psutil
-    import smrd
-    from smrd import core
     model = ""
     try:
         for line in open("/proc/cpuinfo"):
@@ -243,7 +243,6 @@ def run_groups(groups, prof, ctx, args, results, save):
 
 
 def measure_point(system, run, prof, args):
-    from bench.measure import measure
     return measure(system, clients=run.clients, mix=run.mix, seconds=prof["seconds"],
                    warmup=prof["warmup"], procs=args.loadgen_procs)
 
@@ -405,7 +404,6 @@ def main(argv=None):
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         groups = [g for g in groups if any(g.name == w or g.name.startswith(w + "-") for w in wanted)]
     if not args.no_etcd and any(g.name == "etcd" for g in groups):
-        from bench.systems import SystemFailed, ensure_etcd
         try:
             ensure_etcd()
         except SystemFailed as e:

@@ -121,7 +121,7 @@ def line_replies(c, data):
 
 
 def http_replies(c, data):
-    """Complete HTTP/1.1 responses (Content-Length or chunked), each as (ok, bytes)."""
+    """Complete HTTP/1.1 responses in c's buffer (Content-Length or chunked bodies)."""
     c.buf += data
     out = []
     while True:
@@ -171,12 +171,10 @@ def _cpu_s():
     return t.user + t.system
 
 
-def worker_main(spec, stdin=None, stdout=None):
+def worker_main(spec):
     """Run this worker's clients: print READY once every client has a request outstanding (the
     warm-up), read the window's start (time.monotonic(), one clock for all processes on Linux)
     from stdin, measure `seconds` from there, let outstanding requests finish, return a dict."""
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
     framing, host, seconds = spec["framing"], spec["host"], spec["seconds"]
     persistent = framing != "close"
     ep = select.epoll()
@@ -225,9 +223,9 @@ def worker_main(spec, stdin=None, stdout=None):
         else:
             open_one(c)
     outstanding = len(clients)
-    stdout.write("READY\n")
-    stdout.flush()
-    in_fd = stdin.fileno()
+    sys.stdout.write("READY\n")
+    sys.stdout.flush()
+    in_fd = sys.stdin.fileno()
     ep.register(in_fd, select.EPOLLIN)
     cpu = {}
     stopping = False

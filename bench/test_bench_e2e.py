@@ -23,13 +23,14 @@ ROUNDS = 20  # the gate compares the fastest round: more rounds, more chances of
 
 @pytest.fixture(scope="module")
 def cluster():
-    root = Path(tempfile.mkdtemp(prefix="smrd-bench-e2e-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    system = SmrdSystem(durability="memory", data_dir=root / "cluster", log_dir=root / "logs",
-                        ports=PortAllocator()).start()
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    root = Path(tempfile.mkdtemp(prefix="smrd-bench-e2e-", dir=shm))
     try:
+        system = SmrdSystem(durability="memory", data_dir=root / "cluster", log_dir=root / "logs",
+                            ports=PortAllocator()).start()  # stops what it started if it fails
         yield system
-    finally:
         system.stop()
+    finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -42,9 +43,10 @@ def clients(cluster):
 
 
 def test_e2e_line_3_replicas_16_clients(benchmark, clients):
-    benchmark.group = f"e2e: {REQUESTS_PER_ROUND} requests, 3 replicas, 1 gateway, {CLIENTS} clients, line, memory"
+    benchmark.group = (f"e2e: {REQUESTS_PER_ROUND} requests, 3 replicas, 1 gateway, {CLIENTS} "
+                       "clients, line, memory")
     benchmark.extra_info["requests_per_round"] = REQUESTS_PER_ROUND
-    errors = benchmark.pedantic(clients.run, args=(REQUESTS_PER_ROUND,), rounds=ROUNDS, warmup_rounds=1,
-                                iterations=1)
+    errors = benchmark.pedantic(clients.run, args=(REQUESTS_PER_ROUND,), rounds=ROUNDS,
+                                warmup_rounds=1, iterations=1)
     assert errors == 0
     benchmark.extra_info["ops_per_s"] = round(REQUESTS_PER_ROUND / benchmark.stats.stats.median, 1)
