@@ -57,8 +57,10 @@ class AppWatch:
         """Is the app still the process we adopted? (True when we never could tell.)"""
         if self.identity is None:
             return True
+        # is_running() re-reads the process's start time and compares it with the one psutil
+        # cached at adopt(): one /proc read per new connection (close mode: per request).
         try:
-            return self._proc.is_running() and self._proc.create_time() == self.identity[1]
+            return self._proc.is_running()
         except psutil.Error:
             return False
 
