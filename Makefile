@@ -12,6 +12,7 @@ install:  ## install smrd, compiling the smrd._core extension
 	$(PY) -m pip install $(PIP_FLAGS) -e .
 
 install-test:  ## install smrd and everything the tests need
+	bash scripts/install-system-tools.sh
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]'
 	@# checkov pins an older `packaging`: it lives in its own venv, used by the chart tests.
 	@test -x $(CHECKOV_VENV)/bin/checkov || { $(PY) -m venv $(CHECKOV_VENV) && \
