@@ -1,8 +1,10 @@
 # The replica's write-ahead log: the bytes, files and fsyncs behind `Ready.persist`.
 #
 # Owns: encoding durable records as smrd frames, segment files `wal-<seq>.log` in one directory,
-# the directory lock, group commit (many append() calls, one fsync per sync()), and recovery:
-# replaying the segments in order, cutting off a torn or corrupt tail and saying so.
+# the directory lock, group commit (many append() calls, one fsync per sync()), recovery:
+# replaying the segments in order, cutting off a torn or corrupt tail and saying so, and the
+# upkeep that keeps the directory small: deleting segments a checkpoint covers (truncate_before)
+# and compressing closed segments to `wal-<seq>.log.zst` (compress_closed).
 # Never: decides anything about the protocol (the meaning of a record and how records combine
 # belong to smrd.protocol.records), silently accepts damaged bytes, or keeps going after an
 # fsync failed (after a failed fsync the kernel may already have dropped the dirty pages, so a
@@ -14,13 +16,44 @@
 #   type 101 AcceptRecord    view and instance in the header, the value as payload
 #   type 102 DecideRecord    instance in the header, the value as payload
 #   type 103 CommitRecord    commit point in the header's instance field, no payload
+#   type 104 CheckpointRecord instance in the header, payload = sha256 digest (32) + size (<Q)
+#
+# Segments. Every segment starts with a header: the summary of every record written before it,
+# as [CheckpointRecord(latest), if any] ViewRecord(highest view) CommitRecord(highest commit),
+# written in the same write as the first group that goes into the segment (never alone, except
+# when truncate_before needs a fresh segment: a log that was never written stays empty). So each
+# segment, on its own, folds to the log's view, commit point and checkpoint as of its end, and a
+# prefix of segments can be deleted once a checkpoint covers every value in them. The checkpoint
+# comes first so that a header cut short by a crash is recognisable from the segment alone (the
+# first records are a proper prefix of the pattern), and such a segment is never appended to.
+# Header records are pure repetition: folding them again changes nothing (maxima and the latest
+# checkpoint), so the fold of the log is the fold of everything appended.
+#
+# Segment numbers are gap-free from the first segment on disk. A missing prefix is what
+# truncate_before leaves (accepted if the log holds a checkpoint, which truncation requires);
+# a missing segment between two present ones is corrupt_middle, as it always was.
+#
+# Compression (compress_closed): a closed segment is compressed to wal-<seq>.log.zst (one zstd
+# frame, level 3, content size and content checksum), read back and compared, fsynced, the
+# directory fsynced, and only then is the .log unlinked (and the directory fsynced again). So a
+# .zst is complete before its .log is gone: if both exist (a crash in between), recovery uses the
+# .log and deletes the .zst; a .zst that does not decompress, or decompresses into anything but
+# whole valid records, is corrupt_middle (its bytes are kept aside, like any corrupt_middle).
 #
 # Threads: no thread inside. append() only encodes into a memory buffer; sync() writes that
 # buffer with one os.write and fsyncs once. Two locks make it safe for the driver to run sync()
 # in a worker thread (asyncio.to_thread) while the loop keeps calling append(): append() holds
 # the buffer lock only to extend the buffer, sync() holds it only to take the buffer, and holds
 # a second lock for the write+fsync so that two concurrent sync() calls never reorder writes.
+# A third lock (a condition) guards the per-segment bookkeeping: sync() takes it briefly to
+# record what it wrote, compress_closed() and truncate_before() (worker threads: they read,
+# write, unlink and fsync whole files) take it only to claim a segment, to publish a change and
+# to wait for each other; the compression itself runs with no lock held. A segment is claimed
+# by one of them at a time (busy); truncate_before asks a compression of a segment it is about
+# to delete to give up and waits for it, and close() waits for both before it lets the
+# directory lock go.
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -29,13 +62,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+import zstandard
+
 from . import core
 from .errors import ProtocolError, SmrdError
-from .protocol.records import AcceptRecord, CommitRecord, DecideRecord, DurableState, ViewRecord
+from .protocol.records import (AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord,
+                               DurableState, ViewRecord)
 
 log = logging.getLogger(__name__)
 
-VIEW, ACCEPT, DECIDE, COMMIT = 100, 101, 102, 103  # record types; messages use 1..99
+VIEW, ACCEPT, DECIDE, COMMIT, CHECKPOINT = 100, 101, 102, 103, 104  # messages use 1..99
 DURABILITY_MODES = ("fsync", "nosync", "memory")
 LOCK_NAME = "LOCK"
 CORRUPT_SUFFIX = ".corrupt"
@@ -46,10 +82,19 @@ TORN_TAIL = "torn_tail"            # the last record is incomplete (or the file 
 CORRUPT_TAIL = "corrupt_tail"      # the last record is complete but wrong (checksum, magic, type)
 CORRUPT_MIDDLE = "corrupt_middle"  # damage with valid records or later segments after it
 
-_SEGMENT = re.compile(r"^wal-([0-9a-f]{16})\.log$")
+_SEGMENT = re.compile(r"^wal-([0-9a-f]{16})\.log(\.zst)?$")
 _HEAD = struct.Struct("<2sBBHHQQII")  # the frame header, as documented in smrd/_core.pyi
 _MAGIC = b"SM"
 _MAX_PAYLOAD = 64 << 20
+_SIZE = struct.Struct("<Q")  # a checkpoint's size, after its digest
+DIGEST_BYTES = 32            # sha256
+ZSTD_LEVEL = 3
+_CHUNK = 1 << 20             # bytes read at a time while compressing
+
+
+def segment_name(seq: int, compressed: bool = False) -> str:
+    """The file name of segment `seq`: wal-<16 hex digits>.log, or .log.zst once compressed."""
+    return f"wal-{seq:016x}.log" + (".zst" if compressed else "")
 
 
 class StorageError(SmrdError):
@@ -99,6 +144,15 @@ def encode_record(record) -> bytes:
         return core.encode_frame(COMMIT, 0, 0, record.commit)
     if kind is DecideRecord:
         return core.encode_frame(DECIDE, 0, 0, record.instance, record.value)
+    if kind is CheckpointRecord:
+        digest, size = record.digest, record.size
+        if not isinstance(digest, (bytes, bytearray)) or len(digest) != DIGEST_BYTES:
+            raise ValueError(f"a checkpoint digest is {DIGEST_BYTES} bytes (sha256), "
+                             f"not {digest!r}")
+        if not 0 <= size < 1 << 64:
+            raise OverflowError(f"checkpoint size out of range: {size}")
+        return core.encode_frame(CHECKPOINT, 0, 0, record.instance,
+                                 bytes(digest) + _SIZE.pack(size))
     raise TypeError(f"not a durable record: {record!r}")
 
 
@@ -115,7 +169,10 @@ def decode_record(frame):
         return ViewRecord(view)
     if mtype == COMMIT and not view and not len(payload):
         return CommitRecord(instance)
-    if mtype in (VIEW, DECIDE, COMMIT):
+    if mtype == CHECKPOINT and not view and len(payload) == DIGEST_BYTES + _SIZE.size:
+        return CheckpointRecord(instance, bytes(payload[:DIGEST_BYTES]),
+                                _SIZE.unpack_from(payload, DIGEST_BYTES)[0])
+    if mtype in (VIEW, DECIDE, COMMIT, CHECKPOINT):
         raise ProtocolError(f"malformed record of type {mtype}")
     raise ProtocolError(f"unknown record type {mtype}")
 
@@ -141,6 +198,52 @@ def _parse(data, off: int):
         return None, (False, str(exc))
 
 
+def _replay(data):
+    """Every valid record from the start of data, as (records, off, why): off is where the
+    valid records end; why is (torn, reason) when off < len(data), else None."""
+    records, off, why = [], 0, None
+    end = len(data)
+    while off < end:
+        record, nxt = _parse(data, off)
+        if record is None:
+            why = nxt
+            break
+        records.append(record)
+        off = nxt
+    return records, off, why
+
+
+def _has_header(records) -> bool:
+    """Does a segment holding `records` start with a complete header (see the top)?"""
+    i = 1 if records and type(records[0]) is CheckpointRecord else 0
+    return (len(records) >= i + 2 and type(records[i]) is ViewRecord
+            and type(records[i + 1]) is CommitRecord)
+
+
+class _Damaged(Exception):
+    pass
+
+
+def _decompress(raw) -> bytes:
+    """The content of a compressed segment: exactly one complete zstd frame with its content
+    size and checksum, nothing after it. _Damaged otherwise."""
+    try:
+        params = zstandard.get_frame_parameters(raw)
+        if not params.has_checksum:
+            raise _Damaged("zstd frame without a content checksum")
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        data = dobj.decompress(raw)
+    except zstandard.ZstdError as exc:
+        raise _Damaged(str(exc)) from exc
+    if not dobj.eof:
+        raise _Damaged(f"incomplete zstd frame ({len(raw)} bytes)")
+    if dobj.unused_data:
+        raise _Damaged(f"{len(dobj.unused_data)} bytes after the zstd frame")
+    if params.content_size != len(data):
+        raise _Damaged(f"content size {params.content_size} in the frame, {len(data)} decoded")
+    return data
+
+
 def _valid_record_after(data, start: int) -> bool:
     """Is there any valid record starting at or after `start`? Used only after damage, to tell
     a tail (nothing valid follows: a crash mid-write) from corruption in the middle. A value that
@@ -156,14 +259,75 @@ def _valid_record_after(data, start: int) -> bool:
 
 # ----------------------------------------------------------------------------------------- log
 
+class _Summary:
+    """What a segment header repeats: the highest view and commit point and the latest
+    checkpoint of some records (the fold's rules), and the highest instance of any Accept or
+    Decide record among them (for per-segment bookkeeping)."""
+    __slots__ = ("view", "commit", "checkpoint", "top")
+
+    def __init__(self, view: int = 0, commit: int = 0, checkpoint=None, top: int = -1):
+        self.view, self.commit, self.checkpoint, self.top = view, commit, checkpoint, top
+
+    def note(self, record) -> None:
+        kind = type(record)
+        if kind is AcceptRecord or kind is DecideRecord:
+            if record.instance > self.top:
+                self.top = record.instance
+        elif kind is ViewRecord:
+            if record.view > self.view:
+                self.view = record.view
+        elif kind is CommitRecord:
+            if record.commit > self.commit:
+                self.commit = record.commit
+        elif kind is CheckpointRecord:
+            if self.checkpoint is None or record.instance >= self.checkpoint.instance:
+                self.checkpoint = record
+            if record.instance > self.commit:
+                self.commit = record.instance
+
+    def merge(self, later: "_Summary") -> None:
+        """Fold in the summary of records that come after ours."""
+        self.view = max(self.view, later.view)
+        self.commit = max(self.commit, later.commit)
+        self.top = max(self.top, later.top)
+        cp = later.checkpoint
+        if cp is not None and (self.checkpoint is None or cp.instance >= self.checkpoint.instance):
+            self.checkpoint = cp
+
+    def header(self) -> bytes:
+        records = [] if self.checkpoint is None else [self.checkpoint]
+        records += [ViewRecord(self.view), CommitRecord(self.commit)]
+        return b"".join(encode_record(r) for r in records)
+
+
+@dataclass
+class _Segment:
+    """Bookkeeping for one segment file (guarded by WriteAheadLog._meta)."""
+    seq: int
+    compressed: bool = False  # wal-<seq>.log.zst rather than wal-<seq>.log
+    size: int = 0             # bytes on disk
+    top: int = -1             # highest instance of an Accept/Decide record in it; -1: none
+    header: bool = False      # starts with a complete header
+    busy: bool = False        # claimed by compress_closed() or truncate_before()
+    cancel: bool = False      # truncate_before() wants it deleted: a compression gives up
+
+    @property
+    def name(self) -> str:
+        return segment_name(self.seq, self.compressed)
+
+
 class WriteAheadLog:
-    """Segmented write-ahead log with group commit.
+    """Segmented write-ahead log with group commit, truncation and compression.
 
     open() -> (DurableState, RecoveryReport); then append(records) any number of times (cheap:
     memory only) and sync() to make everything appended before the call durable with one write
     and one fsync. durability: "fsync" (safe default), "nosync" (write to the OS, never fsync:
     survives a process crash, not a power loss), "memory" (nothing on disk: open() returns an
-    empty state, append() and sync() do nothing)."""
+    empty state, append() and sync() do nothing).
+
+    Upkeep, for worker threads (each reads, writes, unlinks and fsyncs files): truncate_before()
+    deletes the segments a synced checkpoint covers, compress_closed() compresses the closed
+    ones; stats() says what is on disk."""
 
     def __init__(self, directory: str, durability: str = "fsync", segment_bytes: int = 64 << 20):
         if durability not in DURABILITY_MODES:
@@ -174,18 +338,27 @@ class WriteAheadLog:
         self.directory = os.fspath(directory)
         self.durability = durability
         self.segment_bytes = segment_bytes
-        self.bytes_written = 0    # bytes handed to the OS
-        self.records_written = 0  # records handed to the OS
-        self.syncs = 0            # sync() calls that flushed a non-empty group
+        self.bytes_written = 0    # bytes handed to the OS (segment headers included)
+        self.records_written = 0  # records handed to the OS (segment headers included)
+        self.syncs = 0            # writes (each followed by one fsync in "fsync" mode)
+        self.segments_deleted = 0      # by truncate_before(), since open()
+        self.bytes_deleted = 0
+        self.segments_compressed = 0   # by compress_closed(), since open()
         self._fsync = durability == "fsync"
         self._memory = durability == "memory"
         self._buf = bytearray()
         self._buffered = 0        # records in _buf
+        self._bsum = _Summary()   # summary of the records in _buf
         self._buf_lock = threading.Lock()
         self._sync_lock = threading.Lock()
+        self._wsum = _Summary()   # summary of every record written (under _sync_lock)
+        self._meta = threading.Condition(threading.Lock())
+        self._segs = {}           # seq -> _Segment: every segment on disk, the active one too
+        self._truncate_lock = threading.Lock()
+        self._compress_lock = threading.Lock()
         self._lock_fd = -1
         self._fd = -1             # the active segment, O_APPEND
-        self._seq = -1            # its sequence number
+        self._seq = -1            # its sequence number (changed under _sync_lock and _meta)
         self._size = 0            # its size in bytes
         self._state = "new"       # new | open | failed | closed
         self._failure = ""
@@ -211,6 +384,7 @@ class WriteAheadLog:
         self._lock()
         try:
             state, report = self._recover()
+            self._wsum = _Summary(state.view, state.commit, state.checkpoint)
             self._start_writing()
         except OSError as exc:
             self._release()
@@ -247,43 +421,85 @@ class WriteAheadLog:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
-    def _segments(self) -> list:
+    def _scan(self) -> list:
+        """The segments on disk as [(seq, file name)] in order, one file per seq: where a crash
+        left both wal-<seq>.log and its .zst, the .log (complete: it is unlinked only after the
+        .zst is durable) wins and the .zst (maybe partial) is deleted."""
         try:
             names = os.listdir(self.directory)
         except OSError as exc:
             raise StorageError(f"cannot list log directory {self.directory}: {exc}") from exc
-        found = sorted((int(m.group(1), 16), n) for n in names if (m := _SEGMENT.match(n)))
-        return found
+        found = {}
+        for name in names:
+            if m := _SEGMENT.match(name):
+                found.setdefault(int(m.group(1), 16), [None, None])[bool(m.group(2))] = name
+        segments = []
+        for seq in sorted(found):
+            plain, packed = found[seq]
+            if plain is not None and packed is not None:
+                log.info("write-ahead log %s: %s and %s both exist (a compression was "
+                         "interrupted); keeping the first", self.directory, plain, packed)
+                try:
+                    os.unlink(os.path.join(self.directory, packed))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise StorageError(
+                        f"cannot remove {packed} in {self.directory}: {exc}") from exc
+            segments.append((seq, plain or packed))
+        return segments
 
     def _recover(self):
         state = DurableState()
         report = RecoveryReport(self.directory, self.durability)
-        segments = self._segments()
+        segments = self._scan()
+        metas = []
         for k, (seq, name) in enumerate(segments):
             path = os.path.join(self.directory, name)
             if k and seq != segments[k - 1][0] + 1:
-                # A segment's name is made durable before its first byte is written, so a gap
-                # is not a crash: someone removed a file. Everything from the gap on is suspect.
+                # A segment's name is made durable before its first byte is written, and only a
+                # prefix is ever deleted, so a gap is not a crash: someone removed a file.
+                # Everything from the gap on is suspect.
                 self._cut(report, segments, k, 0, None, CORRUPT_MIDDLE,
                           f"segment(s) missing before {name}")
                 break
             try:
                 with open(path, "rb") as f:
-                    data = f.read()
+                    raw = f.read()
             except OSError as exc:
                 raise StorageError(f"cannot read log segment {path}: {exc}") from exc
-            off = 0
-            while off < len(data):
-                record, end = _parse(data, off)
-                if record is None:
+            compressed = name.endswith(".zst")
+            if compressed:
+                # A .zst was complete (read back and compared) before its .log went away, so
+                # any damage in it is damage to records that were durable: corrupt_middle.
+                try:
+                    data = _decompress(raw)
+                except _Damaged as exc:
+                    self._cut(report, segments, k, 0, None, CORRUPT_MIDDLE,
+                              f"compressed segment unreadable: {exc}")
                     break
+                records, off, why = _replay(data)
+                if why is not None:
+                    self._cut(report, segments, k, 0, None, CORRUPT_MIDDLE,
+                              f"compressed segment damaged at offset {off} of its content: "
+                              f"{why[1]}")
+                    break
+            else:
+                data = raw
+                records, off, why = _replay(data)
+            top = -1
+            for record in records:
                 state.add(record)
-                report.records += 1
-                off = end
+                kind = type(record)
+                if (kind is AcceptRecord or kind is DecideRecord) and record.instance > top:
+                    top = record.instance
+            metas.append(_Segment(seq, compressed, len(raw) if compressed else off, top,
+                                  _has_header(records)))
+            report.records += len(records)
             report.segments.append(name)
             report.bytes += off
-            if off < len(data):
-                torn, reason = end
+            if why is not None:
+                torn, reason = why
                 later = any(os.path.getsize(os.path.join(self.directory, n))
                             for _, n in segments[k + 1:])
                 if later or _valid_record_after(data, off + 1):
@@ -301,8 +517,24 @@ class WriteAheadLog:
                 # bytes sit in the page cache, we have just replayed them and the replica will
                 # act on them, so they must be durable before it does.
                 self._fsync_path(path)
+        prior = report.damage
+        if (report.segments and segments[0][0] > 0 and state.checkpoint is None
+                and (prior is None or prior.kind != CORRUPT_MIDDLE)):
+            # Segments before the first one are missing. truncate_before() deletes a prefix
+            # only after a checkpoint is durable, and every later header repeats it: without one
+            # this is not a truncation but lost files, maybe with votes in them. Refuse it all.
+            # (A torn tail cannot have taken the checkpoint: it was synced before the deletion.
+            # After a corrupt_middle the log is refused anyway, and the rest is kept as it is.)
+            first, n = segments[0][1], len(report.segments)
+            state, metas = DurableState(), []
+            report.records = report.bytes = 0
+            report.segments = []
+            also = f" (and {prior.kind} in {prior.segment}: {prior.reason})" if prior else ""
+            self._cut(report, segments[:n], 0, 0, None, CORRUPT_MIDDLE,
+                      f"segment(s) missing before {first} and no checkpoint covers them{also}")
         if self._fsync:
             self._fsync_dir()  # the names too, in case the last writer ran with "nosync"
+        self._segs = {m.seq: m for m in metas}
         return state, report
 
     def _cut(self, report, segments, k, off, data, kind, reason) -> None:
@@ -359,19 +591,21 @@ class WriteAheadLog:
         return target
 
     def _start_writing(self) -> None:
-        segments = self._segments()
-        if segments:
-            seq, name = segments[-1]
-            size = os.path.getsize(os.path.join(self.directory, name))
-            if size < self.segment_bytes:
-                self._open_segment(seq, create=False)
+        if self._segs:
+            last = self._segs[max(self._segs)]
+            # Append to the last segment only if it is a plain file with room that is empty
+            # (its first write will carry the header) or starts with a complete header; one
+            # whose header a crash cut short (or written before headers existed) stays as is.
+            if not last.compressed and last.size < self.segment_bytes and (
+                    last.size == 0 or last.header):
+                self._open_segment(last.seq, create=False)
                 return
-            self._open_segment(seq + 1, create=True)
+            self._open_segment(last.seq + 1, create=True)
         else:
             self._open_segment(0, create=True)
 
     def _open_segment(self, seq: int, create: bool) -> None:
-        path = os.path.join(self.directory, f"wal-{seq:016x}.log")
+        path = os.path.join(self.directory, segment_name(seq))
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = os.open(path, flags, 0o644)
@@ -387,7 +621,11 @@ class WriteAheadLog:
                 raise
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd, self._seq, self._size = fd, seq, os.fstat(fd).st_size
+        size = os.fstat(fd).st_size
+        with self._meta:
+            if create:
+                self._segs[seq] = _Segment(seq)
+            self._fd, self._seq, self._size = fd, seq, size
 
     def _fsync_path(self, path: str) -> None:
         try:
@@ -409,6 +647,15 @@ class WriteAheadLog:
         except OSError as exc:
             raise StorageError(f"fsync of log directory {self.directory} failed: {exc}") from exc
 
+    def _fsync_dir_or_fail(self, what: str) -> None:
+        """fsync the directory after upkeep changed names in it; a failure stops the log (the
+        names on disk are then unknown: a crash could bring back any subset of them)."""
+        if self._fsync:
+            try:
+                self._fsync_dir()
+            except StorageError as exc:
+                self._fail(f"fsync of the log directory after {what}", exc)
+
     # ------------------------------------------------------------------------ append / sync
 
     def append(self, records: Iterable) -> None:
@@ -416,42 +663,65 @@ class WriteAheadLog:
         if self._memory:
             return
         # Encode everything first: a bad record raises before any byte of this call is buffered.
-        frames = [encode_record(r) for r in records]
+        frames = []
+        summary = _Summary(-1, -1)
+        for record in records:
+            frames.append(encode_record(record))
+            summary.note(record)
         with self._buf_lock:
             if self._state != "open":
                 self._refuse()
             self._buf += b"".join(frames)
             self._buffered += len(frames)
+            self._bsum.merge(summary)
 
     def sync(self) -> None:
         """Make every record appended before this call durable: one write, one fsync."""
         if self._memory:
             return
         with self._sync_lock:
-            with self._buf_lock:
-                if self._state != "open":
-                    self._refuse()
-                if not self._buf:
-                    return
-                data, count = self._buf, self._buffered
-                self._buf, self._buffered = bytearray(), 0
-            if self._size >= self.segment_bytes:
-                # Roll between groups, so a segment always ends on a record boundary and the
-                # segment being closed was fully fsynced by the sync() that wrote it.
-                try:
-                    self._open_segment(self._seq + 1, create=True)
-                except StorageError as exc:
-                    self._fail("creating a new segment", exc)
-            self._write_all(data)
-            if self._fsync:
-                try:
-                    os.fsync(self._fd)
-                except OSError as exc:
-                    self._fail("fsync", exc)
-            self._size += len(data)
-            self.bytes_written += len(data)
-            self.records_written += count
-            self.syncs += 1
+            self._sync_locked(False)
+
+    def _sync_locked(self, fresh: bool) -> None:
+        """sync() under _sync_lock. fresh: also leave the active segment with a complete header
+        and no record written before this call but the header (roll unless it is empty)."""
+        with self._buf_lock:
+            if self._state != "open":
+                self._refuse()
+            data, count, group = self._buf, self._buffered, self._bsum
+            if not data and not fresh:
+                return
+            self._buf, self._buffered, self._bsum = bytearray(), 0, _Summary()
+        if self._size and (fresh or self._size >= self.segment_bytes):
+            # Roll between groups, so a segment always ends on a record boundary and the
+            # segment being closed was fully fsynced by the sync() that wrote it.
+            try:
+                self._open_segment(self._seq + 1, create=True)
+            except StorageError as exc:
+                self._fail("creating a new segment", exc)
+        header = not self._size
+        if header:
+            # The first write into a segment starts with the summary of everything written
+            # before it, which makes the segment self-sufficient (see the top of this file).
+            head = self._wsum.header()
+            data = head + data
+            count += 2 + (self._wsum.checkpoint is not None)
+        self._write_all(data)
+        if self._fsync:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._fail("fsync", exc)
+        self._size += len(data)
+        self._wsum.merge(group)
+        with self._meta:
+            active = self._segs[self._seq]
+            active.size = self._size
+            active.top = max(active.top, group.top)
+            active.header = active.header or header
+        self.bytes_written += len(data)
+        self.records_written += count
+        self.syncs += 1
 
     def _write_all(self, data) -> None:
         view = memoryview(data)
@@ -477,11 +747,250 @@ class WriteAheadLog:
             raise StorageError(self._failure)
         raise StorageError(f"write-ahead log {self.directory} is {self._state}, not open")
 
+    def _check_open(self) -> None:
+        with self._buf_lock:
+            if self._state != "open":
+                self._refuse()
+
+    # ------------------------------------------------------------------------------ upkeep
+
+    def truncate_before(self, instance: int) -> tuple:
+        """Delete the oldest segments that hold no Accept/Decide record above `instance`;
+        -> (segments deleted, bytes freed on disk).
+
+        Precondition: a CheckpointRecord with an instance >= `instance` was appended and
+        synced (ValueError otherwise): the checkpoint file it names holds everything the
+        deleted values produced, and must be durable before the record is appended.
+
+        First it syncs what was appended (like sync()). If the active segment holds an
+        Accept/Decide record, all at or below `instance` (or it has no header yet), that write
+        goes to a new segment, written and fsynced now even if nothing was appended, whose
+        header repeats the view, commit point and checkpoint (an active segment with a value
+        above `instance` stays: it could not be deleted anyway). Then it deletes closed
+        segments oldest first, while each one's highest Accept/Decide instance is <=
+        `instance`, and stops earlier if the first segment left would not start with a
+        complete header; so the segments left are gap-free, and the fold of what is left equals
+        the fold of everything (the values deleted are all covered by the checkpoint). It
+        fsyncs the directory after each deletion, so that a crash leaves a prefix deleted (the
+        order of unlinks is not otherwise durable). A segment being compressed is waited for (its compression is told
+        to give up). Blocks on disk I/O: call from a worker thread. "memory": does nothing."""
+        if self._memory:
+            return 0, 0
+        with self._truncate_lock:
+            with self._sync_lock:
+                self._check_open()
+                cp = self._wsum.checkpoint
+                if cp is None or cp.instance < instance:
+                    raise ValueError(
+                        f"truncate_before({instance}) needs a synced checkpoint at or above "
+                        f"{instance}; the latest synced one is "
+                        f"{'none' if cp is None else cp.instance}")
+                active = self._segs[self._seq]
+                self._sync_locked(not self._size or not active.header
+                                  or 0 <= active.top <= instance)
+            victims = self._claim_prefix(instance)
+            deleted = freed = 0
+            try:
+                for seg in victims:
+                    # The .zst first: one that a failed compression left beside the .log must
+                    # not outlive it. One directory fsync per file: a crash must leave a prefix
+                    # deleted, never an older segment brought back after a newer one went.
+                    for name in (segment_name(seg.seq, True), segment_name(seg.seq)):
+                        try:
+                            os.unlink(os.path.join(self.directory, name))
+                        except FileNotFoundError:
+                            continue
+                        except OSError as exc:
+                            raise StorageError(f"write-ahead log {self.directory}: cannot "
+                                               f"delete {name}: {exc}") from exc
+                        self._fsync_dir_or_fail(f"deleting {name}")
+                    with self._meta:
+                        del self._segs[seg.seq]
+                    deleted += 1
+                    freed += seg.size
+            finally:
+                with self._meta:
+                    for seg in victims:
+                        seg.busy = False
+                    self._meta.notify_all()
+                self.segments_deleted += deleted
+                self.bytes_deleted += freed
+            if deleted:
+                log.info("write-ahead log %s: deleted %d segment(s) up to instance %d (%d bytes)",
+                         self.directory, deleted, instance, freed)
+            return deleted, freed
+
+    def _claim_prefix(self, instance: int) -> list:
+        with self._meta:
+            while True:
+                victims = []
+                for seq in sorted(self._segs):
+                    seg = self._segs[seq]
+                    if seq >= self._seq or seg.top > instance:
+                        break
+                    victims.append(seg)
+                # Whatever is left must start with a self-sufficient segment. The segment after
+                # the last victim exists: victims are closed, and numbers have no gaps.
+                while victims and not self._segs[victims[-1].seq + 1].header:
+                    victims.pop()
+                busy = [seg for seg in victims if seg.busy]
+                if not busy:
+                    for seg in self._segs.values():
+                        seg.cancel = False
+                    for seg in victims:
+                        seg.busy = True
+                    return victims
+                for seg in busy:
+                    seg.cancel = True
+                self._meta.wait()
+
+    def compress_closed(self) -> tuple:
+        """Compress every closed segment still stored as wal-<seq>.log into wal-<seq>.log.zst,
+        oldest first; -> (segments compressed, bytes before, bytes after). Never the active
+        segment. Each: compress (zstd level 3, content size and checksum), fsync it, read it
+        back and compare, fsync the directory, unlink the .log, fsync the directory. A failure
+        removes the .zst and raises StorageError; the .log stays and the log goes on (a failed
+        fsync stops the log, as everywhere). Runs with no lock held while it compresses: call it from a worker thread while the loop goes on
+        appending and syncing. "memory": does nothing."""
+        if self._memory:
+            return 0, 0, 0
+        self._check_open()
+        done = before = after = 0
+        with self._compress_lock:
+            while True:
+                with self._meta:
+                    if self._state != "open":
+                        break
+                    # not one that truncate_before() is waiting to delete (cancel)
+                    seg = next((s for seq, s in sorted(self._segs.items()) if seq < self._seq
+                                and not (s.compressed or s.busy or s.cancel)), None)
+                    if seg is None:
+                        break
+                    seg.busy = True
+                try:
+                    sizes = self._compress(seg)
+                finally:
+                    with self._meta:
+                        seg.busy = False
+                        self._meta.notify_all()
+                if sizes is not None:
+                    done += 1
+                    before += sizes[0]
+                    after += sizes[1]
+                    self.segments_compressed += 1
+        if done:
+            log.info("write-ahead log %s: compressed %d segment(s), %d -> %d bytes",
+                     self.directory, done, before, after)
+        return done, before, after
+
+    def _compress(self, seg: _Segment):
+        """Compress one claimed segment; (bytes before, after), or None if it gave up because
+        truncate_before() wants the segment or the log closed."""
+        src = os.path.join(self.directory, segment_name(seg.seq))
+        dst = os.path.join(self.directory, segment_name(seg.seq, True))
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True,
+                                        write_content_size=True)
+        created = False
+        try:
+            with open(src, "rb") as fin:
+                size = os.fstat(fin.fileno()).st_size
+                digest = hashlib.blake2b()
+                cobj = cctx.compressobj(size=size)
+                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                created = True
+                with open(fd, "wb") as fout:
+                    left = size
+                    while left:
+                        if seg.cancel or self._state != "open":
+                            return self._give_up(dst)
+                        chunk = fin.read(min(_CHUNK, left))
+                        if not chunk:
+                            raise OSError(f"{src} shrank while being compressed")
+                        digest.update(chunk)
+                        fout.write(cobj.compress(chunk))
+                        left -= len(chunk)
+                    fout.write(cobj.flush())
+                    fout.flush()
+                    packed = fout.tell()
+                    if self._fsync:
+                        try:
+                            os.fsync(fout.fileno())
+                        except OSError as exc:
+                            self._fail(f"fsync of {dst}", exc)
+            # Read it back the way recovery will: the .log goes only if this gives its bytes.
+            with open(dst, "rb") as f:
+                raw = f.read()
+            try:
+                content = _decompress(raw)
+            except _Damaged as exc:
+                raise OSError(f"{dst} does not read back: {exc}") from exc
+            if len(content) != size or hashlib.blake2b(content).digest() != digest.digest():
+                raise OSError(f"{dst} reads back different bytes than {src}")
+            del content, raw
+        except StorageError:
+            raise
+        except (OSError, zstandard.ZstdError) as exc:
+            if created:
+                self._give_up(dst)
+            raise StorageError(f"write-ahead log {self.directory}: cannot compress {src}: "
+                               f"{exc}") from exc
+        self._fsync_dir_or_fail(f"writing {dst}")
+        with self._meta:
+            # Under _meta: close() waits for busy segments before it lets the directory lock go,
+            # so the .log is never unlinked once another process may own the directory.
+            if seg.cancel or self._state != "open":
+                give_up = True
+            else:
+                give_up = False
+                try:
+                    os.unlink(src)
+                except OSError as exc:  # both files stay: recovery keeps the .log
+                    raise StorageError(f"cannot remove {src} after compressing it: {exc}") from exc
+                seg.compressed, seg.size = True, packed
+        if give_up:
+            return self._give_up(dst)
+        self._fsync_dir_or_fail(f"removing {src}")
+        return size, packed
+
+    def _give_up(self, dst: str) -> None:
+        # The .zst must be gone durably before truncate_before() unlinks its .log: a .zst that
+        # outlived its .log would be read as a complete segment.
+        self._remove_quietly(dst)
+        self._fsync_dir_or_fail(f"removing {dst}")
+        return None
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            log.warning("write-ahead log %s: cannot remove %s: %s", self.directory, path, exc)
+
+    def stats(self) -> dict:
+        """What is on disk now, for metrics: segments (files), bytes (their sizes, compressed
+        or not), compressed_segments and compressed_bytes, first_segment and active_segment
+        (numbers; -1 when none), and the upkeep counters since open()."""
+        with self._meta:
+            segs = list(self._segs.values())
+            active = self._seq
+        packed = [s for s in segs if s.compressed]
+        return {
+            "segments": len(segs),
+            "bytes": sum(s.size for s in segs),
+            "compressed_segments": len(packed),
+            "compressed_bytes": sum(s.size for s in packed),
+            "first_segment": min((s.seq for s in segs), default=-1),
+            "active_segment": active,
+            "segments_deleted": self.segments_deleted,
+            "bytes_deleted": self.bytes_deleted,
+            "segments_compressed": self.segments_compressed,
+        }
+
     # ------------------------------------------------------------------------------- close
 
     def close(self) -> None:
         """Sync what was appended (if the log is healthy), then release files and the lock.
-        Safe to call more than once and after a failure."""
+        Safe to call more than once and after a failure. Waits for a compress_closed() or
+        truncate_before() in another thread to give up or finish its current file first."""
         if self._state in ("closed", "new"):
             self._state = "closed"
             self._release()
@@ -494,6 +1003,10 @@ class WriteAheadLog:
                 self._state = "closed"
                 self._buf = bytearray()
                 self._buffered = 0
+                self._bsum = _Summary()
+            with self._meta:
+                while any(s.busy for s in self._segs.values()):
+                    self._meta.wait()
             self._release()
 
     def _release(self) -> None:

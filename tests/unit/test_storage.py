@@ -1,6 +1,7 @@
 # The write-ahead log on real files with real fsync: round trips, segment rolling, recovery from
 # torn and corrupt bytes at every offset, the durability modes, the directory lock, and a real
-# process killed with SIGKILL while it syncs.
+# process killed with SIGKILL while it syncs. (Checkpoints, segment headers, truncation and
+# compression: test_storage_segments.py.)
 import logging
 import os
 import random
@@ -14,20 +15,23 @@ from pathlib import Path
 import pytest
 
 from smrd import core, storage
-from smrd.protocol.records import (AcceptRecord, CommitRecord, DecideRecord, DurableState,
-                                   ViewRecord)
+from smrd.protocol.records import (AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord,
+                                   DurableState, ViewRecord)
 from smrd.storage import (CORRUPT_MIDDLE, CORRUPT_TAIL, TORN_TAIL, StorageError, WriteAheadLog,
                           decode_record, encode_record)
 
 REPO = Path(__file__).resolve().parents[2]
+# Every segment starts with a header; a fresh log's first one is ViewRecord(0), CommitRecord(0).
+FRESH_HEADER = [ViewRecord(0), CommitRecord(0)]
+HEADER_BYTES = sum(len(encode_record(r)) for r in FRESH_HEADER)
 
 
-def sample(n, seed=1):
+def sample(n, seed=1, checkpoints=False):
     """n records of every kind, in an order where the fold depends on the order."""
     rnd = random.Random(seed)
     out = []
     for i in range(n):
-        k = i % 5
+        k = i % (6 if checkpoints else 5)
         if k == 0:
             out.append(ViewRecord(rnd.randrange(1 << 40)))
         elif k in (1, 2):
@@ -35,8 +39,11 @@ def sample(n, seed=1):
             out.append(AcceptRecord(rnd.randrange(8), rnd.randrange(50), value))
         elif k == 3:
             out.append(DecideRecord(rnd.randrange(8, 12), rnd.randbytes(rnd.randrange(40))))
-        else:
+        elif k == 4:
             out.append(CommitRecord(rnd.randrange(1 << 30)))
+        else:
+            out.append(CheckpointRecord(rnd.randrange(12), rnd.randbytes(32),
+                                        rnd.randrange(1 << 40)))
     return out
 
 
@@ -61,13 +68,23 @@ def segments(directory):
     return sorted(p for p in Path(directory).iterdir() if p.name.endswith(".log"))
 
 
+def frames(data):
+    """The frames in a run of valid records."""
+    out, off = [], 0
+    while off < len(data):
+        end = off + core.HEADER_SIZE + int.from_bytes(data[off + 24:off + 28], "little")
+        out.append(data[off:end])
+        off = end
+    return out
+
+
 # ------------------------------------------------------------------------------- round trips
 
 def test_every_record_kind_round_trips_through_one_frame():
-    for record in sample(25):
+    for record in sample(30, checkpoints=True):
         frame = encode_record(record)
         assert decode_record(frame) == record
-        kinds = (storage.VIEW, storage.ACCEPT, storage.DECIDE, storage.COMMIT)
+        kinds = (storage.VIEW, storage.ACCEPT, storage.DECIDE, storage.COMMIT, storage.CHECKPOINT)
         assert core.decode_frame(frame)[0] in kinds
     with pytest.raises(TypeError):
         encode_record(("not", "a", "record"))
@@ -76,11 +93,12 @@ def test_every_record_kind_round_trips_through_one_frame():
 def test_append_sync_close_reopen_gives_the_same_fold(tmp_path):
     records = sample(60)
     wal = write(tmp_path / "wal", records, groups=6)
-    assert wal.records_written == 60 and wal.syncs == 6
-    assert wal.bytes_written == sum(len(encode_record(r)) for r in records)
+    # the first write into the first segment carries its header (two records)
+    assert wal.records_written == 62 and wal.syncs == 6
+    assert wal.bytes_written == HEADER_BYTES + sum(len(encode_record(r)) for r in records)
     wal, state, report = reopen(tmp_path / "wal")
-    assert report.clean and report.records == 60
-    assert report.bytes == sum(len(encode_record(r)) for r in records)
+    assert report.clean and report.records == 62 and state.records == 62
+    assert report.bytes == HEADER_BYTES + sum(len(encode_record(r)) for r in records)
     assert state == DurableState.fold(records)
     wal.close()
 
@@ -114,8 +132,18 @@ def test_a_bad_record_buffers_nothing(tmp_path):
     wal.append([ViewRecord(2)])
     wal.close()
     wal, state, report = reopen(tmp_path)
-    assert report.records == 1 and state.view == 2
+    assert report.records == 1 + len(FRESH_HEADER) and state.view == 2
     wal.close()
+
+
+def test_a_log_that_was_never_written_stays_empty(tmp_path):
+    # DurableState.records == 0 tells the replica "empty disk": headers never change that.
+    for _ in range(3):
+        wal, state, report = reopen(tmp_path)
+        assert state.records == 0 and report.records == 0 and report.clean
+        wal.sync()
+        wal.close()
+    assert [f.stat().st_size for f in segments(tmp_path)] == [0]
 
 
 # ---------------------------------------------------------------------------------- recovery
@@ -177,7 +205,7 @@ def test_flipped_byte_before_valid_records_is_corrupt_middle(tmp_path, caplog):
     write(tmp_path, records)
     (seg,) = segments(tmp_path)
     data = bytearray(seg.read_bytes())
-    start = sum(len(encode_record(r)) for r in records[:3])
+    start = HEADER_BYTES + sum(len(encode_record(r)) for r in records[:3])
     data[start + 20] ^= 0x01  # inside record 3's header (its instance field)
     seg.write_bytes(data)
     wal, state, report = reopen(tmp_path)
@@ -213,8 +241,10 @@ def test_corruption_in_a_non_last_segment_is_corrupt_middle(tmp_path):
     assert [f.name for f in segments(tmp_path)] == [files[0].name, files[1].name]
     assert {p.name for p in tmp_path.iterdir() if ".corrupt" in p.name} == set(dmg.preserved)
     assert len(dmg.preserved) == 1 + len(files) - 2
-    kept = len(files[0].read_bytes()) + files[1].stat().st_size
-    assert sorted(state.entries) == list(range(kept // len(encode_record(records[0]))))
+    kept = [decode_record(f) for f in frames(files[0].read_bytes() + files[1].read_bytes())]
+    accepts = [r.instance for r in kept if isinstance(r, AcceptRecord)]
+    assert sorted(state.entries) == accepts == list(range(len(accepts)))
+    assert len(accepts) >= 2
     wal.append([CommitRecord(3)])
     wal.sync()
     wal.close()
@@ -262,9 +292,9 @@ def test_unknown_record_type_is_treated_as_corruption(tmp_path):
     write(tmp_path, [ViewRecord(3)])
     (seg,) = segments(tmp_path)
     with open(seg, "ab") as f:
-        f.write(core.encode_frame(104, 0, 1, 2, b"from the future"))
+        f.write(core.encode_frame(105, 0, 1, 2, b"from the future"))
     wal, state, report = reopen(tmp_path)
-    assert report.damage.kind == CORRUPT_TAIL and "unknown record type 104" in report.damage.reason
+    assert report.damage.kind == CORRUPT_TAIL and "unknown record type 105" in report.damage.reason
     assert state.view == 3
     wal.close()
 
@@ -327,7 +357,7 @@ def test_fsync_mode_group_commit_is_one_fsync_of_the_segment(tmp_path, fsyncs):
     wal.sync()
     (seg,) = segments(tmp_path)
     assert fsyncs == [str(seg)]
-    assert (wal.syncs, wal.records_written) == (1, 50)
+    assert (wal.syncs, wal.records_written) == (1, 50 + len(FRESH_HEADER))
     wal.sync()  # nothing new: nothing to do
     assert len(fsyncs) == 1
     wal.close()
