@@ -5,13 +5,16 @@ through ``Replica.ready()``. Drivers (the real server, the simulator) persist, t
 apply, in that order. See docs/PROTOCOL.md.
 """
 from .messages import (
-    Accepted, Ack, CatchupReply, CatchupRequest, Commit, DoViewChange, Forward, Message, Propose,
-    Recovery, RecoveryResponse, Replies, ReplyErrors, Requests, StartView, StartViewChange,
+    Accepted, Ack, CatchupReply, CatchupRequest, Commit, DoViewChange, Forward, LogTruncated,
+    Message, Propose, Recovery, RecoveryResponse, Replies, ReplyErrors, Requests, StartView,
+    StartViewChange,
 )
 from .options import Options
 from .quorum import CrashFaultPolicy, QuorumPolicy
 from .ready import Ready
-from .records import AcceptRecord, CommitRecord, DecideRecord, DurableState, ViewRecord
+from .records import (
+    AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord, DurableState, ViewRecord,
+)
 from .replica import NORMAL, RECOVERING, VIEW_CHANGE, Replica
 from .sessions import Sessions
 
@@ -20,5 +23,5 @@ __all__ = [
     "Propose", "Replies", "ReplyErrors", "Requests", "StartView", "StartViewChange", "Options",
     "CrashFaultPolicy", "QuorumPolicy", "Ready", "AcceptRecord", "CommitRecord", "DecideRecord",
     "DurableState", "ViewRecord", "NORMAL", "RECOVERING", "VIEW_CHANGE", "Replica", "Sessions",
-    "Recovery", "RecoveryResponse",
+    "Recovery", "RecoveryResponse", "LogTruncated", "CheckpointRecord",
 ]

@@ -2,6 +2,7 @@
 # (smrd.core.encode_frame: versioned header + checksum); lists of entries reuse the batch layout
 # (smrd.core.pack_batch) with (instance, view, value) in place of (client_id, seq, payload).
 # This module owns message types and codecs; it never decides what to send.
+import struct
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -23,9 +24,15 @@ RECOVERY = 23          # empty replica -> all: what do you know? (it votes on no
 RECOVERY_RESPONSE = 24 # any -> recovering replica: my view, commit point, and (leader) my log
 CATCHUP_REQUEST = 30   # lagging -> peer: send me decided values from `start`
 CATCHUP_REPLY = 31     # peer -> lagging: decided values, and the peer's commit point
+LOG_TRUNCATED = 32     # peer -> lagging: I hold no values before `checkpoint`: fetch my state
 FORWARD = 40           # follower -> leader: requests that waited too long for order
 STATUS_REQUEST = 50    # operator/test -> replica (gateway port): describe yourself
 STATUS_REPLY = 51      # replica -> asker: JSON status
+# State transfer (driver to driver; the protocol core never sees these, see smrd/state_transfer.py)
+STATE_QUERY = 60       # lagging -> all: which checkpoints do you hold?
+STATE_INFO = 61        # peer -> lagging: (instance, size, sha256) of each stored checkpoint
+STATE_CHUNK_REQUEST = 62  # lagging -> peer: bytes [offset, offset + length) of checkpoint `instance`
+STATE_CHUNK = 63       # peer -> lagging: those bytes, and the file's total size
 
 # Sentinel "accepted view" marking an entry its sender knows to be decided.
 DECIDED_VIEW = (1 << 64) - 1
@@ -145,7 +152,47 @@ class CatchupReply(Message):
     TYPE = CATCHUP_REPLY
 
 
+@dataclass(frozen=True, slots=True)
+class LogTruncated(Message):
+    view: int
+    checkpoint: int       # the sender's log starts after this instance (its latest checkpoint)
+    TYPE = LOG_TRUNCATED
+
+
+@dataclass(frozen=True, slots=True)
+class StateQuery(Message):
+    nonce: int
+    TYPE = STATE_QUERY
+
+
+@dataclass(frozen=True, slots=True)
+class StateInfo(Message):
+    nonce: int
+    checkpoints: Tuple[Tuple[int, int, bytes], ...]  # (instance, file size, sha256 of content)
+    TYPE = STATE_INFO
+
+
+@dataclass(frozen=True, slots=True)
+class StateChunkRequest(Message):
+    instance: int
+    offset: int
+    length: int
+    TYPE = STATE_CHUNK_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class StateChunk(Message):
+    instance: int
+    offset: int
+    total: int            # the checkpoint file's size; 0 with no data: "I no longer have it"
+    data: bytes
+    TYPE = STATE_CHUNK
+
+
+STATE_MESSAGES = (StateQuery, StateInfo, StateChunkRequest, StateChunk)
+
 _U64 = (1 << 64) - 1
+_CKPT_INFO = struct.Struct("<QQ32s")
 
 
 def _pack_entries(entries, with_view: bool) -> bytes:
@@ -190,6 +237,18 @@ def encode(sender: int, msg: Message) -> bytes:
                                  flags)
     if t == CATCHUP_REPLY:
         return core.encode_frame(t, sender, msg.view, msg.commit, _pack_entries(msg.entries, False))
+    if t == LOG_TRUNCATED:
+        return core.encode_frame(t, sender, msg.view, msg.checkpoint)
+    if t == STATE_QUERY:
+        return core.encode_frame(t, sender, 0, msg.nonce)
+    if t == STATE_INFO:
+        return core.encode_frame(t, sender, 0, msg.nonce,
+                                 b"".join(_CKPT_INFO.pack(*c) for c in msg.checkpoints))
+    if t == STATE_CHUNK_REQUEST:
+        return core.encode_frame(t, sender, msg.offset, msg.instance, msg.length.to_bytes(4, "little"))
+    if t == STATE_CHUNK:
+        return core.encode_frame(t, sender, msg.offset, msg.instance,
+                                 msg.total.to_bytes(8, "little") + msg.data)
     raise TypeError(f"cannot encode {msg!r}")
 
 
@@ -241,6 +300,29 @@ def decode(frame, max_payload: int = core.DEFAULT_MAX_PAYLOAD) -> Tuple[int, Mes
                                         bool(_flags & 1), bool(_flags & 2), entries)
     if t == CATCHUP_REPLY:
         return sender, CatchupReply(view, instance, _checked_values(_unpack_entries(payload, False), 1))
+    if t == LOG_TRUNCATED:
+        _no_payload(t, payload)
+        return sender, LogTruncated(view, instance)
+    if t == STATE_QUERY:
+        _no_payload(t, payload)
+        return sender, StateQuery(instance)
+    if t == STATE_INFO:
+        if len(payload) % _CKPT_INFO.size:
+            raise ProtocolError(f"STATE_INFO payload of {len(payload)} bytes is not a whole "
+                                f"number of {_CKPT_INFO.size}-byte entries")
+        return sender, StateInfo(instance, tuple(_CKPT_INFO.iter_unpack(bytes(payload))))
+    if t == STATE_CHUNK_REQUEST:
+        if len(payload) != 4:
+            raise ProtocolError(f"STATE_CHUNK_REQUEST payload must be 4 bytes, got {len(payload)}")
+        return sender, StateChunkRequest(instance, view, int.from_bytes(payload, "little"))
+    if t == STATE_CHUNK:
+        if len(payload) < 8:
+            raise ProtocolError("STATE_CHUNK payload too short")
+        total = int.from_bytes(payload[:8], "little")
+        data = bytes(payload[8:])
+        if view + len(data) > total:
+            raise ProtocolError(f"STATE_CHUNK [{view}, {view + len(data)}) beyond the file's {total} bytes")
+        return sender, StateChunk(instance, view, total, data)
     raise ProtocolError(f"unknown message type {t}")
 
 

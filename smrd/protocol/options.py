@@ -17,6 +17,7 @@ class Options:
     catchup_max_bytes: int = 4 << 20
     max_pending: int = 200_000        # requests held waiting for order; beyond it they are refused
     max_pending_per_origin: int = 4096  # the same, per gateway (one gateway cannot fill it alone)
+    checkpoint_every: int = 0         # requests between checkpoints (0: never; the log is kept)
 
     def __post_init__(self):
         for name in ("window", "batch_max_requests", "batch_max_bytes", "heartbeat_ticks",
@@ -25,6 +26,8 @@ class Options:
                      "max_pending", "max_pending_per_origin"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Options.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"Options.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.heartbeat_ticks >= self.election_ticks:
             raise ValueError("heartbeat_ticks must be smaller than election_ticks")
 

@@ -2,7 +2,8 @@
 #   1. make every record in `persist` durable (in order; one fsync may cover them all),
 #   2. send `messages`,
 #   3. execute `apply` in order on the app (each request as its plan says), then
-#   4. return `replies` (answers the core could give without executing anything).
+#   4. return `replies` (answers the core could give without executing anything),
+#   5. take `checkpoints` when execution reaches them; start a state `transfer` if asked.
 # Sending before persisting would let a peer count a vote that a crash then forgets.
 from dataclasses import dataclass, field
 
@@ -14,6 +15,14 @@ class Ready:
     apply: list = field(default_factory=list)     # (instance, value, plan), consecutive from applied+1;
                                                   # plan: (client_id, seq, status, payload) per request
     replies: list = field(default_factory=list)   # (origin, client_id, seq, status, payload)
+    # (instance, SessionsImage): after executing `instance` (an entry of this or an earlier
+    # `apply`), store a checkpoint: the app's snapshot plus the image, its replies filled in as
+    # the requests up to `instance` execute. Then call Replica.checkpoint_stored(instance).
+    checkpoints: list = field(default_factory=list)
+    # (peer, instance) or None: the log this replica needs was truncated at `peer` up to its
+    # checkpoint `instance`; fetch a checkpoint >= instance, then Replica.install_checkpoint().
+    transfer: tuple = None
 
     def __bool__(self):
-        return bool(self.persist or self.messages or self.apply or self.replies)
+        return bool(self.persist or self.messages or self.apply or self.replies or
+                    self.checkpoints or self.transfer)

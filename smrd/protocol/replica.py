@@ -29,7 +29,7 @@ from .options import Options
 from .quorum import CrashFaultPolicy
 from .ready import Ready
 from .records import AcceptRecord, CommitRecord, DecideRecord, ViewRecord
-from .sessions import DUPLICATE, TOO_OLD, Sessions, plan_batch
+from .sessions import DUPLICATE, EXECUTE, TOO_OLD, Sessions, plan_batch
 
 NORMAL = "normal"
 VIEW_CHANGE = "view-change"
@@ -37,7 +37,7 @@ RECOVERING = "recovering"   # started with an empty log: votes on nothing until 
 
 
 _WHILE_RECOVERING = frozenset({m.Recovery, m.RecoveryResponse, m.CatchupRequest,
-                               m.CatchupReply, m.Requests, m.Forward})
+                               m.CatchupReply, m.LogTruncated, m.Requests, m.Forward})
 
 
 class _Slot:
@@ -77,6 +77,8 @@ class Replica:
         self.log = {}              # instance -> _Slot
         self.commit = 0            # every instance <= commit is decided and in the log
         self.top = 0               # highest instance in the log
+        # Instances <= low are covered by a stored checkpoint and no longer in the log.
+        self.low = 0
 
         # Volatile.
         self.now = 0               # ticks since start
@@ -106,6 +108,9 @@ class Replica:
         self.pending_by_origin = {}  # gateway -> its requests held here (pending or proposed)
         self._ready = Ready()
         self._commit_recorded = 0
+        self.since_checkpoint = 0  # requests applied since the last checkpoint boundary
+        self.checkpoints = []      # instances of the stored checkpoints, oldest first (at most 2)
+        self.transfer_from = None  # (peer, instance) while a state transfer is wanted
         self.view_change_reason = ""
         self.stats = {"view_changes": 0, "requests_dropped": 0, "requests_forwarded": 0,
                       "catchup_requests": 0, "stale_messages": 0}
@@ -124,6 +129,7 @@ class Replica:
             self.recovery_nonce = recovery_nonce
 
         self.contact = {}          # replica id -> tick of its last message (leader's quorum contact)
+        self.lost_leader_of = -1   # the view whose leader's connection was seen to drop
         self._handlers = {
             m.Requests: self._on_requests, m.Forward: self._on_forward,
             m.Propose: self._on_propose, m.Accepted: self._on_accepted, m.Commit: self._on_commit,
@@ -132,6 +138,7 @@ class Replica:
             m.StartView: self._on_start_view, m.CatchupRequest: self._on_catchup_request,
             m.CatchupReply: self._on_catchup_reply,
             m.Recovery: self._on_recovery, m.RecoveryResponse: self._on_recovery_response,
+            m.LogTruncated: self._on_log_truncated,
         }
 
     # ------------------------------------------------------------------ public surface
@@ -194,6 +201,17 @@ class Replica:
     def has_ready(self) -> bool:
         return bool(self._ready) or self.commit > self._commit_recorded
 
+    def peer_lost(self, replica: int) -> None:
+        """The driver saw the connection to `replica` drop (its process died or closed it). If it
+        leads our view, suspect it after two heartbeats instead of the whole election timeout:
+        a live leader that merely reconnected is heard from by then and nothing happens."""
+        if self.status == NORMAL and replica == self.leader and replica != self.id:
+            soon = self.now - self.opt.election_ticks + 2 * self.opt.heartbeat_ticks
+            if soon < self.last_heard:
+                self.last_heard = soon
+                self.lost_leader_of = self.view
+                self.stats["leader_connection_lost"] = self.stats.get("leader_connection_lost", 0) + 1
+
     def transfer_leadership(self) -> bool:
         """A leader about to stop hands the order to the next view's leader at once, so clients
         wait one round trip instead of an election timeout. False if this replica is not leading."""
@@ -204,18 +222,27 @@ class Replica:
 
     def describe(self) -> dict:
         return {"id": self.id, "view": self.view, "leader": self.leader, "status": self.status,
-                "commit": self.commit, "applied": self.applied, "top": self.top,
+                "commit": self.commit, "applied": self.applied, "top": self.top, "low": self.low,
+                "checkpoint": self.checkpoints[-1] if self.checkpoints else 0,
                 "pending": len(self.pending), "proposed": len(self.proposed), **self.stats}
 
     # ------------------------------------------------------------------ restore
 
     def _restore(self, durable) -> None:
         self.view = durable.view
+        checkpoint = getattr(durable, "checkpoint", None)
+        if checkpoint is not None:
+            # The driver restores the app and the session table from this checkpoint's file
+            # before the first Ready; execution resumes after it.
+            self.low = self.applied = self.top = checkpoint.instance
+            self.checkpoints = [checkpoint.instance]
         for instance, (view, value, decided) in durable.entries.items():
+            if instance <= self.low:
+                continue
             self.log[instance] = _Slot(view, value, decided or instance <= durable.commit)
             if instance > self.top:
                 self.top = instance
-        i = 0
+        i = self.low
         while (i + 1) in self.log and self.log[i + 1].decided:
             i += 1
         self.commit = self._commit_recorded = self.marked_upto = i
@@ -403,7 +430,8 @@ class Replica:
     def _follower_tick(self) -> None:
         opt, now = self.opt, self.now
         if now - self.last_heard >= opt.election_ticks:
-            self._start_view_change(self.view + 1, reason=f"leader silent for {now - self.last_heard} ticks")
+            dropped = " after its connection dropped" if self.lost_leader_of == self.view else ""
+            self._start_view_change(self.view + 1, reason=f"leader silent for {now - self.last_heard} ticks{dropped}")
             return
         queue, pending = self.queue, self.pending
         while queue and queue[0] not in pending:
@@ -662,8 +690,8 @@ class Replica:
     # ------------------------------------------------------------------ catch-up
 
     def _request_catchup(self) -> None:
-        if not self._peers:
-            return
+        if not self._peers or self.transfer_from is not None:
+            return  # a state transfer is under way: the values it covers are not in any log
         self.catchup_sent = self.now
         self.stats["catchup_requests"] += 1
         if self.status == NORMAL and self.leader != self.id and self.catchup_peer == 0:
@@ -673,6 +701,10 @@ class Replica:
         self._send(peer, m.CatchupRequest(self.view, self.commit + 1))
 
     def _on_catchup_request(self, sender, msg) -> None:
+        if msg.start <= self.low:
+            # Those values are only in our checkpoint now: the sender must fetch state.
+            self._send(sender, m.LogTruncated(self.view, self.low))
+            return
         entries = []
         size = 0
         opt = self.opt
@@ -732,11 +764,19 @@ class Replica:
         pending, proposed = self.pending, self.proposed
         sessions = self.sessions
         by_origin = self.pending_by_origin
+        every = self.opt.checkpoint_every
         while self.applied < i:
             self.applied += 1
             value = log[self.applied].value
             plan = plan_batch(sessions, value)
             apply.append((self.applied, value, plan))
+            if every:
+                # A function of the decided log alone, so every replica checkpoints at the same
+                # instances and their checkpoints can be compared by hash.
+                self.since_checkpoint += len(plan)
+                if self.since_checkpoint >= every:
+                    self.since_checkpoint = 0
+                    self._ready.checkpoints.append((self.applied, sessions.capture()))
             for client_id, seq, _, _ in plan:
                 key = (client_id, seq)
                 req = pending.pop(key, None)
@@ -754,6 +794,77 @@ class Replica:
             self._propose()
             if len(self._ready.messages) == before:
                 self._broadcast(m.Commit(self.view, self.commit))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_stored(self, instance: int) -> int:
+        """The driver made the checkpoint at `instance` durable (file and record). The log is
+        kept back to the previous checkpoint, so a peer a little behind still catches up from
+        the log; everything before that is dropped. Returns the new low end of the log: the
+        driver may delete log segments and checkpoint files below it."""
+        if instance <= self.low or instance > self.applied or (
+                self.checkpoints and instance <= self.checkpoints[-1]):
+            return self.low  # stale (a transfer installed a newer one meanwhile)
+        self.checkpoints.append(instance)
+        del self.checkpoints[:-2]
+        if len(self.checkpoints) == 2:
+            self._truncate_log(self.checkpoints[0])
+        return self.low
+
+    def _truncate_log(self, upto: int) -> None:
+        if upto <= self.low:
+            return
+        log = self.log
+        if upto - self.low < len(log):
+            for i in range(self.low + 1, upto + 1):
+                log.pop(i, None)
+        else:
+            for i in [i for i in log if i <= upto]:
+                del log[i]
+        self.low = upto
+        self.tracker.discard_below(upto + 1)
+
+    def _on_log_truncated(self, sender, msg) -> None:
+        if msg.checkpoint <= self.commit or self.transfer_from is not None:
+            return  # we hold everything up to there already, or are fetching it
+        self.transfer_from = (sender, msg.checkpoint)
+        self._ready.transfer = self.transfer_from
+
+    def install_checkpoint(self, instance: int, sessions) -> bool:
+        """The driver fetched, verified and stored a checkpoint (state transfer) and restored
+        the app from it: this replica now holds every instance <= `instance`. False (and nothing
+        changes) if it already did."""
+        self.transfer_from = None
+        if instance <= self.commit:
+            return False
+        self.sessions = sessions
+        self.checkpoints = [instance]
+        self._truncate_log(instance)
+        self.commit = self.applied = self.marked_upto = instance
+        if instance > self.top:
+            self.top = instance
+        if instance > self.catchup_target:
+            self.catchup_target = instance
+        self.since_checkpoint = 0
+        self.catchup_sent = -1 << 60  # ask for what follows at once
+        # Requests decided inside the transferred range will never be applied here; holding them
+        # would make this replica forward them and then suspect a leader that already ordered them.
+        for key in [k for k in self.pending if sessions.classify(*k) != EXECUTE]:
+            req = self.pending.pop(key)
+            if req.origin is not None:
+                left = self.pending_by_origin.get(req.origin, 1) - 1
+                if left > 0:
+                    self.pending_by_origin[req.origin] = left
+                else:
+                    self.pending_by_origin.pop(req.origin, None)
+        self._after_input()
+        return True
+
+    def transfer_failed(self) -> None:
+        """The driver gave up on a transfer (no quorum agreed on a checkpoint, peers gone):
+        catch-up resumes and a peer's LogTruncated starts the next attempt."""
+        self.transfer_from = None
+        self.catchup_sent = -1 << 60
 
     # ------------------------------------------------------------------ output
 

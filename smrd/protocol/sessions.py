@@ -1,3 +1,5 @@
+import struct
+
 # Exactly-once execution: which decided requests run on the app and which are answered from the
 # reply cache. Every decision here is a function of the decided order alone (request ids and the
 # leader's batch timestamps), so all replicas make the same ones. Never reads a clock.
@@ -97,6 +99,83 @@ class Sessions:
 
     def reply(self, client_id: int, seq: int):
         return self.cache.get(client_id, seq)
+
+    # -------------------------------------------------------------------- checkpoints
+
+    def capture(self) -> "SessionsImage":
+        """The table as it stands, for a checkpoint at the instance just planned. Requests of
+        that instance (and earlier ones still executing) have no reply yet: the driver fills them
+        in as it executes them (SessionsImage.fill), before it encodes the image."""
+        cache = self.cache
+        clients = []
+        missing = {}
+        for cid in cache.clients():
+            entries = [list(e) for e in cache.entries(cid)]
+            for e in entries:
+                if e[1] is None:
+                    missing[(cid, e[0])] = e
+            clients.append((cid, cache.floor(cid), cache.last_active(cid), entries))
+        return SessionsImage(self.clock_ms, self._next_expiry_ms, clients, missing)
+
+    @classmethod
+    def restore(cls, k: int, ttl_ms: int, blob) -> "Sessions":
+        """The table encoded by SessionsImage.encode(); ValueError if the bytes are not one."""
+        sessions = cls(k, ttl_ms)
+        try:
+            clock, next_expiry, count = _IMAGE_HEAD.unpack_from(blob, 0)
+            off = _IMAGE_HEAD.size
+            cache = sessions.cache
+            for _ in range(count):
+                cid, floor, last_active, n = _IMAGE_CLIENT.unpack_from(blob, off)
+                off += _IMAGE_CLIENT.size
+                entries = []
+                for _ in range(n):
+                    seq, length = _IMAGE_ENTRY.unpack_from(blob, off)
+                    off += _IMAGE_ENTRY.size
+                    entries.append((seq, bytes(blob[off:off + length])))
+                    off += length
+                    if off > len(blob):
+                        raise ValueError("truncated reply")
+                cache.restore_client(cid, floor, last_active, entries)
+        except struct.error as exc:
+            raise ValueError(f"not a session table image: {exc}") from None
+        if off != len(blob):
+            raise ValueError(f"session table image has {len(blob) - off} trailing bytes")
+        sessions.clock_ms, sessions._next_expiry_ms = clock, next_expiry
+        return sessions
+
+
+_IMAGE_HEAD = struct.Struct("<QQI")     # clock_ms, next expiry sweep, clients
+_IMAGE_CLIENT = struct.Struct("<QQqI")  # client id, floor, last active, entries
+_IMAGE_ENTRY = struct.Struct("<QI")     # seq, reply length (the reply follows)
+
+
+class SessionsImage:
+    """A captured session table: deterministic bytes once every reply is filled in, so that
+    replicas that executed the same prefix produce byte-identical checkpoints."""
+    __slots__ = ("clock_ms", "next_expiry_ms", "clients", "missing")
+
+    def __init__(self, clock_ms, next_expiry_ms, clients, missing):
+        self.clock_ms = clock_ms
+        self.next_expiry_ms = next_expiry_ms
+        self.clients = clients
+        self.missing = missing      # (client_id, seq) -> [seq, None] entry awaiting its reply
+
+    def fill(self, client_id: int, seq: int, reply: bytes) -> None:
+        entry = self.missing.pop((client_id, seq), None)
+        if entry is not None:
+            entry[1] = reply
+
+    def encode(self) -> bytes:
+        if self.missing:
+            raise ValueError(f"{len(self.missing)} replies of the checkpoint were never filled in")
+        parts = [_IMAGE_HEAD.pack(self.clock_ms, self.next_expiry_ms, len(self.clients))]
+        for cid, floor, last_active, entries in self.clients:
+            parts.append(_IMAGE_CLIENT.pack(cid, floor, last_active, len(entries)))
+            for seq, reply in entries:
+                parts.append(_IMAGE_ENTRY.pack(seq, len(reply)))
+                parts.append(reply)
+        return b"".join(parts)
 
 
 def plan_batch(sessions: Sessions, value) -> list:

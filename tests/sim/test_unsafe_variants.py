@@ -95,3 +95,27 @@ def test_the_safe_protocol_passes_wipe_heavy_seeds():
     for seed in range(BOUND):
         result = run_seed(seed, params=_wipe_heavy(seed))
         assert result.ok, f"seed {seed}: {result.violation}"
+
+
+class InstallWithoutSessions(Replica):
+    """Takes a transferred checkpoint's app state but starts a fresh session table: requests
+    executed before the checkpoint look new again (exactly-once is lost)."""
+
+    def install_checkpoint(self, instance, sessions):
+        return super().install_checkpoint(instance, type(sessions)(sessions.k, sessions.ttl_ms))
+
+
+def _checkpoint_heavy(seed):
+    p = _wipe_heavy(seed)
+    return replace(p, options=replace(p.options, checkpoint_every=3), crash=0.02)
+
+
+def test_a_checkpoint_installed_without_its_session_table_is_caught():
+    seed, violation = _first_violation(replica_class=InstallWithoutSessions, params=_checkpoint_heavy)
+    assert seed is not None, f"no violation in {BOUND} seeds when transfers drop the session table"
+
+
+def test_the_safe_protocol_passes_checkpoint_heavy_seeds():
+    for seed in range(BOUND):
+        result = run_seed(seed, params=_checkpoint_heavy(seed))
+        assert result.ok, f"seed {seed}: {result.violation}"

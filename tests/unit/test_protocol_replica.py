@@ -181,3 +181,28 @@ def test_one_gateway_cannot_fill_a_replica_with_pending_requests():
     rep.step(0, m.Commit(0, 1))
     rep.step("greedy", Requests(core.pack_batch([(1, 60, b"GET a")])))
     assert (1, 60) in rep.pending
+
+
+def test_a_dropped_connection_to_the_leader_shortens_the_wait_to_two_heartbeats():
+    from smrd.protocol.replica import Replica as R
+    r = R(1, n=3)
+    r.step(0, m.Commit(0, 0))
+    r.peer_lost(0)
+    ticks = 0
+    while r.status == "normal":
+        r.tick()
+        ticks += 1
+    assert ticks <= 2 * r.opt.heartbeat_ticks + 1 < r.opt.election_ticks
+    assert "connection dropped" in r.view_change_reason
+
+
+def test_a_leader_heard_again_after_its_connection_dropped_is_not_suspected():
+    from smrd.protocol.replica import Replica as R
+    r = R(1, n=3)
+    r.step(0, m.Commit(0, 0))
+    r.peer_lost(0)
+    r.peer_lost(2)                       # not the leader: no effect
+    for _ in range(r.opt.election_ticks - 1):
+        r.tick()
+        r.step(0, m.Commit(0, 0))        # it reconnected and keeps sending heartbeats
+    assert r.status == "normal" and r.view == 0
