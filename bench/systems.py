@@ -49,6 +49,11 @@ class PortAllocator:
         self.used.discard(base)
 
 
+def smrd_base_port(replicas=3, gateways=1):
+    """A base port whose whole smrd.local.LocalCluster layout is free (for one-off scripts)."""
+    return PortAllocator().base(_smrd_offsets(replicas, gateways))
+
+
 def _free(port):
     s = socket.socket()
     try:

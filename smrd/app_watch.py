@@ -4,7 +4,9 @@
 # Owns: noticing that the app was replaced by a new (empty) process. Never: touches the app,
 # or guesses: when it cannot see the app's process it says so (identity None) and the replica
 # falls back to stopping execution on any doubt.
+import json
 import logging
+import os
 
 import psutil
 
@@ -18,8 +20,11 @@ class AppRestarted(AppError):
 
 
 class AppWatch:
-    def __init__(self, port: int):
+    def __init__(self, port: int, record_path: str = None):
         self.port = port
+        # Where the identity of the app process we fed is kept across our own restarts: an app
+        # that outlived smrd (only the smrd container restarted) still holds its state.
+        self.record_path = record_path
         self.identity = None     # (pid, create_time) of the app we have been feeding
         self._proc = None
         self.visible = True      # False once we learned psutil cannot see the app's process
@@ -51,7 +56,33 @@ class AppWatch:
         self.visible = True
         self.identity = found
         self._proc = psutil.Process(found[0])
+        self._record(found)
         return True
+
+    def _record(self, identity) -> None:
+        if self.record_path is None:
+            return
+        tmp = self.record_path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"pid": identity[0], "create_time": identity[1]}, f)
+            os.replace(tmp, self.record_path)  # no fsync: a machine crash takes the app with it
+        except OSError as e:
+            log.warning("cannot record the app's identity in %s: %s", self.record_path, e)
+
+    def fed_before(self):
+        """(pid, create_time) if the app listening now is the very process an earlier smrd
+        incarnation fed requests to (so it is not empty), else None."""
+        if self.record_path is None:
+            return None
+        try:
+            with open(self.record_path) as f:
+                rec = json.load(f)
+            recorded = (int(rec["pid"]), float(rec["create_time"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        found = self.find()
+        return found if found == recorded else None
 
     def same(self) -> bool:
         """Is the app still the process we adopted? (True when we never could tell.)"""

@@ -144,11 +144,38 @@ class Settings:
     max_request_bytes: int = setting(
         1 * MiB, "Largest single request accepted from a client.", group="app", unit="bytes",
         min=1, max=MAX_BATCH_BYTES)
+    snapshot_request: str = setting(
+        "", "Snapshot hook: a request in the app's framing whose reply is the app's whole state "
+        "(for the demo hashmap: SNAPSHOT). With restore_request set, smrd takes a checkpoint every "
+        "checkpoint_every requests, truncates its log before it, and gives a replica that is far "
+        "behind or has an empty disk the checkpoint instead of the whole log. Replicas must produce "
+        "the same bytes for the same state (they are compared by hash). Empty: no hooks; the log "
+        "is kept whole (closed segments zstd-compressed) and replayed. See docs/app-contract.md.",
+        group="app", metavar="REQUEST", shown_default='"" (no hooks)')
+    restore_request: str = setting(
+        "", "Restore hook: the request that replaces the app's state, with {state} where the snapshot "
+        "reply goes (for the demo hashmap: RESTORE {state}).", group="app", metavar="TEMPLATE",
+        shown_default='"" (no hooks)')
+    restore_ok: str = setting(
+        "OK", "The restore hook's reply must start with this, or the restore counts as failed "
+        "(the replica stops rather than serve from an app in an unknown state).", group="app",
+        metavar="PREFIX")
+    checkpoint_every: int = setting(
+        100_000, "With snapshot hooks: requests between checkpoints (every replica checkpoints at "
+        "the same instances; all must use the same value). Ignored without hooks.", group="app",
+        unit="requests", min=1, max=1_000_000_000)
+    state_transfer_rate_mb: int = setting(
+        64, "A replica serves checkpoint bytes to a peer that is catching up at most this fast, so "
+        "that the transfer never stalls ordering.", group="app", unit="MB/s", min=1, max=100_000)
     # --- storage and transport -----------------------------------------------------------------
     durability: str = setting(
         "fsync", "fsync: persist before acting (safe); nosync: write without fsync (a power loss "
         "can lose decided requests); memory: no disk (tests only).", group="storage",
         choices=("fsync", "nosync", "memory"))
+    log_segment_bytes: int = setting(
+        64 * MiB, "Size at which the write-ahead log starts a new segment file. Closed segments are "
+        "zstd-compressed, and deleted once a checkpoint covers them.", group="storage", unit="bytes",
+        min=4 * KiB, max=4096 * MiB)
     hwm: int = setting(
         10_000, "ZeroMQ high-water mark per socket (0 = unlimited).", group="storage",
         unit="messages", min=0, max=10_000_000)
@@ -578,6 +605,18 @@ def _cross_check(s: Settings, sources: Mapping[str, Source]) -> None:
         raise ConfigError(
             f"{show('max_request_bytes')} must not exceed {show('batch_max_bytes')}: a request that fits "
             f"no batch could never be ordered; lower max_request_bytes or raise batch_max_bytes"
+        )
+    if bool(s.snapshot_request) != bool(s.restore_request):
+        have, lack = (("snapshot_request", "restore_request") if s.snapshot_request
+                      else ("restore_request", "snapshot_request"))
+        raise ConfigError(
+            f"{show(have)} is set but {lack} is not: snapshot hooks come in pairs (one takes the "
+            f"app's state, the other puts it back); set {lack} too, or unset {have}"
+        )
+    if s.restore_request and "{state}" not in s.restore_request:
+        raise ConfigError(
+            f"{show('restore_request')} has no {{state}}: it must say where the snapshot goes, e.g. "
+            f"'RESTORE {{state}}'"
         )
     if bool(s.curve_secret_key) != bool(s.curve_public_keys):
         have, lack = (("curve_secret_key", "curve_public_keys") if s.curve_secret_key

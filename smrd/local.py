@@ -222,9 +222,14 @@ class LocalCluster:
                 child.stop()
 
 
+DEMO_HOOKS = {"snapshot_request": "SNAPSHOT", "restore_request": "RESTORE {state}"}
+
+
 def main(args) -> int:
     data_dir = Path(args.data_dir)
-    cluster = LocalCluster(args.replicas, args.gateways, args.framing, args.base_port, data_dir)
+    # The demo app has snapshot hooks: checkpoints, log truncation and state transfer are on.
+    cluster = LocalCluster(args.replicas, args.gateways, args.framing, args.base_port, data_dir,
+                           settings=DEMO_HOOKS)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

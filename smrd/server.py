@@ -13,7 +13,9 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections import defaultdict, deque
 
@@ -22,13 +24,16 @@ import psutil
 from . import core
 from .app_adapter import AppAdapter, AppConnectionLost, AppProtocolError
 from .app_watch import AppRestarted, AppWatch
+from .checkpoints import CheckpointError, CheckpointStore
 from .errors import ProtocolError
 from .observability import Observability
 from .protocol import messages as m
 from .protocol.options import Options
 from .protocol.quorum import CrashFaultPolicy
 from .protocol.replica import NORMAL, RECOVERING, Replica
+from .protocol.records import AcceptRecord, CheckpointRecord, CommitRecord
 from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, Sessions, plan_batch
+from .state_transfer import StateTransfer
 from .storage import CORRUPT_MIDDLE, CORRUPT_SUFFIX, StorageError, WriteAheadLog
 from .transport import Channels, parse_replica_identity, replica_identity
 
@@ -41,6 +46,32 @@ STATUS_REPLY = m.STATUS_REPLY
 EXECUTE_CHUNK = 512
 # A replica further behind than this (instances) reports itself not ready.
 READY_MAX_LAG = 64
+
+
+class _TakeCheckpoint:
+    # Apply-queue item: after executing `instance`, snapshot the app and store a checkpoint.
+    __slots__ = ("instance", "image")
+
+    def __init__(self, instance, image):
+        self.instance = instance
+        self.image = image
+
+
+class _RestoreApp:
+    # Apply-queue item: replace the app's state with a checkpoint's (at start, after a state
+    # transfer, after an app restart); execution continues after `instance`.
+    __slots__ = ("instance", "state")
+
+    def __init__(self, instance, state):
+        self.instance = instance
+        self.state = state
+
+
+# Records that are votes on values (or the commit hint), not promises about views.
+_VOTE_RECORDS = (AcceptRecord, CommitRecord)
+
+# How often closed log segments are looked at for compression.
+COMPRESS_EVERY_S = 5.0
 
 
 def bind_endpoint(host: str, port: int) -> str:
@@ -61,15 +92,22 @@ class Server:
         self.id = s.id
         hosts = config.hosts
         self.n = hosts.n
+        self.hooks = bool(s.snapshot_request)
         self.options = Options.from_millis(
             s.tick_ms, s.heartbeat_ms, s.election_timeout_ms, s.request_timeout_ms,
             window=s.window, batch_max_requests=s.batch_max_requests,
             batch_max_bytes=s.batch_max_bytes,
-            max_pending_per_origin=s.max_inflight_per_gateway)
+            max_pending_per_origin=s.max_inflight_per_gateway,
+            checkpoint_every=s.checkpoint_every if self.hooks else 0)
         self.sessions = Sessions(s.reply_cache_size, s.session_ttl_s * 1000)
         data_dir = s.data_dir.replace("<id>", str(s.id))
-        self.wal = WriteAheadLog(data_dir, s.durability)
+        self.wal = WriteAheadLog(data_dir, s.durability, segment_bytes=s.log_segment_bytes)
         durable, report = self.wal.open()
+        self._scratch = None
+        if s.durability == "memory":
+            # Nothing of this replica survives it; checkpoints still need files to be served from.
+            self._scratch = tempfile.mkdtemp(prefix=f"smrd-{s.id}-checkpoints-")
+        self.store = CheckpointStore(self._scratch or data_dir, fsync=s.durability == "fsync")
         corrupt = sorted(glob.glob(os.path.join(data_dir, "*" + CORRUPT_SUFFIX)))
         if corrupt or (report.damage is not None and report.damage.kind == CORRUPT_MIDDLE):
             # Records that were durable (and may have been votes) are unreadable: serving from
@@ -87,6 +125,27 @@ class Server:
             log.warning("write-ahead log damaged: %s in %s at offset %d (%s); %d bytes discarded, "
                         "%d valid records kept; what is missing is fetched from peers",
                         d.kind, d.segment, d.offset, d.reason, d.discarded, report.records)
+        self.apply_queue = deque()
+        restored = durable.checkpoint if durable.records else None
+        if restored is not None:
+            if not self.hooks:
+                self.wal.close()
+                raise StorageError(
+                    f"the log in {data_dir} starts at a checkpoint (instance {restored.instance}), but "
+                    f"no snapshot hooks are configured: the app's state before it can only come from "
+                    f"that checkpoint; set snapshot_request/restore_request as when it was taken")
+            try:
+                sessions_blob, app_state = self.store.read(restored.instance, restored.digest)
+                self.sessions = Sessions.restore(s.reply_cache_size, s.session_ttl_s * 1000, sessions_blob)
+            except (CheckpointError, ValueError) as e:
+                self.wal.close()
+                raise StorageError(
+                    f"cannot restore from the checkpoint at instance {restored.instance}: {e}; the log "
+                    f"before it is gone, so this replica cannot serve. Move {data_dir} aside to rejoin "
+                    f"with an empty disk (it then fetches the state from its peers).") from None
+            self.apply_queue.append(_RestoreApp(restored.instance, app_state))
+            log.info("event=checkpoint_loaded instance=%d bytes=%d (the app is restored from it, then "
+                     "the log after it is replayed)", restored.instance, len(app_state))
         # The nonce tells this incarnation's recovery answers from an earlier one's.
         nonce = None if s.new_cluster else int.from_bytes(os.urandom(8), "little")
         self.replica = Replica(self.id, CrashFaultPolicy(self.n), self.options, self.sessions,
@@ -99,16 +158,32 @@ class Server:
             r: self.channels.connect_dealer(addr.peer_endpoint, replica_identity(self.id), replica=r)
             for r, addr in hosts.peers_of(self.id).items()
         }
+        for r, sock in self.peer_out.items():
+            self.channels.watch_disconnect(sock, lambda r=r: self._peer_lost(r))
         self.adapter = AppAdapter(s.app_host, s.app_port, s.framing, s.app_timeout_ms / 1000,
                                   on_state_change=self._app_state)
-        self.watch = AppWatch(s.app_port)
+        self.watch = AppWatch(s.app_port, None if s.durability == "memory"
+                              else os.path.join(data_dir, "app-identity.json"))
         self.adapter.on_connect = self.watch.check
         self.max_payload = max(64 << 20, s.batch_max_bytes * 2)
         self.routes = {}            # client_id -> gateway identity that last sent it
-        self.apply_queue = deque()
+        self.open_images = []       # checkpoint images still waiting for replies (executor fills)
+        self.checkpoint_lock = asyncio.Lock()
+        self.transfer = StateTransfer(
+            self.id, hosts.peers_of(self.id).keys(), self.replica.policy.max_faults + 1, self.store,
+            self._send_state, s.state_transfer_rate_mb * 1_000_000, self._transfer_done,
+            self._transfer_failed)
+        self._compressing = False
+        # fsync runs in a worker thread beside the loop; nosync/memory are cheap enough inline.
+        self._pipelined = s.durability == "fsync"
+        self._held = deque()        # (records appended up to it, Ready) waiting for an fsync
+        self._appended = 0
+        self._syncing = False
+        self._held_promises = 0     # held Readies with records other than accepts/commit points
         self.apply_wakeup = asyncio.Event()
         self.executed = 0           # last instance whose replies went out
         self.halted = None          # why execution stopped, if it did
+        self._check_app_is_fresh(restored)
         self.proposed_at = {}       # leader: instance -> loop time of its first PROPOSE
         self.stopping = asyncio.Event()
         self.exit_code = 0
@@ -145,6 +220,9 @@ class Server:
                     continue
                 if sender != claimed:
                     self._bad(f"frame claims sender {sender} on replica {claimed}'s connection")
+                    continue
+                if type(msg) in m.STATE_MESSAGES:
+                    self.transfer.on_message(sender, msg)
                     continue
                 self.replica.step(sender, msg)
         else:
@@ -190,25 +268,117 @@ class Server:
 
     def _flush(self):
         rep = self.replica
-        while rep.has_ready():
-            rd = rep.ready()
-            if rd.persist:
-                self.wal.append(rd.persist)
-                self.wal.sync()
-            if rd.messages:
-                self._send_all(rd.messages)
-            if rd.apply:
+        try:
+            while rep.has_ready():
+                rd = rep.ready()
+                if rd.checkpoints:
+                    # From now on every reply the executor gets goes into these images, even
+                    # while this Ready waits for its fsync.
+                    self.open_images.extend(image for _, image in rd.checkpoints)
+                if rd.persist:
+                    self.wal.append(rd.persist)
+                    self._appended += 1
+                    # A commit point alone is a hint for restarts (values <= it are decided), not
+                    # a promise any message relies on: it rides along with the next fsync.
+                    if self._pipelined and not all(type(r) is CommitRecord for r in rd.persist):
+                        votes_only = all(type(r) in _VOTE_RECORDS for r in rd.persist)
+                        if votes_only and rd.messages and not self._held_promises:
+                            self._propose_early(rd)
+                        if not votes_only:
+                            self._held_promises += 1
+                        self._held.append((self._appended, rd))
+                        self._start_sync()
+                        continue
+                    elif not self._pipelined:
+                        self.wal.sync()
+                if self._held:
+                    # Outputs leave in order: this Ready may rely on records still being synced
+                    # (a leader's own vote is one of the quorum that decides an instance).
+                    self._held.append((self._appended, rd))
+                    continue
+                self._output(rd)
+        except StorageError as e:
+            self._storage_failed(e)
+            return
+        self._log_changes()
+
+    def _propose_early(self, rd):
+        # As in Raft, a leader sends its proposals while its own copy is still being written: a
+        # PROPOSE promises nothing, and the leader's own vote only decides something through a
+        # later Ready, which waits behind this one's fsync. Never past a held view promise
+        # (ViewRecord) or anything else: those must be durable before any message of their view.
+        early = [(d, msg) for d, msg in rd.messages if type(msg) is m.Propose]
+        if early:
+            self._send_all(early)
+            rd.messages = [(d, msg) for d, msg in rd.messages if type(msg) is not m.Propose]
+
+    def _start_sync(self):
+        if not self._syncing:
+            self._syncing = True
+            self.loop.create_task(self._sync_held())
+
+    async def _sync_held(self):
+        # Group commit beside the loop: while one fsync runs, the loop keeps taking messages and
+        # appending records; the next fsync covers all of them. A Ready's outputs leave only once
+        # every record appended up to it is durable (persist, then send).
+        held = self._held
+        try:
+            while held:
+                target = self._appended
+                await asyncio.to_thread(self.wal.sync)
+                while held and held[0][0] <= target:
+                    rd = held.popleft()[1]
+                    if rd.persist and not all(type(r) in _VOTE_RECORDS for r in rd.persist):
+                        self._held_promises -= 1
+                    self._output(rd)
+            self._log_changes()
+        except StorageError as e:
+            self._storage_failed(e)
+        finally:
+            self._syncing = False
+
+    def _storage_failed(self, e):
+        # After a failed write or fsync the log may have lost votes this replica already counted
+        # on; the only safe move is to stop (a restart recovers from what is on disk).
+        if not self.stopping.is_set():
+            log.critical("event=storage_failed error=%r; stopping this replica (restart it: it "
+                         "recovers from its log and its peers)", str(e))
+            self.exit_code = 1
+            self.stopping.set()
+
+    def _output(self, rd):
+        rep = self.replica
+        if rd.messages:
+            self._send_all(rd.messages)
+        if rd.apply:
+            if rd.checkpoints:
+                marks = {i: _TakeCheckpoint(i, image) for i, image in rd.checkpoints}
+                for entry in rd.apply:
+                    self.apply_queue.append(entry)
+                    mark = marks.get(entry[0])
+                    if mark is not None:
+                        self.apply_queue.append(mark)
+            else:
                 self.apply_queue.extend(rd.apply)
-                self.apply_wakeup.set()
-                obs = self.obs
-                now = self.loop.time()
-                for instance, _, plan in rd.apply:
-                    obs.observe_batch(len(plan))
-                    started = self.proposed_at.pop(instance, None)
-                    if started is not None:
-                        obs.observe_consensus_latency(now - started)
-            if rd.replies:
-                self._send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
+            self.apply_wakeup.set()
+            obs = self.obs
+            now = self.loop.time()
+            for instance, _, plan in rd.apply:
+                obs.observe_batch(len(plan))
+                started = self.proposed_at.pop(instance, None)
+                if started is not None:
+                    obs.observe_consensus_latency(now - started)
+        if rd.replies:
+            self._send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
+        if rd.transfer is not None:
+            peer, instance = rd.transfer
+            log.info("event=state_transfer_start commit=%d peer=%d peer_checkpoint=%d (the log "
+                     "this replica needs was truncated: fetching a checkpoint)",
+                     rep.commit, peer, instance)
+            self.transfer.start(peer, instance)
+
+    def _log_changes(self):
+        rep = self.replica
         role = (rep.view, rep.status)
         if role != self._last_role:
             old = self._last_role
@@ -269,6 +439,11 @@ class Server:
             return
         self.replica.tick(int(time.time() * 1000))
         self._flush()
+        now = self.loop.time()
+        if not self._compressing and now >= self._next_compress:
+            self._next_compress = now + COMPRESS_EVERY_S
+            self._compressing = True
+            self.loop.create_task(self._compress_log())
         self.loop.call_later(self.settings.tick_ms / 1000, self._tick)
 
     def _on_idle(self):
@@ -278,16 +453,38 @@ class Server:
 
     async def _executor(self):
         queue = self.apply_queue
-        sessions = self.sessions
+        if self.halted:
+            return
         while True:
             if not queue:
                 self.apply_wakeup.clear()
                 await self.apply_wakeup.wait()
                 continue
+            head = queue[0]
+            if type(head) is _TakeCheckpoint or type(head) is _RestoreApp:
+                queue.popleft()
+                try:
+                    if type(head) is _TakeCheckpoint:
+                        await self._take_checkpoint(head)
+                    else:
+                        await self._restore_app(head)
+                except AppRestarted as e:
+                    self._rebuild(str(e))
+                except (AppConnectionLost, AppProtocolError) as e:
+                    if await self._app_was_replaced():
+                        self._rebuild(f"the app's process changed after: {e}")
+                        continue
+                    self._halt(f"app failed during a snapshot hook: {e}")
+                    return
+                except _HookFailed as e:
+                    self._halt(str(e))
+                    return
+                continue
+            sessions = self.sessions
             plan = []        # (client_id, seq, status, payload or cached reply) in decided order
             payloads = []
             last_instance = 0
-            while queue and len(payloads) < EXECUTE_CHUNK:
+            while queue and len(payloads) < EXECUTE_CHUNK and type(queue[0]) is tuple:
                 instance, _, batch_plan = queue.popleft()
                 last_instance = instance
                 for client_id, seq, status, payload in batch_plan:
@@ -306,17 +503,17 @@ class Server:
                 # What the app holds is unknown now: executing on could run a request twice or
                 # skip one. Stop executing (the replica keeps voting, so the cluster keeps its
                 # fault tolerance) until the pod restarts and the app is rebuilt from the log.
-                self.halted = f"app failed mid-request: {e}"
-                log.error("execution halted: %s; this replica still takes part in consensus but "
-                          "no longer executes or replies; restart it together with its app to "
-                          "rebuild the app's state from the log", e)
+                self._halt(f"app failed mid-request: {e}")
                 return
             replies = []
             it = iter(results)
+            images = self.open_images
             for client_id, seq, status, payload in plan:
                 if status == EXECUTE:
                     reply = next(it)
                     sessions.finish(client_id, seq, reply)
+                    for image in images:
+                        image.fill(client_id, seq, reply)
                 elif status == DUPLICATE:
                     reply = payload if payload is not None else sessions.take_reply(client_id, seq)
                 else:
@@ -326,6 +523,155 @@ class Server:
             self.stats["requests_deduplicated"] += len(plan) - len(payloads)
             self.executed = last_instance
             self._send_replies(replies)
+
+    def _check_app_is_fresh(self, restored):
+        # smrd replays its log into the app on start, so the app must be empty then. If it is the
+        # very process an earlier smrd fed (only smrd restarted), replaying would apply requests
+        # twice: reset it from the checkpoint if there is one, else refuse to execute.
+        fed = self.watch.fed_before()
+        if fed is None:
+            return
+        if restored is not None:
+            log.warning("event=app_kept_state pid=%d action=restore checkpoint=%d (the app outlived "
+                        "smrd's restart: its state is replaced by the checkpoint's before replaying)",
+                        fed[0], restored.instance)
+            return
+        if self.replica.commit == 0:
+            return  # nothing was ever decided here: nothing can have been fed
+        self.halted = (f"the app (pid {fed[0]}) was already fed by an earlier smrd process and keeps "
+                       f"its state; replaying the log into it would apply requests twice, and without "
+                       f"a checkpoint to restore it cannot be reset: restart the app (in Kubernetes, "
+                       f"the pod) so that it starts empty")
+        log.error("execution halted: %s", self.halted)
+
+    def _halt(self, why):
+        self.halted = why
+        log.error("execution halted: %s; this replica still takes part in consensus but "
+                  "no longer executes or replies; restart it together with its app to "
+                  "rebuild the app's state from the log", why)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _forget_held_apply(self, upto):
+        # Ready outputs still waiting for an fsync carry apply entries the caller has just
+        # replaced (an app rebuild, an installed checkpoint): executing them too would run their
+        # requests twice.
+        for _, rd in self._held:
+            if rd.apply:
+                rd.apply = [e for e in rd.apply if e[0] > upto]
+                dropped = [img for i, img in rd.checkpoints if i <= upto]
+                rd.checkpoints = [(i, img) for i, img in rd.checkpoints if i > upto]
+                for img in dropped:
+                    if img in self.open_images:
+                        self.open_images.remove(img)
+
+    async def _take_checkpoint(self, mark):
+        if mark.image in self.open_images:
+            self.open_images.remove(mark.image)
+        s = self.settings
+        state = (await self.adapter.execute([s.snapshot_request.encode()]))[0]
+        if state.startswith(b"ERR"):
+            raise _HookFailed(f"snapshot hook {s.snapshot_request!r} failed: {state[:200]!r}")
+        self.executed = mark.instance
+        try:
+            blob = mark.image.encode()
+        except ValueError as e:  # a bug, not a fault: say so, keep the log, carry on
+            log.error("event=checkpoint_skipped instance=%d reason=%r", mark.instance, str(e))
+            return
+        # Writing (compress, fsync) runs beside execution; one checkpoint at a time.
+        asyncio.get_running_loop().create_task(self._store_checkpoint(mark.instance, blob, state))
+
+    async def _store_checkpoint(self, instance, sessions_blob, state):
+        async with self.checkpoint_lock:
+            started = time.monotonic()
+            try:
+                size, digest = await asyncio.to_thread(self.store.write, instance, sessions_blob, state)
+            except OSError as e:
+                log.error("event=checkpoint_failed instance=%d error=%r (the log is kept; the next "
+                          "checkpoint tries again)", instance, str(e))
+                return
+            try:
+                low = self._record_checkpoint(instance, digest, size)
+            except StorageError as e:
+                self._storage_failed(e)
+                return
+            log.info("event=checkpoint instance=%d bytes=%d state_bytes=%d seconds=%.3f log_from=%d",
+                     instance, size, len(state), time.monotonic() - started, self.replica.low + 1)
+            if low:
+                try:
+                    deleted, freed = await asyncio.to_thread(self.wal.truncate_before, low)
+                except StorageError as e:
+                    self._storage_failed(e)
+                    return
+                if deleted:
+                    log.info("event=log_truncated before=%d segments=%d bytes=%d", low + 1, deleted, freed)
+
+    def _record_checkpoint(self, instance, digest, size):
+        # The checkpoint file is durable (written, fsynced, renamed, directory fsynced): say so in
+        # the log, then let the core drop what it covers (keeping one checkpoint's worth back, for
+        # peers a little behind). Returns where the log may now start.
+        self.wal.append([CheckpointRecord(instance, digest, size)])
+        self.wal.sync()
+        low = self.replica.checkpoint_stored(instance)
+        self.store.delete_below(low)
+        self._flush()
+        return low
+
+    async def _restore_app(self, item):
+        s = self.settings
+        request = s.restore_request.encode().replace(b"{state}", item.state)
+        reply = (await self.adapter.execute([request]))[0]
+        if not reply.startswith(s.restore_ok.encode()):
+            raise _HookFailed(f"restore hook failed at instance {item.instance}: the app answered "
+                              f"{reply[:200]!r}, not {s.restore_ok!r}")
+        self.executed = item.instance
+        log.info("event=app_restored instance=%d bytes=%d", item.instance, len(item.state))
+
+    def _peer_lost(self, r):
+        # A leader killed (or its pod gone) closes its connections at once: suspecting it then
+        # takes ~2 heartbeats instead of the election timeout (docs/PROTOCOL.md, "Leader change").
+        if r == self.replica.leader:
+            log.info("event=leader_connection_lost leader=%d view=%d", r, self.replica.view)
+        self.replica.peer_lost(r)
+        self._flush()
+
+    def _send_state(self, peer, msg):
+        out = self.peer_out.get(peer)
+        if out is not None:
+            self.channels.send(out, [m.encode(self.id, msg)])
+
+    def _transfer_done(self, instance, digest, size, sessions_blob, app_state):
+        rep = self.replica
+        if instance <= rep.commit:
+            rep.transfer_failed()  # caught up from the log meanwhile
+            self._flush()
+            return
+        sessions = Sessions.restore(self.settings.reply_cache_size, self.settings.session_ttl_s * 1000,
+                                    sessions_blob)
+        self.wal.append([CheckpointRecord(instance, digest, size)])
+        self.wal.sync()
+        self.sessions = sessions
+        self._forget_held_apply(instance)
+        self.apply_queue.append(_RestoreApp(instance, app_state))
+        self.apply_wakeup.set()
+        rep.install_checkpoint(instance, sessions)
+        self._flush()
+
+    def _transfer_failed(self, why):
+        log.warning("event=state_transfer_failed reason=%r (catch-up resumes; a peer that truncated "
+                    "its log starts the next attempt)", why)
+        self.replica.transfer_failed()
+        self._flush()
+
+    async def _compress_log(self):
+        try:
+            count, before, after = await asyncio.to_thread(self.wal.compress_closed)
+            if count:
+                log.info("event=log_compressed segments=%d bytes=%d compressed=%d", count, before, after)
+        except StorageError as e:
+            log.error("log compression failed: %s", e)
+        finally:
+            self._compressing = False
 
     async def _app_was_replaced(self) -> bool:
         """After a failure mid-request: wait for an app to listen again and tell whether it is a
@@ -351,16 +697,35 @@ class Server:
         Exactly-once decisions are re-made from scratch in the same order, so they come out
         the same as before and as on every other replica."""
         rep = self.replica
+        s = self.settings
         self.stats["app_restarts"] += 1
-        log.warning("event=app_restart_detected detail=%r action=replay instances=1..%d "
-                    "(app restart detected: rebuilding its state)", why, rep.applied)
-        sessions = Sessions(self.settings.reply_cache_size, self.settings.session_ttl_s * 1000)
-        self.sessions = rep.sessions = sessions
         self.apply_queue.clear()
-        for i in range(1, rep.applied + 1):
+        self.open_images = []
+        self._forget_held_apply(rep.applied)
+        start = 0
+        if rep.checkpoints:
+            # The newest local checkpoint, then the log after it.
+            start = rep.checkpoints[-1]
+            digest = dict((i, d) for i, _, d in self.store.info()).get(start)
+            try:
+                if digest is None:
+                    raise CheckpointError(f"checkpoint {start} is not on disk")
+                sessions_blob, app_state = self.store.read(start, digest)
+            except CheckpointError as e:
+                self._halt(f"the app restarted and its state cannot be rebuilt: {e}")
+                return
+            sessions = Sessions.restore(s.reply_cache_size, s.session_ttl_s * 1000, sessions_blob)
+            self.apply_queue.append(_RestoreApp(start, app_state))
+        else:
+            sessions = Sessions(s.reply_cache_size, s.session_ttl_s * 1000)
+        log.warning("event=app_restart_detected detail=%r action=replay checkpoint=%d instances=%d..%d "
+                    "(app restart detected: rebuilding its state)", why, start, start + 1, rep.applied)
+        self.sessions = rep.sessions = sessions
+        for i in range(start + 1, rep.applied + 1):
             value = rep.log[i].value
             self.apply_queue.append((i, value, plan_batch(sessions, value)))
         self.executed = 0
+        self.apply_wakeup.set()
         self.watch.identity = None  # adopt the new process on the next connection
 
     def _app_state(self, ready, reason):
@@ -382,6 +747,8 @@ class Server:
                  log_records=self.recovered_records + wal.records_written,
                  wal_bytes_written=wal.bytes_written, wal_records_written=wal.records_written,
                  wal_syncs=wal.syncs)
+        t = self.transfer
+        d.update(state_transfer_bytes=t.received, state_transfer_size=t.size)
         return d
 
     def ready(self):
@@ -393,6 +760,9 @@ class Server:
             return False, f"execution halted: {self.halted}"
         if rep.status == RECOVERING:
             return False, "recovering: learning the cluster's state before taking part"
+        if self.transfer.active:
+            t = self.transfer
+            return False, f"state transfer: {t.received} of {t.size or '?'} bytes of checkpoint {t.instance}"
         if rep.status != NORMAL:
             return False, f"view change to view {rep.view} in progress"
         if rep.is_leader and not rep.has_quorum_contact():
@@ -414,11 +784,12 @@ class Server:
                  connections_refused=self.channels.refused,
                  peer_contact_s={r: round((self.replica.now - t) * self.settings.tick_ms / 1000, 3)
                                  for r, t in self.replica.contact.items()}, uptime_s=round(time.time() - self.started, 3),
-                 n=self.n, **{k: v for k, v in self.stats.items()})
+                 n=self.n, **{k: v for k, v in self.stats.items()}, **self.transfer.describe())
         return d
 
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
+        self._next_compress = self.loop.time() + COMPRESS_EVERY_S
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
         self.channels.start(self.loop, self._on_message, self._on_idle)
@@ -445,14 +816,19 @@ class Server:
                 await self._hand_off()
         finally:
             executor.cancel()
+            self.transfer.cancel()
             try:
                 await executor
             except (asyncio.CancelledError, Exception):
                 pass
+            async with self.checkpoint_lock:
+                pass  # a checkpoint being written finishes (its record needs the log open)
             self.channels.close()
             await self.obs.stop()
             await self.adapter.close()
             self.wal.close()
+            if self._scratch:
+                shutil.rmtree(self._scratch, ignore_errors=True)
         log.info("replica %d stopped", self.id)
         return self.exit_code
 
@@ -480,6 +856,11 @@ class Server:
             os._exit(1)  # a second signal: leave now
         log.info("received %s: stopping", signal.Signals(sig).name)
         self.stopping.set()
+
+
+class _HookFailed(Exception):
+    # A snapshot hook answered with an error: the app's state is not what smrd needs.
+    pass
 
 
 def run(config) -> int:

@@ -77,6 +77,7 @@ class Channels:
         self._draining = False
         self._zap = None
         self._monitors = {}  # monitor socket -> endpoint of the ROUTER it watches
+        self._watches = {}   # monitor socket -> callback when its DEALER's connection drops
         self._dealers = []  # [socket, endpoint, replica id, server key] of secured DEALERs
         self._refusals_seen = set()
         self._reload_timer = None
@@ -117,6 +118,23 @@ class Channels:
             self._dealers.append([s, endpoint, replica, self.security.configure_client(s, replica)])
         s.connect(endpoint)
         return s
+
+    def watch_disconnect(self, sock, on_disconnect) -> None:
+        """Call on_disconnect() each time `sock` loses its connection: the peer's process died or
+        closed it. A hint only (a connection can also drop and come back): callers must treat it
+        as a reason to look closer, never as proof that the peer is gone."""
+        mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._watches[mon] = on_disconnect
+        if self._loop is not None:
+            self._loop.add_reader(mon.getsockopt(zmq.FD), self._serve_watch, mon)
+
+    def _serve_watch(self, mon) -> None:
+        while not mon.closed and mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            self._watches[mon]()
 
     # ------------------------------------------------------------------ CURVE (connections only)
 
@@ -224,6 +242,9 @@ class Channels:
         self._on_idle = on_idle
         for s in self.sockets:
             loop.add_reader(s.getsockopt(zmq.FD), self.drain)
+        for mon in self._watches:
+            loop.add_reader(mon.getsockopt(zmq.FD), self._serve_watch, mon)
+            self._serve_watch(mon)
         if self.security is not None:
             if self._zap is not None:
                 loop.add_reader(self._zap.getsockopt(zmq.FD), self._serve_zap)
@@ -266,7 +287,7 @@ class Channels:
         return handled
 
     def close(self) -> None:
-        extra = ([self._zap] if self._zap is not None else []) + list(self._monitors)
+        extra = ([self._zap] if self._zap is not None else []) + list(self._monitors) + list(self._watches)
         if self._reload_timer is not None:
             self._reload_timer.cancel()
             self._reload_timer = None
@@ -281,6 +302,7 @@ class Channels:
             s.close(0)
         self.sockets = []
         self._monitors = {}
+        self._watches = {}
         self._dealers = []
         self._zap = None
         if self.security is not None:

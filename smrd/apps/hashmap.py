@@ -15,6 +15,7 @@
 #                          (line framing: all on the one reply line; close framing: one per line)
 #   SNAPSHOT            -> SNAPSHOT <base64 of the canonical serialization of the whole map>
 #   RESTORE <base64>    -> OK (the map is replaced) | ERR bad snapshot: ...
+#   RESTORE SNAPSHOT <base64> (SNAPSHOT's reply verbatim: smrd's restore_request "RESTORE {state}")
 #   anything else       -> ERR <reason>
 # Keys and values are at most MAX_TOKEN_BYTES each. SNAPSHOT and RESTORE are the optional snapshot
 # hooks of DESIGN.md §3: an app without them still works under smrd (it replays the log instead).
@@ -154,6 +155,8 @@ class HashMap:
                 return b"ERR usage: SNAPSHOT"
             return b"SNAPSHOT " + base64.b64encode(serialize(self.entries))
         if command == b"RESTORE":
+            if len(args) == 2 and args[0] == b"SNAPSHOT":
+                args = args[1:]
             if len(args) != 1:
                 return b"ERR usage: RESTORE <base64>"
             try:

@@ -19,20 +19,20 @@ def scans(cluster, framing="line"):
     return out
 
 
-def read_back(cluster, load):
-    with KVClient("127.0.0.1", cluster.gateway_port(0), "line", timeout=15) as client:
+def read_back(cluster, load, framing="line"):
+    with KVClient("127.0.0.1", cluster.gateway_port(0), framing, timeout=15) as client:
         for key in KEYS:
             op = load.history.invoke("final", "get", key)
             load.history.complete(op, parse_get(client.request(f"GET {key}")))
 
 
-def assert_nothing_lost(cluster, load):
+def assert_nothing_lost(cluster, load, framing="line"):
     """Every acknowledged write is read back, the history is linearizable, the apps are equal."""
-    read_back(cluster, load)
+    read_back(cluster, load, framing)
     result = load.history.check()
     assert result.ok, str(result)
     wait_converged(cluster)
-    s = scans(cluster)
+    s = scans(cluster, framing)
     assert s[0] == s[1] == s[2]
 
 
