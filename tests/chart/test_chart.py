@@ -6,13 +6,11 @@ none here.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -23,9 +21,10 @@ from smrd.hosts import parse_hosts
 import helm_python  # noqa: E402  (pip install helm-python-sdk==0.2.2; make install does)
 import kubernetes_validate  # noqa: E402
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "smrd"
-SCENARIOS = sorted(CHART.glob("ci/values-*.yaml"))
-RELEASE, NAMESPACE = "demo", "smrd-test"
+# The rendering itself is shared with tests/podlab (tests/helm_render.py).
+from helm_render import CHART, NAMESPACE, RELEASE, SCENARIOS, by_kind, one, render  # noqa: E402
+from helm_render import load_values as _values  # noqa: E402
+
 KUBE_VERSIONS = ("1.29", "1.37")
 
 # checkov checks skipped on the RENDERED manifests, each with its reason. Everything else must pass.
@@ -40,42 +39,6 @@ CHECKOV_SKIPS = {
     "CKV2_K8S_6": "NetworkPolicy: peers must reach each other and clients the gateway; a policy is "
                   "site-specific (ingress controller, monitoring namespace) and left to the operator",
 }
-
-
-def _values(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()) or {}
-
-
-@functools.lru_cache(maxsize=None)
-def _render_text(values_json: str) -> str:
-    cfg = helm_python.Config(storage_driver="memory", namespace=NAMESPACE)
-    values = json.loads(values_json)
-    manifest = cfg.install(str(CHART), RELEASE, values, dry_run="client")["manifest"]  # = helm template
-    # The release's manifest leaves out hooks; the helm test pod is rendered from the chart itself.
-    files = _chart().render(values, name=RELEASE, namespace=NAMESPACE)
-    hooks = [t for k, t in files.items() if "/templates/tests/" in k and t.strip()]
-    return "\n---\n".join([manifest, *hooks])
-
-
-@functools.lru_cache(maxsize=None)
-def _chart():
-    return helm_python.Chart.load(str(CHART))
-
-
-def render(values: dict) -> list[dict]:
-    text = _render_text(json.dumps(values, sort_keys=True))
-    return [d for d in yaml.safe_load_all(text) if d]
-
-
-def by_kind(docs: list[dict], kind: str) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind]
-
-
-def one(docs: list[dict], kind: str, component: str | None = None) -> dict:
-    found = [d for d in by_kind(docs, kind)
-             if component is None or d["metadata"]["labels"].get("app.kubernetes.io/component") == component]
-    assert len(found) == 1, f"expected one {kind} {component or ''}, got {len(found)}"
-    return found[0]
 
 
 ids = [p.stem.removeprefix("values-") for p in SCENARIOS]
@@ -184,8 +147,12 @@ def test_replica_pod_shape(scenario):
     env = {e["name"]: e.get("value") for e in smrd["env"]}
     assert mounts[claim] == env["SMRD_DATA_DIR"]
     hooks = (values.get("app") or {}).get("hooks") or {}
-    app_env = {e["name"] for e in pod["containers"][1].get("env") or []}
-    assert ("SMRD_APP_SNAPSHOT_HOOK" in app_env) == bool(hooks.get("enabled"))
+    assert ("SMRD_SNAPSHOT_REQUEST" in env) == bool(hooks.get("enabled"))
+    if hooks.get("enabled"):
+        assert env["SMRD_SNAPSHOT_REQUEST"] == hooks["snapshot"]
+        assert "{state}" in env["SMRD_RESTORE_REQUEST"]
+    for spec in [pod] + [d["spec"]["template"]["spec"] for d in by_kind(docs, "Deployment")]:
+        assert spec.get("enableServiceLinks") is False, "Service links would inject SMRD_* variables"
     security = (values.get("security") or {}).get("enabled", False)
     assert ("curve-key" in mounts) == security
     if security:
@@ -339,6 +306,8 @@ BROKEN = [
     ({"app": {"port": 0}}, "/app/port': minimum: got 0, want 1"),
     ({"gateway": {"service": {"type": "Ingress"}}}, "/gateway/service/type': value must be one of"),
     ({"security": {"enabled": True}}, "/security/existingSecret': minLength"),
+    ({"app": {"hooks": {"enabled": True, "snapshot": "SNAPSHOT", "restore": "RESTORE"}}},
+     "/app/hooks/restore': 'RESTORE' does not match pattern"),
 ]
 
 

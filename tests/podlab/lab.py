@@ -1,0 +1,629 @@
+"""The pod lab: the RENDERED Helm chart run as "pods" on one machine, without a cluster
+(DESIGN.md §6 level 4; docs/kubernetes.md, "The pod lab").
+
+What stands for what:
+
+- a pod is a network namespace `smrdlab-<pod name>` with its own address on LAB_SUBNET, joined by
+  a veth pair to a bridge that lives in its own namespace (`smrdlab-net`); the root namespace's
+  links and routes are never touched. Its containers are processes started with
+  `ip netns exec`, so they share the pod's network exactly as a pod's containers do (smrd reaches
+  its app on 127.0.0.1);
+- cluster DNS is /etc/netns/<namespace>/hosts, which `ip netns exec` bind-mounts over /etc/hosts:
+  every pod's headless-service name (FQDN and the shorter forms the search path would complete),
+  the headless name itself (all pods), and every ClusterIP Service name;
+- a ClusterIP Service is a virtual address plus a DNAT rule in every lab namespace (what
+  kube-proxy's iptables mode does), to its selected pods' target port;
+- the kubelet's part: the container's env (value, fieldRef metadata.name/namespace, status.podIP,
+  and the Service-link variables `<SVC>_SERVICE_HOST`, `<SVC>_PORT`, ... unless the pod sets
+  enableServiceLinks: false), `$(VAR)` expansion in command and args, and volumes. The command,
+  args and env are used as rendered; only container paths are mapped (PATH MAPPING below);
+- the image: a directory put first on PATH with `smrd` and `python` (this interpreter), plus
+  IMAGE_ENV.
+
+PATH MAPPING. The rendered command names container paths (`-c /etc/smrd/hosts.conf`,
+SMRD_DATA_DIR=/var/lib/smrd). Each of the container's volumeMounts is mapped to a directory of
+the lab, and every occurrence of a mount path at the start of a path in command, args and env
+values is replaced by that directory:
+  configMap volume    -> <lab>/pods/<pod>/volumes/<volume>/   (the ConfigMap's data, written at pod start)
+  emptyDir volume     -> <lab>/pods/<pod>/volumes/<volume>/   (emptied at every pod start: a new pod)
+  volumeClaimTemplate -> <lab>/pvc/<claim>-<pod>/            (kept across pod restarts, like a PVC)
+Anything else (secret volumes, subPath, a container without a command) is refused with LabError.
+Not modelled: runAsUser/readOnlyRootFilesystem (processes run as the test's user), resource
+limits, probes run by a kubelet (the test polls /readyz itself), restarts by a kubelet, Service
+endpoints that follow readiness (the DNAT rules are fixed).
+
+Cleanup: Lab is a context manager. Everything it makes is named `smrdlab-*` (namespaces,
+/etc/netns entries) or lives under its work directory; on exit (also on failure) it kills every
+process it started and every process left in a lab namespace, deletes the namespaces (their
+veths and the bridge go with them) and the /etc/netns entries. On entry it removes the same
+leftovers of an earlier run that was killed. One lab runs at a time (flock on LOCK_PATH).
+"""
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import smrd
+
+PREFIX = "smrdlab-"
+NET_NS = PREFIX + "net"          # holds the bridge
+CLIENT_NS = PREFIX + "client"    # outside clients (and the test's probes)
+LAB_SUBNET = ipaddress.ip_network("10.213.0.0/24")
+NETNS_ETC = Path("/etc/netns")
+LOCK_PATH = Path("/run/lock/smrdlab.lock")
+# Addresses: .2 the client namespace, .10+ pods (in start order), .200+ ClusterIP Services.
+CLIENT_HOST, POD_HOST0, SERVICE_HOST0 = 2, 10, 200
+# The "image": the smrd package the test itself imports (this checkout), found through
+# PYTHONPATH whatever the working directory; SMRD_NO_EXTENSIONS (the pure-Python core) passes
+# through from the test's environment.
+SMRD_SOURCE = Path(smrd.__file__).resolve().parents[1]
+IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8", "PYTHONPATH": str(SMRD_SOURCE)}
+PASS_THROUGH_ENV = ("SMRD_NO_EXTENSIONS",)
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _run(argv, check=True, timeout=30):
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise LabError(f"`{shlex.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def missing_tools() -> list[str]:
+    """Why the lab cannot run here: [] when it can."""
+    why = []
+    if os.geteuid() != 0:
+        why.append("the pod lab needs root (network namespaces, iptables)")
+    for tool, package in (("ip", "iproute2"), ("iptables", "iptables")):
+        if shutil.which(tool) is None:
+            why.append(f"`{tool}` is not installed (Debian package {package}; "
+                       "`make install-test` installs it via scripts/install-system-tools.sh)")
+    return why
+
+
+def lab_namespaces() -> list[str]:
+    out = _run(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+
+
+def remove_leftovers() -> list[str]:
+    """Remove every smrdlab-* namespace (killing what still runs in it) and /etc/netns entry.
+    Returns what was removed."""
+    removed = []
+    for ns in lab_namespaces():
+        for pid in _run(["ip", "netns", "pids", ns], check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        _run(["ip", "netns", "delete", ns], check=False)
+        removed.append(ns)
+    if NETNS_ETC.is_dir():
+        for entry in NETNS_ETC.glob(PREFIX + "*"):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
+        try:
+            NETNS_ETC.rmdir()  # only when empty: someone else's entries stay
+        except OSError:
+            pass
+    return removed
+
+
+class _Lock:
+    """An exclusive flock on LOCK_PATH, removed on release (re-checked after locking, so a
+    waiter that locked a file another holder just removed tries again)."""
+
+    def __init__(self, timeout=300.0):
+        self.timeout = timeout
+        self.fd = None
+
+    def acquire(self):
+        deadline = time.monotonic() + self.timeout
+        LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() > deadline:
+                    raise LabError(f"another pod lab holds {LOCK_PATH} for over {self.timeout:.0f} s")
+                time.sleep(0.2)  # waiting for another test run's lab: no event to wait on
+                continue
+            try:
+                same = os.fstat(fd).st_ino == os.stat(LOCK_PATH).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                LOCK_PATH.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+# --- manifests -> pods ---------------------------------------------------------------------
+
+def _labels_match(selector: dict, labels: dict) -> bool:
+    return selector.items() <= labels.items()
+
+
+_MOUNT_EDGE = r"(?<![\w.~/-])"  # a mount path only counts where a path starts
+
+
+def map_paths(text: str, mounts: dict[str, Path]) -> str:
+    """Replace every container path under a mount point by the lab directory standing for it
+    (in one pass, the longest mount path first, so a replacement is never mapped again)."""
+    if not mounts:
+        return text
+    by_path = {m.rstrip("/"): str(d) for m, d in mounts.items()}
+    alternatives = "|".join(re.escape(m) for m in sorted(by_path, key=len, reverse=True))
+    pattern = _MOUNT_EDGE + f"({alternatives})" + r"(?=/|$|[^\w.-])"
+    return re.sub(pattern, lambda m: by_path[m.group(1)], text)
+
+
+def expand_vars(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in command, args and env values: $(VAR) of a defined variable
+    becomes its value, $$ becomes $, anything else stays as written."""
+    def sub(m):
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", sub, text)
+
+
+@dataclass
+class Service:
+    name: str
+    ip: str | None            # None: headless
+    ports: list[dict]
+    selector: dict
+
+
+@dataclass
+class Pod:
+    name: str
+    ip: str
+    netns: str
+    template: dict            # the pod template (metadata + spec) it was made from
+    claims: list[dict]        # volumeClaimTemplates (StatefulSet pods)
+    owner: tuple[str, str]    # (kind, name) of the manifest it comes from
+    hostname: str | None = None
+    subdomain: str | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    starts: int = 0
+
+    @property
+    def labels(self) -> dict:
+        return self.template.get("metadata", {}).get("labels", {})
+
+    @property
+    def spec(self) -> dict:
+        return self.template["spec"]
+
+    def container_port(self, name_or_number) -> int:
+        if isinstance(name_or_number, int):
+            return name_or_number
+        for c in self.spec["containers"]:
+            for p in c.get("ports", []):
+                if p.get("name") == name_or_number:
+                    return p["containerPort"]
+        raise LabError(f"pod {self.name} has no container port named {name_or_number!r}")
+
+    @property
+    def alive(self) -> dict[str, bool]:
+        return {name: p.poll() is None for name, p in self.procs.items()}
+
+
+class Lab:
+    """Pods from rendered manifests (StatefulSets, Deployments, ConfigMaps, Services) in
+    network namespaces. Use as a context manager; see the module docstring."""
+
+    def __init__(self, docs: list[dict], workdir: Path, namespace: str,
+                 cluster_domain: str = "cluster.local", deployment_replicas: int | None = 1):
+        self.docs = docs
+        self.dir = Path(workdir)
+        self.namespace = namespace
+        self.domain = cluster_domain
+        self.configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+        self.pods: dict[str, Pod] = {}
+        self._ips = (str(a) for a in list(LAB_SUBNET.hosts())[POD_HOST0 - 1:SERVICE_HOST0 - 1])
+        for d in docs:
+            if d["kind"] == "StatefulSet":
+                spec = d["spec"]
+                for i in range(spec["replicas"]):
+                    name = f"{d['metadata']['name']}-{i}"
+                    self._add_pod(name, spec["template"], spec.get("volumeClaimTemplates", []),
+                                  ("StatefulSet", d["metadata"]["name"]),
+                                  hostname=name, subdomain=spec.get("serviceName"))
+        for d in docs:
+            if d["kind"] == "Deployment":
+                n = d["spec"].get("replicas", 1) if deployment_replicas is None else deployment_replicas
+                for g in range(n):
+                    self._add_pod(f"{d['metadata']['name']}-lab-{g}", d["spec"]["template"], [],
+                                  ("Deployment", d["metadata"]["name"]))
+        for d in docs:
+            if d["kind"] == "Pod":  # e.g. the `helm test` hook: started on demand, runs once
+                self._add_pod(d["metadata"]["name"], d, [], ("Pod", d["metadata"]["name"]))
+        self.services: dict[str, Service] = {}
+        vip = SERVICE_HOST0
+        for d in docs:
+            if d["kind"] != "Service":
+                continue
+            spec = d["spec"]
+            headless = spec.get("clusterIP") == "None"
+            ip = None if headless else str(LAB_SUBNET.network_address + vip)
+            vip += 0 if headless else 1
+            self.services[d["metadata"]["name"]] = Service(d["metadata"]["name"], ip, spec.get("ports", []),
+                                                           spec.get("selector") or {})
+        self.client_ip = str(LAB_SUBNET.network_address + CLIENT_HOST)
+        self.bin = self.dir / "image-bin"
+        self._lock = _Lock()
+        self._started = False
+        self.events: list[str] = []   # what the lab did, for the test's report
+
+    def _add_pod(self, name, template, claims, owner, hostname=None, subdomain=None):
+        try:
+            ip = next(self._ips)
+        except StopIteration:
+            raise LabError(f"no address left on {LAB_SUBNET} for pod {name}") from None
+        self.pods[name] = Pod(name, ip, PREFIX + name, template, claims, owner, hostname, subdomain)
+
+    # ---- names -----------------------------------------------------------------------------
+
+    def service_names(self, svc: Service) -> list[str]:
+        base = f"{svc.name}.{self.namespace}"
+        return [f"{base}.svc.{self.domain}", f"{base}.svc", base, svc.name]
+
+    def pod_dns_names(self, pod: Pod) -> list[str]:
+        """The names a pod has in cluster DNS: hostname.subdomain.NS.svc.DOMAIN when its
+        subdomain is a headless Service (StatefulSet pods), and the search-path short forms."""
+        if not (pod.hostname and pod.subdomain in self.services):
+            return []
+        base = f"{pod.hostname}.{pod.subdomain}.{self.namespace}"
+        return [f"{base}.svc.{self.domain}", f"{base}.svc", base, f"{pod.hostname}.{pod.subdomain}"]
+
+    def service_endpoints(self, svc: Service) -> list[Pod]:
+        return [p for p in self.pods.values() if svc.selector and _labels_match(svc.selector, p.labels)]
+
+    def hosts_file(self, own: Pod | None) -> str:
+        lines = ["# written by the smrd pod lab (tests/podlab/lab.py); removed when the lab stops",
+                 "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        if own is not None:  # a pod's own hostname resolves to its own address
+            names = self.pod_dns_names(own) + [own.hostname or own.name]
+            lines.append(f"{own.ip}\t{' '.join(dict.fromkeys(names))}")
+        for pod in self.pods.values():
+            if pod is not own and self.pod_dns_names(pod):
+                lines.append(f"{pod.ip}\t{' '.join(self.pod_dns_names(pod))}")
+        for svc in self.services.values():
+            if svc.ip is not None:
+                lines.append(f"{svc.ip}\t{' '.join(self.service_names(svc))}")
+            else:  # a headless Service name answers with every pod it selects
+                for pod in self.service_endpoints(svc):
+                    lines.append(f"{pod.ip}\t{' '.join(self.service_names(svc))}")
+        return "\n".join(lines) + "\n"
+
+    def all_names(self) -> set[str]:
+        names = set()
+        for pod in self.pods.values():
+            names.update(self.pod_dns_names(pod))
+        for svc in self.services.values():
+            names.update(self.service_names(svc))
+        return names
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self):
+        why = missing_tools()
+        if why:
+            raise LabError("; ".join(why))
+        self._lock.acquire()
+        try:
+            removed = remove_leftovers()
+            if removed:
+                self.events.append(f"removed leftovers of an earlier run: {removed}")
+            self._started = True
+            self._build_network()
+            self._write_image_bin()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self._started:
+                for pod in self.pods.values():
+                    self.kill_pod(pod.name, record=False)
+                remove_leftovers()
+                self.events.append("stopped: every pod killed, namespaces and /etc/netns entries removed")
+        finally:
+            self._started = False
+            self._lock.release()
+        return False
+
+    def _ns_run(self, ns, *argv, check=True):
+        return _run(["ip", "netns", "exec", ns, *argv], check=check)
+
+    def _build_network(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _run(["ip", "netns", "add", NET_NS])
+        n = ["ip", "-n", NET_NS]
+        _run([*n, "link", "add", "br0", "type", "bridge"])
+        _run([*n, "link", "set", "br0", "up"])
+        _run([*n, "link", "set", "lo", "up"])
+        members = [(CLIENT_NS, self.client_ip, None)] + [(p.netns, p.ip, p) for p in self.pods.values()]
+        for k, (ns, ip, pod) in enumerate(members):
+            _run(["ip", "netns", "add", ns])
+            veth = f"veth{k}"  # only ever exists inside NET_NS
+            _run([*n, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+            _run([*n, "link", "set", veth, "master", "br0", "up"])
+            m = ["ip", "-n", ns]
+            _run([*m, "addr", "add", f"{ip}/{LAB_SUBNET.prefixlen}", "dev", "eth0"])
+            _run([*m, "link", "set", "eth0", "up"])
+            _run([*m, "link", "set", "lo", "up"])
+            etc = NETNS_ETC / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text(self.hosts_file(pod))
+            self._install_services(ns)
+        self.events.append(f"network: bridge in {NET_NS}, {len(members)} namespaces on {LAB_SUBNET}")
+
+    def _install_services(self, ns):
+        """kube-proxy, iptables mode: ClusterIP:port -> a selected pod's target port."""
+        for svc in self.services.values():
+            if svc.ip is None:
+                continue
+            pods = self.service_endpoints(svc)
+            for port in svc.ports:
+                for k, pod in enumerate(pods):
+                    rule = ["iptables", "-t", "nat", "-A", "OUTPUT", "-d", svc.ip, "-p",
+                            port.get("protocol", "TCP").lower(), "--dport", str(port["port"])]
+                    if len(pods) - k > 1:
+                        rule += ["-m", "statistic", "--mode", "random", "--probability",
+                                 f"{1 / (len(pods) - k):.5f}"]
+                    target = pod.container_port(port.get("targetPort", port["port"]))
+                    rule += ["-j", "DNAT", "--to-destination", f"{pod.ip}:{target}"]
+                    self._ns_run(ns, *rule)
+
+    def _write_image_bin(self):
+        self.bin.mkdir(parents=True, exist_ok=True)
+        for name, body in (("smrd", f'exec {shlex.quote(sys.executable)} -m smrd "$@"'),
+                           ("python", f'exec {shlex.quote(sys.executable)} "$@"'),
+                           ("python3", f'exec {shlex.quote(sys.executable)} "$@"')):
+            path = self.bin / name
+            path.write_text(f"#!/bin/sh\n{body}\n")
+            path.chmod(0o755)
+
+    # ---- pods ------------------------------------------------------------------------------
+
+    def pod(self, name: str) -> Pod:
+        return self.pods[name]
+
+    def pods_of(self, kind: str, name: str) -> list[str]:
+        """The lab's pods made from one manifest, e.g. pods_of("Deployment", "demo-smrd-gateway")."""
+        return [p.name for p in self.pods.values() if p.owner == (kind, name)]
+
+    def _volumes(self, pod: Pod) -> dict[str, Path]:
+        """volume name -> the lab directory standing for it (made fresh for a new pod, except
+        claims)."""
+        out = {}
+        root = self.dir / "pods" / pod.name / "volumes"
+        for vol in pod.spec.get("volumes", []):
+            path = root / vol["name"]
+            if "configMap" in vol:
+                cm = vol["configMap"]["name"]
+                if cm not in self.configmaps:
+                    raise LabError(f"pod {pod.name}: ConfigMap {cm} is not among the manifests")
+                shutil.rmtree(path, ignore_errors=True)
+                path.mkdir(parents=True)
+                items = vol["configMap"].get("items")
+                data = self.configmaps[cm]
+                for key, rel in ([(i["key"], i["path"]) for i in items] if items else [(k, k) for k in data]):
+                    (path / rel).write_text(data[key])
+            elif "emptyDir" in vol:
+                shutil.rmtree(path, ignore_errors=True)
+                path.mkdir(parents=True)
+            else:
+                kind = next(iter(k for k in vol if k != "name"), "?")
+                raise LabError(f"pod {pod.name}: volume {vol['name']} of type {kind} is not modelled by the lab")
+            out[vol["name"]] = path
+        for claim in pod.claims:
+            name = claim["metadata"]["name"]
+            path = self.dir / "pvc" / f"{name}-{pod.name}"   # the PVC's name in Kubernetes
+            path.mkdir(parents=True, exist_ok=True)
+            out[name] = path
+        return out
+
+    def _service_links(self, pod: Pod) -> dict[str, str]:
+        """The docker-links variables the kubelet gives every container for every Service with a
+        ClusterIP in the namespace (enableServiceLinks defaults to true)."""
+        if pod.spec.get("enableServiceLinks", True) is False:
+            return {}
+        env = {}
+        for svc in self.services.values():
+            if svc.ip is None or not svc.ports:
+                continue
+            prefix = svc.name.upper().replace("-", "_")
+            env[f"{prefix}_SERVICE_HOST"] = svc.ip
+            env[f"{prefix}_SERVICE_PORT"] = str(svc.ports[0]["port"])
+            first = svc.ports[0]
+            env[f"{prefix}_PORT"] = f"{first.get('protocol', 'TCP').lower()}://{svc.ip}:{first['port']}"
+            for p in svc.ports:
+                proto = p.get("protocol", "TCP")
+                if p.get("name"):
+                    env[f"{prefix}_SERVICE_PORT_{p['name'].upper().replace('-', '_')}"] = str(p["port"])
+                key = f"{prefix}_PORT_{p['port']}_{proto}"
+                env[key] = f"{proto.lower()}://{svc.ip}:{p['port']}"
+                env[key + "_PROTO"] = proto.lower()
+                env[key + "_PORT"] = str(p["port"])
+                env[key + "_ADDR"] = svc.ip
+        return env
+
+    def container_env(self, pod: Pod, container: dict, mounts: dict[str, Path]) -> dict[str, str]:
+        env = {"PATH": f"{self.bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOSTNAME": pod.hostname or pod.name, "HOME": "/root", **IMAGE_ENV}
+        env.update({k: os.environ[k] for k in PASS_THROUGH_ENV if k in os.environ})
+        env.update(self._service_links(pod))
+        fields = {"metadata.name": pod.name, "metadata.namespace": self.namespace,
+                  "status.podIP": pod.ip, "spec.nodeName": "smrdlab-node"}
+        for e in container.get("env", []):
+            if "value" in e:
+                env[e["name"]] = map_paths(expand_vars(str(e["value"]), env), mounts)
+            elif "fieldRef" in e.get("valueFrom", {}):
+                path = e["valueFrom"]["fieldRef"]["fieldPath"]
+                if path not in fields:
+                    raise LabError(f"pod {pod.name}: env {e['name']} from fieldRef {path} is not modelled")
+                env[e["name"]] = fields[path]
+            elif "valueFrom" in e:
+                raise LabError(f"pod {pod.name}: env {e['name']} from {list(e['valueFrom'])} is not modelled")
+            else:
+                env[e["name"]] = ""
+        return env
+
+    def container_argv(self, pod: Pod, container: dict) -> tuple[list[str], dict[str, str]]:
+        """What the container runs (after $(VAR) expansion and PATH MAPPING), and its env."""
+        volumes = self._volumes(pod)
+        mounts = {}
+        for m in container.get("volumeMounts", []):
+            if m.get("subPath") or m.get("subPathExpr"):
+                raise LabError(f"pod {pod.name}: subPath mounts are not modelled")
+            if m["name"] not in volumes:
+                raise LabError(f"pod {pod.name}: container {container['name']} mounts unknown volume {m['name']}")
+            mounts[m["mountPath"]] = volumes[m["name"]]
+        env = self.container_env(pod, container, mounts)
+        if not container.get("command"):
+            raise LabError(f"pod {pod.name}: container {container['name']} has no command; the lab "
+                           "has no image entrypoint to fall back on")
+        argv = [map_paths(expand_vars(a, env), mounts)
+                for a in [*container["command"], *container.get("args", [])]]
+        return argv, env
+
+    def start_pod(self, name: str):
+        """Start every container of the pod (a new pod: fresh emptyDirs, the same claims), in
+        manifest order and without waiting, as the kubelet does."""
+        pod = self.pods[name]
+        if any(pod.alive.values()):
+            raise LabError(f"pod {name} still has running containers: {pod.alive}")
+        logs = self.dir / "pods" / name
+        logs.mkdir(parents=True, exist_ok=True)
+        pod.starts += 1
+        pod.procs = {}
+        for c in pod.spec["containers"]:
+            argv, env = self.container_argv(pod, c)
+            log = open(logs / f"{c['name']}.log", "ab")
+            log.write(f"--- start {pod.starts}: {shlex.join(argv)}\n".encode())
+            log.flush()
+            pod.procs[c["name"]] = subprocess.Popen(
+                ["ip", "netns", "exec", pod.netns, *argv], env=env, cwd=c.get("workingDir", "/"),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+        self.events.append(f"started pod {name} ({', '.join(pod.procs)})")
+
+    def kill_pod(self, name: str, sig=signal.SIGKILL, record=True):
+        """Every container of the pod, at once (SIGKILL by default: the node lost the pod)."""
+        pod = self.pods[name]
+        for proc in pod.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)   # its own session: the container's whole tree
+                except ProcessLookupError:
+                    pass
+        for proc in pod.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        if pod.procs and record:
+            self.events.append(f"killed pod {name} ({signal.Signals(sig).name})")
+
+    def log_text(self, name: str, container: str) -> str:
+        """One container's output, all its starts (each begins with a `--- start N:` line)."""
+        path = self.dir / "pods" / name / f"{container}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_tail(self, name: str, lines=15) -> str:
+        out = []
+        for c in self.pods[name].spec["containers"]:
+            path = self.dir / "pods" / name / f"{c['name']}.log"
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {name}/{c['name']} ---\n" + "\n".join(tail))
+        return "\n".join(out)
+
+    def run_to_completion(self, name: str, timeout=60.0) -> dict[str, int]:
+        """Start a one-shot pod (restartPolicy Never, like the `helm test` pod) and wait until
+        every container has exited: {container: exit code}."""
+        pod = self.pods[name]
+        if pod.spec.get("restartPolicy") != "Never":
+            raise LabError(f"pod {name} is not a one-shot pod (restartPolicy {pod.spec.get('restartPolicy')})")
+        self.start_pod(name)
+        deadline = time.monotonic() + timeout
+        try:
+            codes = {c: p.wait(max(deadline - time.monotonic(), 0.01)) for c, p in pod.procs.items()}
+        except subprocess.TimeoutExpired:
+            self.kill_pod(name)
+            raise LabError(f"pod {name} did not finish within {timeout} s:\n" + self.log_tail(name)) from None
+        self.events.append(f"pod {name} finished: {codes}")
+        return codes
+
+    def check_running(self):
+        """LabError naming the container that exited on its own (with its log)."""
+        for pod in self.pods.values():
+            if pod.spec.get("restartPolicy") == "Never":
+                continue  # a one-shot pod is meant to exit
+            for cname, proc in pod.procs.items():
+                if proc.poll() is not None and proc.returncode != -signal.SIGKILL:
+                    raise LabError(f"container {pod.name}/{cname} exited with {proc.returncode}:\n"
+                                   + self.log_tail(pod.name))
+
+    # ---- faults ----------------------------------------------------------------------------
+
+    PARTITION_RULES = (("INPUT", "-i"), ("OUTPUT", "-o"))
+
+    def partition(self, name: str):
+        """Cut the pod off the pod network (its own loopback, smrd <-> app, keeps working)."""
+        ns = self.pods[name].netns
+        for chain, flag in self.PARTITION_RULES:
+            self._ns_run(ns, "iptables", "-A", chain, flag, "eth0", "-j", "DROP")
+        self.events.append(f"partitioned pod {name} (iptables DROP on its eth0)")
+
+    def heal(self, name: str):
+        ns = self.pods[name].netns
+        for chain, flag in self.PARTITION_RULES:
+            self._ns_run(ns, "iptables", "-D", chain, flag, "eth0", "-j", "DROP")
+        self.events.append(f"healed pod {name}")
+
+    # ---- helpers for the test --------------------------------------------------------------
+
+    def client_process(self, argv, **popen_kw) -> subprocess.Popen:
+        """A process in the client namespace (outside the pods; sees the lab's DNS)."""
+        popen_kw.setdefault("env", {**os.environ, **IMAGE_ENV})
+        return subprocess.Popen(["ip", "netns", "exec", CLIENT_NS, *argv], **popen_kw)
+
+    def exec_in_pod(self, name: str, argv, timeout=30) -> subprocess.CompletedProcess:
+        """`kubectl exec`: a command in the pod's network (with the image's PATH)."""
+        env = {**os.environ, **IMAGE_ENV, "PATH": f"{self.bin}:{os.environ.get('PATH', '')}"}
+        env = {k: v for k, v in env.items() if not k.startswith("SMRD_") or k in PASS_THROUGH_ENV}
+        return subprocess.run(["ip", "netns", "exec", self.pods[name].netns, *argv], env=env,
+                              capture_output=True, text=True, timeout=timeout)
