@@ -125,15 +125,16 @@ def main(argv=None):
             cluster.kill_replica(leader)
             load.wait_completions(t_kill, 1)
             failovers.append(load.first_after(t_kill) - t_kill)
-            started = time.monotonic()
-            cluster.start_replica(leader)
+            cluster.start_app(leader)          # the pod's app first (it must start empty),
+            started = time.monotonic()         # then time the smrd process alone
+            cluster.servers[leader].start()
             while not _readyz(cluster.metrics_port(leader)):
                 if time.monotonic() - started > 60:
                     raise SystemExit(f"replica {leader} not ready 60 s after its restart")
                 time.sleep(0.01)  # another process's readiness: polled
             ready_s.append(time.monotonic() - started)
             print(f"kill {k + 1}/{args.kills}: leader {leader}, first request in the new view after "
-                  f"{failovers[-1] * 1000:.0f} ms; restarted replica ready after {ready_s[-1]:.2f} s",
+                  f"{failovers[-1] * 1000:.0f} ms; restarted smrd process ready after {ready_s[-1]:.2f} s",
                   flush=True)
     finally:
         load.finish()
@@ -144,7 +145,8 @@ def main(argv=None):
         "failover_median_ms": round(statistics.median(ms), 1),
         "failover_p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1),
         "failover_max_ms": round(ms[-1], 1),
-        "restart_to_ready_s_median": round(statistics.median(ready_s), 3),
+        "process_start_to_ready_s_median": round(statistics.median(ready_s), 3),
+        "process_start_to_ready_s_max": round(max(ready_s), 3),
         "cluster_launch_to_first_reply_s": round(first_reply, 3),
         "cluster_launch_to_full_speed_s": round(full_speed, 3) if full_speed else None,
         "steady_ops_per_s": round(steady), "clients": args.clients,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from smrd.local import LocalCluster
+from smrd.local import DEMO_HOOKS, LocalCluster
 
 PY = sys.executable
 HOST = "127.0.0.1"
@@ -89,9 +89,13 @@ class SmrdSystem:
 
     def __init__(self, *, replicas=3, gateways=1, framing="line", durability="fsync",
                  storage="tmpfs", app="hashmap", settings=None, data_dir, log_dir, ports):
+        if app == "hashmap":
+            # As `smrd local` runs the demo: with its snapshot hooks (checkpoints every 100,000
+            # requests by default, the log truncated behind them).
+            settings = {**DEMO_HOOKS, **(settings or {})}
         self.config = {"system": "smrd", "replicas": replicas, "gateways": gateways,
                        "framing": framing, "durability": durability, "storage": storage,
-                       "app": app}
+                       "app": app, "hooks": app == "hashmap"}
         self.data_dir, self.log_dir = Path(data_dir), Path(log_dir)
         self.ports_ = ports
         self.base = ports.base(_smrd_offsets(replicas, gateways))

@@ -174,12 +174,6 @@ class Server:
             self._send_state, s.state_transfer_rate_mb * 1_000_000, self._transfer_done,
             self._transfer_failed)
         self._compressing = False
-        # fsync runs in a worker thread beside the loop; nosync/memory are cheap enough inline.
-        self._pipelined = s.durability == "fsync"
-        self._held = deque()        # (records appended up to it, Ready) waiting for an fsync
-        self._appended = 0
-        self._syncing = False
-        self._held_promises = 0     # held Readies with records other than accepts/commit points
         self.apply_wakeup = asyncio.Event()
         self.executed = 0           # last instance whose replies went out
         self.halted = None          # why execution stopped, if it did
@@ -267,35 +261,31 @@ class Server:
     # ------------------------------------------------------------------ the Ready cycle
 
     def _flush(self):
+        # Group commit: every Ready the core has now is persisted with ONE fsync, then their
+        # outputs leave in order (persist, then send). Two exceptions, argued in docs/PROTOCOL.md
+        # ("What is persisted when"): a Ready holding only a commit point needs no fsync, and a
+        # leader's PROPOSEs leave before the fsync of its own accept, never past a view promise.
         rep = self.replica
         try:
+            batch = []
+            must_sync = promised = False
             while rep.has_ready():
                 rd = rep.ready()
                 if rd.checkpoints:
-                    # From now on every reply the executor gets goes into these images, even
-                    # while this Ready waits for its fsync.
+                    # From now on every reply the executor gets goes into these images.
                     self.open_images.extend(image for _, image in rd.checkpoints)
                 if rd.persist:
                     self.wal.append(rd.persist)
-                    self._appended += 1
-                    # A commit point alone is a hint for restarts (values <= it are decided), not
-                    # a promise any message relies on: it rides along with the next fsync.
-                    if self._pipelined and not all(type(r) is CommitRecord for r in rd.persist):
-                        votes_only = all(type(r) in _VOTE_RECORDS for r in rd.persist)
-                        if votes_only and rd.messages and not self._held_promises:
+                    if not all(type(r) is CommitRecord for r in rd.persist):
+                        must_sync = True
+                        if not all(type(r) in _VOTE_RECORDS for r in rd.persist):
+                            promised = True
+                        elif rd.messages and not promised:
                             self._propose_early(rd)
-                        if not votes_only:
-                            self._held_promises += 1
-                        self._held.append((self._appended, rd))
-                        self._start_sync()
-                        continue
-                    elif not self._pipelined:
-                        self.wal.sync()
-                if self._held:
-                    # Outputs leave in order: this Ready may rely on records still being synced
-                    # (a leader's own vote is one of the quorum that decides an instance).
-                    self._held.append((self._appended, rd))
-                    continue
+                batch.append(rd)
+            if must_sync:
+                self.wal.sync()
+            for rd in batch:
                 self._output(rd)
         except StorageError as e:
             self._storage_failed(e)
@@ -304,38 +294,13 @@ class Server:
 
     def _propose_early(self, rd):
         # As in Raft, a leader sends its proposals while its own copy is still being written: a
-        # PROPOSE promises nothing, and the leader's own vote only decides something through a
-        # later Ready, which waits behind this one's fsync. Never past a held view promise
-        # (ViewRecord) or anything else: those must be durable before any message of their view.
+        # PROPOSE promises nothing, and the leader's own vote only decides something once a
+        # follower's ACCEPTED comes back, after this flush's fsync. Never with a view promise
+        # (ViewRecord) or anything else in the burst: those must be durable before any message.
         early = [(d, msg) for d, msg in rd.messages if type(msg) is m.Propose]
         if early:
             self._send_all(early)
             rd.messages = [(d, msg) for d, msg in rd.messages if type(msg) is not m.Propose]
-
-    def _start_sync(self):
-        if not self._syncing:
-            self._syncing = True
-            self.loop.create_task(self._sync_held())
-
-    async def _sync_held(self):
-        # Group commit beside the loop: while one fsync runs, the loop keeps taking messages and
-        # appending records; the next fsync covers all of them. A Ready's outputs leave only once
-        # every record appended up to it is durable (persist, then send).
-        held = self._held
-        try:
-            while held:
-                target = self._appended
-                await asyncio.to_thread(self.wal.sync)
-                while held and held[0][0] <= target:
-                    rd = held.popleft()[1]
-                    if rd.persist and not all(type(r) in _VOTE_RECORDS for r in rd.persist):
-                        self._held_promises -= 1
-                    self._output(rd)
-            self._log_changes()
-        except StorageError as e:
-            self._storage_failed(e)
-        finally:
-            self._syncing = False
 
     def _storage_failed(self, e):
         # After a failed write or fsync the log may have lost votes this replica already counted
@@ -552,19 +517,6 @@ class Server:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _forget_held_apply(self, upto):
-        # Ready outputs still waiting for an fsync carry apply entries the caller has just
-        # replaced (an app rebuild, an installed checkpoint): executing them too would run their
-        # requests twice.
-        for _, rd in self._held:
-            if rd.apply:
-                rd.apply = [e for e in rd.apply if e[0] > upto]
-                dropped = [img for i, img in rd.checkpoints if i <= upto]
-                rd.checkpoints = [(i, img) for i, img in rd.checkpoints if i > upto]
-                for img in dropped:
-                    if img in self.open_images:
-                        self.open_images.remove(img)
-
     async def _take_checkpoint(self, mark):
         if mark.image in self.open_images:
             self.open_images.remove(mark.image)
@@ -651,7 +603,6 @@ class Server:
         self.wal.append([CheckpointRecord(instance, digest, size)])
         self.wal.sync()
         self.sessions = sessions
-        self._forget_held_apply(instance)
         self.apply_queue.append(_RestoreApp(instance, app_state))
         self.apply_wakeup.set()
         rep.install_checkpoint(instance, sessions)
@@ -701,7 +652,6 @@ class Server:
         self.stats["app_restarts"] += 1
         self.apply_queue.clear()
         self.open_images = []
-        self._forget_held_apply(rep.applied)
         start = 0
         if rep.checkpoints:
             # The newest local checkpoint, then the log after it.
