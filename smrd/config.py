@@ -613,6 +613,12 @@ def _cross_check(s: Settings, sources: Mapping[str, Source]) -> None:
             f"{show(have)} is set but {lack} is not: snapshot hooks come in pairs (one takes the "
             f"app's state, the other puts it back); set {lack} too, or unset {have}"
         )
+    if s.snapshot_request and s.framing == "http":
+        raise ConfigError(
+            f"{show('snapshot_request')} is set with framing=http: snapshot hooks work with close, "
+            f"line and length framing (an HTTP request with the state spliced in would need its "
+            f"Content-Length rewritten); unset the hooks, or use another framing"
+        )
     if s.restore_request and "{state}" not in s.restore_request:
         raise ConfigError(
             f"{show('restore_request')} has no {{state}}: it must say where the snapshot goes, e.g. "

@@ -400,3 +400,15 @@ def test_configuration_doc_table_is_up_to_date():
     assert render_docs(doc) == doc, "run: python -m smrd.config --write"
     for spec in SETTINGS.values():
         assert f"`{spec.env}`" in doc and f"`{spec.flags}`" in doc
+
+
+# --- snapshot hooks ----------------------------------------------------------------------------
+
+def test_snapshot_hooks_are_accepted_in_pairs_with_a_state_placeholder(hosts):
+    cfg = load(hosts, snapshot_request="SNAPSHOT", restore_request="RESTORE {state}")
+    assert cfg.settings.checkpoint_every == 100_000 and cfg.settings.restore_ok == "OK"
+    assert "restore_request is not" in error(hosts, snapshot_request="SNAPSHOT")
+    assert "snapshot_request is not" in error(hosts, restore_request="RESTORE {state}")
+    assert "has no {state}" in error(hosts, snapshot_request="SNAPSHOT", restore_request="RESTORE")
+    assert "framing=http" in error(hosts, snapshot_request="GET /s", restore_request="{state}",
+                                   framing="http")
