@@ -172,6 +172,11 @@ class Settings:
         "fsync", "fsync: persist before acting (safe); nosync: write without fsync (a power loss "
         "can lose decided requests); memory: no disk (tests only).", group="storage",
         choices=("fsync", "nosync", "memory"))
+    log_memory_bytes: int = setting(
+        64 * MiB, "Decided values kept in memory (the newest); older ones are read back from the "
+        "log files when a peer catches up or the app is rebuilt, so memory stays bounded however "
+        "long the log grows (durability memory keeps everything: it has no files).",
+        group="storage", unit="bytes", min=4 * KiB, max=1024 * 1024 * MiB)
     log_segment_bytes: int = setting(
         64 * MiB, "Size at which the write-ahead log starts a new segment file. Closed segments are "
         "zstd-compressed, and deleted once a checkpoint covers them.", group="storage", unit="bytes",

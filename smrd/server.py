@@ -174,6 +174,11 @@ class Server:
             self._send_state, s.state_transfer_rate_mb * 1_000_000, self._transfer_done,
             self._transfer_failed)
         self._compressing = False
+        # Bounded memory: (instance, value bytes) of the values in the core's log, oldest first.
+        self.mem_values = deque()
+        self.mem_bytes = 0
+        self.mem_budget = s.log_memory_bytes if s.durability != "memory" else None
+        self._serving = set()       # peers whose catch-up is being read from the log files
         self.apply_wakeup = asyncio.Event()
         self.executed = 0           # last instance whose replies went out
         self.halted = None          # why execution stopped, if it did
@@ -326,6 +331,10 @@ class Server:
             else:
                 self.apply_queue.extend(rd.apply)
             self.apply_wakeup.set()
+            if self.mem_budget is not None:
+                for instance, value, _ in rd.apply:
+                    self.mem_values.append((instance, len(value)))
+                    self.mem_bytes += len(value)
             obs = self.obs
             now = self.loop.time()
             for instance, _, plan in rd.apply:
@@ -335,6 +344,10 @@ class Server:
                     obs.observe_consensus_latency(now - started)
         if rd.replies:
             self._send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
+        for peer, start in rd.serve_log:
+            if peer not in self._serving:
+                self._serving.add(peer)
+                self.loop.create_task(self._serve_log(peer, start))
         if rd.transfer is not None:
             peer, instance = rd.transfer
             log.info("event=state_transfer_start commit=%d peer=%d peer_checkpoint=%d (the log "
@@ -421,6 +434,8 @@ class Server:
         if self.halted:
             return
         while True:
+            if self.halted:
+                return
             if not queue:
                 self.apply_wakeup.clear()
                 await self.apply_wakeup.wait()
@@ -488,6 +503,7 @@ class Server:
             self.stats["requests_deduplicated"] += len(plan) - len(payloads)
             self.executed = last_instance
             self._send_replies(replies)
+            self._evict()
 
     def _check_app_is_fresh(self, restored):
         # smrd replays its log into the app on start, so the app must be empty then. If it is the
@@ -587,6 +603,44 @@ class Server:
         self.replica.peer_lost(r)
         self._flush()
 
+    def _evict(self):
+        # Keep the newest log_memory_bytes of executed values in memory; drop down to 3/4 of it.
+        if self.mem_budget is None or self.mem_bytes <= self.mem_budget:
+            return
+        values, upto = self.mem_values, 0
+        while values and self.mem_bytes > self.mem_budget * 3 // 4 and values[0][0] <= self.executed:
+            upto, size = values.popleft()
+            self.mem_bytes -= size
+        if upto:
+            self.replica.evict(upto)
+
+    async def _serve_log(self, peer, start):
+        rep, opt = self.replica, self.options
+        try:
+            entries = await asyncio.to_thread(self.wal.read_decided, start, rep.commit,
+                                              opt.catchup_max_entries, opt.catchup_max_bytes)
+            self._send_state(peer, m.CatchupReply(rep.view, rep.commit, tuple(entries)))
+        except StorageError as e:
+            log.error("cannot serve catch-up from the log files: %s", e)
+        finally:
+            self._serving.discard(peer)
+
+    def _values(self, first, last):
+        # Decided values first..last, from memory or (evicted ones) read back from the log files.
+        rep = self.replica
+        i = first
+        while i <= last:
+            slot = rep.log.get(i)
+            if slot is not None:
+                yield i, slot.value
+                i += 1
+                continue
+            chunk = self.wal.read_decided(i, min(last, rep.evicted), 4096, 64 << 20)
+            if not chunk:
+                raise StorageError(f"instance {i} is neither in memory nor in the log files")
+            yield from chunk
+            i = chunk[-1][0] + 1
+
     def _send_state(self, peer, msg):
         out = self.peer_out.get(peer)
         if out is not None:
@@ -671,9 +725,13 @@ class Server:
         log.warning("event=app_restart_detected detail=%r action=replay checkpoint=%d instances=%d..%d "
                     "(app restart detected: rebuilding its state)", why, start, start + 1, rep.applied)
         self.sessions = rep.sessions = sessions
-        for i in range(start + 1, rep.applied + 1):
-            value = rep.log[i].value
-            self.apply_queue.append((i, value, plan_batch(sessions, value)))
+        try:
+            for i, value in self._values(start + 1, rep.applied):
+                self.apply_queue.append((i, value, plan_batch(sessions, value)))
+        except StorageError as e:
+            self.apply_queue.clear()
+            self._halt(f"the app restarted and its state cannot be rebuilt: {e}")
+            return
         self.executed = 0
         self.apply_wakeup.set()
         self.watch.identity = None  # adopt the new process on the next connection

@@ -354,6 +354,7 @@ class WriteAheadLog:
         self._wsum = _Summary()   # summary of every record written (under _sync_lock)
         self._meta = threading.Condition(threading.Lock())
         self._segs = {}           # seq -> _Segment: every segment on disk, the active one too
+        self._catchup_cache = None  # (seq, bytes) of the last closed segment read_decided() read
         self._truncate_lock = threading.Lock()
         self._compress_lock = threading.Lock()
         self._lock_fd = -1
@@ -964,6 +965,78 @@ class WriteAheadLog:
             os.unlink(path)
         except OSError as exc:
             log.warning("write-ahead log %s: cannot remove %s: %s", self.directory, path, exc)
+
+    def read_decided(self, start: int, upto: int, max_entries: int, max_bytes: int) -> list:
+        """The decided values of instances start, start+1, ... (never beyond `upto`, which the
+        caller must know decided: at most its commit point), as [(instance, value)], at most
+        max_entries and about max_bytes (at least one entry), read back from the segment files:
+        catch-up for a peer, or a replay, once the values left memory. An instance's value is
+        the last record of it in the log: once it is decided no record of it follows (the core
+        never re-accepts a decided slot), and every record of a decided instance was synced
+        before the commit point passed it. Blocking file reads: call it from a worker thread.
+        Stops early (fewer entries) at a gap, e.g. instances covered by a checkpoint."""
+        if self._memory or start > upto:
+            return []
+        self._check_open()
+        with self._meta:
+            seqs = sorted(seq for seq, seg in self._segs.items() if seg.top >= start)
+        found = {}
+        last = min(upto, start + max_entries - 1)
+        for seq in seqs:
+            data = self._read_segment_for_catchup(seq)
+            if data is None:
+                continue  # deleted meanwhile (truncated behind a checkpoint)
+            off, end = 0, len(data)
+            while off < end:
+                record, nxt = _parse(data, off)
+                if record is None:
+                    break  # the active segment's unsynced or torn tail
+                off = nxt
+                kind = type(record)
+                if kind is AcceptRecord or kind is DecideRecord:
+                    if start <= record.instance <= last:
+                        found[record.instance] = record.value
+                elif kind is CommitRecord and record.commit >= last and len(found) == last - start + 1:
+                    break  # everything wanted is final: nothing after this commit point changes it
+            else:
+                continue
+            if len(found) == last - start + 1:
+                break
+        out, size = [], 0
+        for i in range(start, last + 1):
+            value = found.get(i)
+            if value is None or (out and size + len(value) > max_bytes):
+                break
+            out.append((i, value))
+            size += len(value)
+        return out
+
+    def _read_segment_for_catchup(self, seq: int):
+        # Serving a long catch-up walks the segments in order, a chunk per call: keep the last
+        # closed segment read (closed segments never change; one segment's worth of memory).
+        cached = self._catchup_cache
+        if cached is not None and cached[0] == seq:
+            return cached[1]
+        data = self._load_segment(seq)
+        if data is not None and seq < self._seq:
+            self._catchup_cache = (seq, data)
+        return data
+
+    def _load_segment(self, seq: int):
+        for compressed in (False, True):  # a compression may replace the .log while we look
+            path = os.path.join(self.directory, segment_name(seq, compressed))
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                continue
+            if not compressed:
+                return raw
+            try:
+                return _decompress(raw)
+            except _Damaged as exc:
+                raise StorageError(f"log segment {path} is damaged: {exc}") from exc
+        return None
 
     def stats(self) -> dict:
         """What is on disk now, for metrics: segments (files), bytes (their sizes, compressed

@@ -22,7 +22,10 @@ class Ready:
     # (peer, instance) or None: the log this replica needs was truncated at `peer` up to its
     # checkpoint `instance`; fetch a checkpoint >= instance, then Replica.install_checkpoint().
     transfer: tuple = None
+    # (peer, start): a catch-up request for values this replica evicted from memory (they are
+    # in its log files): the driver reads them back and sends the CatchupReply itself.
+    serve_log: list = field(default_factory=list)
 
     def __bool__(self):
         return bool(self.persist or self.messages or self.apply or self.replies or
-                    self.checkpoints or self.transfer)
+                    self.checkpoints or self.transfer or self.serve_log)

@@ -79,6 +79,8 @@ class Replica:
         self.top = 0               # highest instance in the log
         # Instances <= low are covered by a stored checkpoint and no longer in the log.
         self.low = 0
+        # Values of instances <= evicted (>= low) left memory; the driver's log files have them.
+        self.evicted = 0
 
         # Volatile.
         self.now = 0               # ticks since start
@@ -223,6 +225,7 @@ class Replica:
     def describe(self) -> dict:
         return {"id": self.id, "view": self.view, "leader": self.leader, "status": self.status,
                 "commit": self.commit, "applied": self.applied, "top": self.top, "low": self.low,
+                "evicted": self.evicted,
                 "checkpoint": self.checkpoints[-1] if self.checkpoints else 0,
                 "pending": len(self.pending), "proposed": len(self.proposed), **self.stats}
 
@@ -705,6 +708,9 @@ class Replica:
             # Those values are only in our checkpoint now: the sender must fetch state.
             self._send(sender, m.LogTruncated(self.view, self.low))
             return
+        if msg.start <= self.evicted:
+            self._ready.serve_log.append((sender, msg.start))  # from the log files
+            return
         entries = []
         size = 0
         opt = self.opt
@@ -814,15 +820,31 @@ class Replica:
     def _truncate_log(self, upto: int) -> None:
         if upto <= self.low:
             return
+        self._drop_values(upto)
+        self.low = upto
+        self.tracker.discard_below(upto + 1)
+
+    def _drop_values(self, upto: int) -> None:
         log = self.log
-        if upto - self.low < len(log):
-            for i in range(self.low + 1, upto + 1):
+        first = max(self.low, self.evicted)
+        if upto - first < len(log):
+            for i in range(first + 1, upto + 1):
                 log.pop(i, None)
         else:
             for i in [i for i in log if i <= upto]:
                 del log[i]
-        self.low = upto
-        self.tracker.discard_below(upto + 1)
+        if upto > self.evicted:
+            self.evicted = upto
+
+    def evict(self, upto: int) -> int:
+        """The driver keeps memory bounded: drop the values of instances <= upto from memory
+        (never above the applied point: those still have to be planned). Catch-up requests for
+        them are then handed to the driver (Ready.serve_log), which reads its log files.
+        Returns the new eviction point."""
+        upto = min(upto, self.applied, self.commit)
+        if upto > self.evicted:
+            self._drop_values(upto)
+        return self.evicted
 
     def _on_log_truncated(self, sender, msg) -> None:
         if msg.checkpoint <= self.commit or self.transfer_from is not None:

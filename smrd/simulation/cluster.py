@@ -14,7 +14,9 @@ from .. import core
 from ..protocol import messages as m
 from ..protocol.options import Options
 from ..protocol.quorum import CrashFaultPolicy
-from ..protocol.records import AcceptRecord, CheckpointRecord, CommitRecord, DurableState
+from ..protocol.records import (
+    AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord, DurableState,
+)
 from ..protocol.replica import NORMAL, Replica
 from ..protocol.sessions import DUPLICATE, EXECUTE, Sessions, execute_batch, run_plan
 from .kvapp import KVApp
@@ -42,6 +44,7 @@ class Params:
     fault_ticks: int = 400
     liveness_ticks: int = 3000   # after healing, every request must complete within this
     encode: bool = False         # push every message through the wire codec
+    evict_keep: int = -1         # >= 0: values more than this far below applied leave memory
     options: Options = field(default_factory=lambda: Options(
         window=2, batch_max_requests=8, batch_max_bytes=4096, heartbeat_ticks=3,
         election_ticks=20, request_ticks=40, retransmit_ticks=6, max_view_change_backoff=4))
@@ -53,7 +56,9 @@ class Params:
         window = r.choice([1, 2, 4])
         # Drawn from its own generator so that adding checkpoints left every older seed's
         # scenario as it was (the pinned regression seeds replay what once failed).
-        every = random.Random(seed * 31 + 5).choice([0, 0, 3, 16])
+        extra = random.Random(seed * 31 + 5)
+        every = extra.choice([0, 0, 3, 16])
+        evict_keep = extra.choice([-1, -1, 0, 4])
         opts = Options(window=window, batch_max_requests=r.choice([1, 3, 16]),
                        batch_max_bytes=r.choice([64, 4096]), heartbeat_ticks=3,
                        election_ticks=20, request_ticks=40, retransmit_ticks=6,
@@ -68,7 +73,7 @@ class Params:
             crash_mid_ready=r.choice([0.0, 0.3]), restart_after=r.choice([5, 40, 150]),
             partition=r.choice([0.0, 0.005, 0.02]), fault_ticks=r.choice([200, 400, 600]),
             wipe=r.choice([0.0, 0.0, 0.002, 0.006]),
-            encode=r.random() < 0.25, options=opts)
+            encode=r.random() < 0.25, options=opts, evict_keep=evict_keep)
 
 
 class _Install:
@@ -192,6 +197,10 @@ class Simulation:
                         return
             if rd.transfer is not None:
                 self._start_transfer(r, *rd.transfer)
+            for peer, start in rd.serve_log:
+                self._serve_from_log(r, peer, start)
+            if self.p.evict_keep >= 0:
+                self.replicas[r].evict(self.replicas[r].applied - self.p.evict_keep)
             for origin, client_id, seq, status, reply in rd.replies:
                 self._reply(r, origin, client_id, seq, status, reply)
             self._check_replica(r)
@@ -235,6 +244,22 @@ class Simulation:
         for old in [c for c in self.stored[r] if c < low]:
             del self.stored[r][old]
         self._log(f"replica {r} stored checkpoint {instance} (log kept from {low + 1})")
+
+    def _serve_from_log(self, r, peer, start):
+        # What the daemon does with its log files (WriteAheadLog.read_decided): the values the
+        # replica evicted from memory, read back from what it persisted.
+        rep = self.replicas[r]
+        last = min(rep.commit, start + rep.opt.catchup_max_entries - 1)
+        values = {}
+        for record in self.durable[r]:  # the last record of an instance holds its value
+            if type(record) in (AcceptRecord, DecideRecord) and start <= record.instance <= last:
+                values[record.instance] = record.value
+        entries = []
+        for i in range(start, last + 1):
+            if i not in values:
+                break
+            entries.append((i, values[i]))
+        self._send(r, peer, m.CatchupReply(rep.view, rep.commit, tuple(entries)))
 
     def _start_transfer(self, r, peer, instance):
         # The daemon's transfer (chunks, hashes, a quorum's agreement) is tested against real

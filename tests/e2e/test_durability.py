@@ -133,3 +133,33 @@ def test_a_replica_with_a_wiped_disk_recovers_catches_up_and_serves(make_cluster
     finally:
         load.finish()
     assert_nothing_lost(cluster, load)
+
+
+def test_memory_stays_bounded_old_values_are_served_from_the_log_files(make_cluster):
+    # A tiny in-memory budget: every replica evicts almost every executed value. A wiped replica
+    # then catches up from what its peers read back from their (compressed) log files, and an
+    # app restart is rebuilt from the files too.
+    import shutil
+    settings = {"log_memory_bytes": 8192, "log_segment_bytes": 16384}
+    cluster = make_cluster(replicas=3, gateways=1, framing="line", durability="fsync",
+                           settings=settings).start()
+    load = Load(cluster, clients=3).start()
+    try:
+        load.wait_progress(400)
+        victim = next(i for i in range(3) if i != cluster.leader())
+        others = [i for i in range(3) if i != victim]
+        assert all(cluster.status(i)["evicted"] > 0 for i in others)
+        cluster.kill_replica(victim)
+        shutil.rmtree(cluster.dir / f"replica-{victim}")
+        load.wait_progress(50)
+        cluster.start_replica(victim)
+        cluster.servers[victim].wait_for("event=recovered", 20)
+        wait_caught_up(cluster, victim)
+        app_of = others[0] if others[0] != cluster.leader() else others[1]
+        cluster.apps[app_of].kill()                  # its state is rebuilt from the log files
+        cluster.start_app(app_of)
+        cluster.servers[app_of].wait_for("event=app_restart_detected", 20)
+        load.wait_progress(50)
+    finally:
+        load.finish()
+    assert_nothing_lost(cluster, load)

@@ -215,3 +215,41 @@ def test_install_drops_pending_requests_the_checkpoint_already_executed():
     sessions = Sessions.restore(1024, 3_600_000, dict(marks)[10].encode())
     follower.install_checkpoint(10, sessions)
     assert list(follower.pending) == [(1, 11)]
+
+
+# ------------------------------------------------------------------------- bounded memory
+
+def test_evicted_values_are_served_by_the_driver_from_its_log_files():
+    leader, _ = _leader_with_decided(20, every=0)
+    assert leader.evict(12) == 12 and 12 not in leader.log and 13 in leader.log
+    assert leader.evict(500) == 20                  # never beyond the applied point
+    leader.evict(15)                                # never backwards
+    assert leader.evicted == 20
+    leader.step(1, m.CatchupRequest(0, 5))
+    rd = leader.ready()
+    assert rd.serve_log == [(1, 5)] and not rd.messages
+
+
+def test_the_log_files_give_back_the_last_value_of_each_decided_instance(tmp_path):
+    from smrd.protocol.records import AcceptRecord, CommitRecord
+    from smrd.storage import WriteAheadLog
+
+    def value(i, v=0):
+        return core.pack_batch([(1, i, b"v%d-%d" % (i, v) * 30)])
+
+    wal = WriteAheadLog(str(tmp_path), "fsync", segment_bytes=4096)
+    wal.open()
+    for i in range(1, 120):
+        wal.append([AcceptRecord(i, 0, value(i))])
+        if i % 7 == 0:
+            wal.append([AcceptRecord(i - 1, 1, value(i - 1, 1))])  # re-accepted in a later view
+        wal.append([CommitRecord(i - 1)])
+        wal.sync()
+    wal.compress_closed()                               # read back from .zst segments too
+    got = wal.read_decided(1, 118, 40, 1 << 20)
+    assert [i for i, _ in got] == list(range(1, 41))
+    assert dict(got)[6] == value(6, 1) and dict(got)[7] == value(7)
+    assert [i for i, _ in wal.read_decided(100, 110, 100, 1 << 20)] == list(range(100, 111))
+    assert len(wal.read_decided(1, 118, 100, 100)) == 1  # at least one entry, then the byte bound
+    assert len(wal.read_decided(1, 118, 100, 500)) == 500 // len(value(1))
+    wal.close()
