@@ -213,6 +213,27 @@ def _replay(data):
     return records, off, why
 
 
+def _index_records(data):
+    """Index a segment from its frame headers alone (values are decoded, and checked, only when
+    used): ({instance: (ordinal, start, end) of its last Accept/Decide record}, the last commit
+    point recorded, that record's ordinal). Stops at the first incomplete or foreign frame: the
+    active segment's unsynced tail."""
+    latest, commit, commit_pos = {}, -1, -1
+    off, size, head, pos = 0, len(data), core.HEADER_SIZE, 0
+    while off + head <= size:
+        magic, version, kind, _s, _f, _v, instance, length, _c = _HEAD.unpack_from(data, off)
+        end = off + head + length
+        if magic != _MAGIC or version != core.VERSION or end > size:
+            break
+        if kind == ACCEPT or kind == DECIDE:
+            latest[instance] = (pos, off, end)
+        elif kind == COMMIT and instance >= commit:
+            commit, commit_pos = instance, pos
+        off = end
+        pos += 1
+    return latest, commit, commit_pos
+
+
 def _has_header(records) -> bool:
     """Does a segment holding `records` start with a complete header (see the top)?"""
     i = 1 if records and type(records[0]) is CheckpointRecord else 0
@@ -354,7 +375,7 @@ class WriteAheadLog:
         self._wsum = _Summary()   # summary of every record written (under _sync_lock)
         self._meta = threading.Condition(threading.Lock())
         self._segs = {}           # seq -> _Segment: every segment on disk, the active one too
-        self._catchup_cache = None  # (seq, bytes) of the last closed segment read_decided() read
+        self._catchup_cache = {}  # seq -> indexed content of the last closed segments read back
         self._truncate_lock = threading.Lock()
         self._compress_lock = threading.Lock()
         self._lock_fd = -1
@@ -980,32 +1001,41 @@ class WriteAheadLog:
         self._check_open()
         with self._meta:
             seqs = sorted(seq for seq, seg in self._segs.items() if seg.top >= start)
-        found = {}
+        found = {}                      # instance -> (seq, ordinal, data, start, end) of its last record
         last = min(upto, start + max_entries - 1)
         for seq in seqs:
-            data = self._read_segment_for_catchup(seq)
-            if data is None:
+            loaded = self._read_segment_for_catchup(seq)
+            if loaded is None:
                 continue  # deleted meanwhile (truncated behind a checkpoint)
-            off, end = 0, len(data)
-            while off < end:
-                record, nxt = _parse(data, off)
-                if record is None:
-                    break  # the active segment's unsynced or torn tail
-                off = nxt
-                kind = type(record)
-                if kind is AcceptRecord or kind is DecideRecord:
-                    if start <= record.instance <= last:
-                        found[record.instance] = record.value
-                elif kind is CommitRecord and record.commit >= last and len(found) == last - start + 1:
-                    break  # everything wanted is final: nothing after this commit point changes it
-            else:
-                continue
-            if len(found) == last - start + 1:
+            data, latest, final_commit, final_pos = loaded
+            for i in range(start, last + 1):
+                where = latest.get(i)
+                if where is not None:
+                    found[i] = (seq, where[0], data, where[1], where[2])
+            # What max_bytes lets us send, as far as we know the values (at least one).
+            size, i = 0, start
+            while i <= last and i in found:
+                n = found[i][4] - found[i][3]
+                if i > start and size + n > max_bytes:
+                    last = i - 1
+                    break
+                size += n
+                i += 1
+            if i <= last:
+                continue  # some wanted instance is further on
+            # Final once a commit point >= last follows every record taken from this segment:
+            # no record of those instances can come after it.
+            newest = max((f[1] for f in found.values() if f[0] == seq), default=-1)
+            if final_commit >= last and final_pos > newest:
                 break
         out, size = [], 0
         for i in range(start, last + 1):
-            value = found.get(i)
-            if value is None or (out and size + len(value) > max_bytes):
+            where = found.get(i)
+            if where is None:
+                break
+            data, off, end = where[2:]
+            value = decode_record(data[off:end]).value  # checksum checked here, for what we send
+            if out and size + len(value) > max_bytes:
                 break
             out.append((i, value))
             size += len(value)
@@ -1013,14 +1043,19 @@ class WriteAheadLog:
 
     def _read_segment_for_catchup(self, seq: int):
         # Serving a long catch-up walks the segments in order, a chunk per call: keep the last
-        # closed segment read (closed segments never change; one segment's worth of memory).
-        cached = self._catchup_cache
-        if cached is not None and cached[0] == seq:
-            return cached[1]
+        # closed segment read, with an index of its records (closed segments never change).
+        cache = self._catchup_cache
+        if seq in cache:
+            return cache[seq]
         data = self._load_segment(seq)
-        if data is not None and seq < self._seq:
-            self._catchup_cache = (seq, data)
-        return data
+        if data is None:
+            return None
+        loaded = (data, *_index_records(data))
+        if seq < self._seq:
+            if len(cache) >= 2:  # a chunk may straddle two segments: keep both
+                del cache[next(iter(cache))]
+            cache[seq] = loaded
+        return loaded
 
     def _load_segment(self, seq: int):
         for compressed in (False, True):  # a compression may replace the .log while we look
