@@ -99,7 +99,7 @@ class Server:
             batch_max_bytes=s.batch_max_bytes,
             max_pending_per_origin=s.max_inflight_per_gateway,
             checkpoint_every=s.checkpoint_every if self.hooks else 0)
-        self.sessions = Sessions(s.reply_cache_size, s.session_ttl_s * 1000)
+        self.sessions = self._sessions()
         data_dir = s.data_dir.replace("<id>", str(s.id))
         self.wal = WriteAheadLog(data_dir, s.durability, segment_bytes=s.log_segment_bytes)
         durable, report = self.wal.open()
@@ -136,7 +136,7 @@ class Server:
                     f"that checkpoint; set snapshot_request/restore_request as when it was taken")
             try:
                 sessions_blob, app_state = self.store.read(restored.instance, restored.digest)
-                self.sessions = Sessions.restore(s.reply_cache_size, s.session_ttl_s * 1000, sessions_blob)
+                self.sessions = self._sessions(sessions_blob)
             except (CheckpointError, ValueError) as e:
                 self.wal.close()
                 raise StorageError(
@@ -199,6 +199,13 @@ class Server:
         log.info("replica %d of %d starting: view %d, commit %d, log top %d, data %s (%s)",
                  self.id, self.n, self.replica.view, self.replica.commit, self.replica.top,
                  data_dir, s.durability)
+
+    def _sessions(self, image=None) -> Sessions:
+        # An empty exactly-once table, or the one a checkpoint holds (ValueError if damaged).
+        s = self.settings
+        if image is None:
+            return Sessions(s.reply_cache_size, s.session_ttl_s * 1000)
+        return Sessions.restore(s.reply_cache_size, s.session_ttl_s * 1000, image)
 
     # ------------------------------------------------------------------ input
 
@@ -652,8 +659,7 @@ class Server:
             rep.transfer_failed()  # caught up from the log meanwhile
             self._flush()
             return
-        sessions = Sessions.restore(self.settings.reply_cache_size, self.settings.session_ttl_s * 1000,
-                                    sessions_blob)
+        sessions = self._sessions(sessions_blob)
         self.wal.append([CheckpointRecord(instance, digest, size)])
         self.wal.sync()
         self.sessions = sessions
@@ -718,10 +724,10 @@ class Server:
             except CheckpointError as e:
                 self._halt(f"the app restarted and its state cannot be rebuilt: {e}")
                 return
-            sessions = Sessions.restore(s.reply_cache_size, s.session_ttl_s * 1000, sessions_blob)
+            sessions = self._sessions(sessions_blob)
             self.apply_queue.append(_RestoreApp(start, app_state))
         else:
-            sessions = Sessions(s.reply_cache_size, s.session_ttl_s * 1000)
+            sessions = self._sessions()
         log.warning("event=app_restart_detected detail=%r action=replay checkpoint=%d instances=%d..%d "
                     "(app restart detected: rebuilding its state)", why, start, start + 1, rep.applied)
         self.sessions = rep.sessions = sessions
