@@ -4,7 +4,8 @@
 # the directory lock, group commit (many append() calls, one fsync per sync()), recovery:
 # replaying the segments in order, cutting off a torn or corrupt tail and saying so, and the
 # upkeep that keeps the directory small: deleting segments a checkpoint covers (truncate_before)
-# and compressing closed segments to `wal-<seq>.log.zst` (compress_closed).
+# and compressing closed segments to `wal-<seq>.log.zst` (compress_closed), and reading decided
+# values back for a replica that evicted them from memory (read_decided).
 # Never: decides anything about the protocol (the meaning of a record and how records combine
 # belong to smrd.protocol.records), silently accepts damaged bytes, or keeps going after an
 # fsync failed (after a failed fsync the kernel may already have dropped the dirty pages, so a
