@@ -704,11 +704,11 @@ class Server:
         return False
 
     def _rebuild(self, why: str) -> None:
-        """The app restarted empty: replay every decided instance into it, from the first.
-        Exactly-once decisions are re-made from scratch in the same order, so they come out
-        the same as before and as on every other replica."""
+        """The app restarted empty: restore the newest local checkpoint (if any), then replay
+        every decided instance after it (from the first without one). Exactly-once decisions
+        are re-made in the same order, so they come out the same as before and as on every
+        other replica."""
         rep = self.replica
-        s = self.settings
         self.stats["app_restarts"] += 1
         self.apply_queue.clear()
         self.open_images = []

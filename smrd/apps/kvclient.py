@@ -100,6 +100,16 @@ def parse_remove(reply: bytes) -> bool:
     raise KVProtocolError(f"expected OK or NOT_FOUND, got {reply[:80]!r}")
 
 
+def history_output(request: str, reply: bytes):
+    """What a linearizability history (smrd.testing.linearizability) records as the output of a
+    completed PUT, GET or REMOVE: the value read, whether a key was removed, or None."""
+    if request.startswith("GET"):
+        return parse_get(reply)
+    if request.startswith("REMOVE"):
+        return parse_remove(reply)
+    return None
+
+
 def parse_size(reply: bytes) -> int:
     _check_error(reply)
     tokens = reply.split()

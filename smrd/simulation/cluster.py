@@ -8,7 +8,7 @@
 import hashlib
 import heapq
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from .. import core
 from ..protocol import messages as m
@@ -17,7 +17,7 @@ from ..protocol.quorum import CrashFaultPolicy
 from ..protocol.records import (
     AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord, DurableState,
 )
-from ..protocol.replica import NORMAL, Replica
+from ..protocol.replica import Replica
 from ..protocol.sessions import DUPLICATE, EXECUTE, Sessions, execute_batch, run_plan
 from .kvapp import KVApp
 

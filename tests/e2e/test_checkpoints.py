@@ -7,9 +7,7 @@
 import shutil
 from pathlib import Path
 
-from smrd.apps.kvclient import KVClient
-
-from .test_durability import assert_nothing_lost, scans
+from .test_durability import assert_nothing_lost, put_keys, scans
 from .test_faults import Load, wait_caught_up
 
 HOOKS = {"snapshot_request": "SNAPSHOT", "restore_request": "RESTORE {state}",
@@ -123,23 +121,17 @@ def test_without_hooks_a_wiped_replica_replays_the_compressed_log_in_close_mode(
     assert_nothing_lost(cluster, load, framing="close")
 
 
-def _put(cluster, n, prefix):
-    with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as c:
-        for i in range(n):
-            assert c.request(f"PUT {prefix}{i} v{i}") == b"OK"
-
-
 def test_smrd_restarting_alone_never_replays_into_an_app_that_kept_its_state(make_cluster):
     # Only the smrd container restarts: its app still holds everything. Replaying the log into it
     # would apply every request twice; without a checkpoint to reset it, smrd must refuse.
     cluster = make_cluster(replicas=3, gateways=1, framing="line", durability="fsync").start()
-    _put(cluster, 30, "a")
+    put_keys(cluster, 30, "a")
     victim = next(i for i in range(3) if i != cluster.leader())
     cluster.servers[victim].kill()
     cluster.start_server(victim)
     cluster.servers[victim].wait_for("was already fed by an earlier smrd process", 10)
     assert "already fed" in (cluster.status(victim)["halted"] or "")
-    _put(cluster, 10, "b")                            # the other two still serve
+    put_keys(cluster, 10, "b")                            # the other two still serve
     cluster.kill_replica(victim)                      # the remedy it names: restart the pod
     cluster.start_replica(victim)
     wait_caught_up(cluster, victim)
@@ -150,11 +142,11 @@ def test_smrd_restarting_alone_never_replays_into_an_app_that_kept_its_state(mak
 def test_with_hooks_an_app_that_kept_its_state_is_reset_from_the_checkpoint(make_cluster):
     cluster = make_cluster(replicas=3, gateways=1, framing="line", durability="fsync",
                            settings={**HOOKS, "checkpoint_every": 20}).start()
-    _put(cluster, 50, "a")
+    put_keys(cluster, 50, "a")
     victim = next(i for i in range(3) if i != cluster.leader())
     cluster.servers[victim].wait_for("event=checkpoint ", 10)
     cluster.servers[victim].kill()
-    _put(cluster, 10, "b")
+    put_keys(cluster, 10, "b")
     cluster.start_server(victim)
     cluster.servers[victim].wait_for("event=app_kept_state", 10)
     cluster.servers[victim].wait_for("event=app_restored", 10)

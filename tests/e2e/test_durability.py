@@ -26,6 +26,13 @@ def read_back(cluster, load, framing="line"):
             load.history.complete(op, parse_get(client.request(f"GET {key}")))
 
 
+def put_keys(cluster, n, prefix):
+    """PUT <prefix><i> v<i> for i < n through gateway 0, each acknowledged."""
+    with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as c:
+        for i in range(n):
+            assert c.request(f"PUT {prefix}{i} v{i}") == b"OK"
+
+
 def assert_nothing_lost(cluster, load, framing="line"):
     """Every acknowledged write is read back, the history is linearizable, the apps are equal."""
     read_back(cluster, load, framing)
@@ -73,9 +80,7 @@ def _last_segment(cluster, i):
 
 def test_a_torn_log_tail_is_reported_and_recovered_from_peers(make_cluster):
     cluster = make_cluster(replicas=3, gateways=1, framing="line", durability="fsync").start()
-    with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as c:
-        for i in range(50):
-            assert c.request(f"PUT k{i} v{i}") == b"OK"
+    put_keys(cluster, 50, "k")
     victim = next(i for i in range(3) if i != cluster.leader())
     cluster.kill_replica(victim)
     seg = _last_segment(cluster, victim)
@@ -91,9 +96,7 @@ def test_a_torn_log_tail_is_reported_and_recovered_from_peers(make_cluster):
 
 def test_a_log_corrupt_in_the_middle_is_refused(make_cluster):
     cluster = make_cluster(replicas=3, gateways=1, framing="line", durability="fsync").start()
-    with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as c:
-        for i in range(50):
-            assert c.request(f"PUT k{i} v{i}") == b"OK"
+    put_keys(cluster, 50, "k")
     victim = next(i for i in range(3) if i != cluster.leader())
     cluster.kill_replica(victim)
     seg = _last_segment(cluster, victim)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from smrd.apps.kvclient import KVClient, KVError, parse_get, parse_remove
+from smrd.apps.kvclient import KVClient, KVError, history_output, parse_get
 from smrd.testing.linearizability import History
 
 KEYS = [f"k{i}" for i in range(6)]
@@ -68,12 +68,7 @@ class Load:
                     self.errors += 1
                     self.reasons.append(str(e))
                 continue
-            if request.startswith("GET"):
-                self.history.complete(op, parse_get(reply))
-            elif request.startswith("REMOVE"):
-                self.history.complete(op, parse_remove(reply))
-            else:
-                self.history.complete(op)
+            self.history.complete(op, history_output(request, reply))
             with self.cond:
                 self.done += 1
                 self.cond.notify_all()

@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 
-from smrd.apps.kvclient import KVClient, KVError, KVUnavailable, parse_get, parse_remove
+from smrd.apps.kvclient import KVClient, KVError, KVUnavailable, history_output, parse_get
 from smrd.hosts import load_hosts
 from smrd.status import collect
 from smrd.testing.linearizability import History
@@ -77,12 +77,7 @@ class Load:
                 self._failed(client, e)
                 client = None
                 continue
-            if request.startswith("GET"):
-                self.history.complete(op, parse_get(reply))
-            elif request.startswith("REMOVE"):
-                self.history.complete(op, parse_remove(reply))
-            else:
-                self.history.complete(op)
+            self.history.complete(op, history_output(request, reply))
             with self.cond:
                 self.done += 1
                 self.cond.notify_all()
