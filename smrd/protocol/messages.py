@@ -134,6 +134,7 @@ class RecoveryResponse(Message):
     primary: bool          # the sender leads `view` and is in normal status
     empty: bool            # the sender has never held anything (view 0, empty log)
     entries: Tuple[Tuple[int, bytes], ...]  # primary only: (instance, value) above commit
+    membership: bytes = b""  # the sender's applied membership (Membership.encode())
     TYPE = RECOVERY_RESPONSE
 
 
@@ -233,7 +234,8 @@ def encode(sender: int, msg: Message) -> bytes:
     if t == RECOVERY_RESPONSE:
         flags = (1 if msg.primary else 0) | (2 if msg.empty else 0)
         return core.encode_frame(t, sender, msg.view, msg.nonce,
-                                 msg.commit.to_bytes(8, "little") + _pack_entries(msg.entries, False),
+                                 msg.commit.to_bytes(8, "little") + len(msg.membership).to_bytes(4, "little")
+                                 + msg.membership + _pack_entries(msg.entries, False),
                                  flags)
     if t == CATCHUP_REPLY:
         return core.encode_frame(t, sender, msg.view, msg.commit, _pack_entries(msg.entries, False))
@@ -293,11 +295,15 @@ def decode(frame, max_payload: int = core.DEFAULT_MAX_PAYLOAD) -> Tuple[int, Mes
         _no_payload(t, payload)
         return sender, Recovery(instance)
     if t == RECOVERY_RESPONSE:
-        if len(payload) < 8 or _flags > 3:
+        if len(payload) < 12 or _flags > 3:
             raise ProtocolError("malformed RECOVERY_RESPONSE")
-        entries = _checked_values(_unpack_entries(payload[8:], False), 1)
+        mlen = int.from_bytes(payload[8:12], "little")
+        if 12 + mlen > len(payload):
+            raise ProtocolError("malformed RECOVERY_RESPONSE: membership beyond the payload")
+        membership = bytes(payload[12:12 + mlen])
+        entries = _checked_values(_unpack_entries(payload[12 + mlen:], False), 1)
         return sender, RecoveryResponse(view, instance, int.from_bytes(payload[:8], "little"),
-                                        bool(_flags & 1), bool(_flags & 2), entries)
+                                        bool(_flags & 1), bool(_flags & 2), entries, membership)
     if t == CATCHUP_REPLY:
         return sender, CatchupReply(view, instance, _checked_values(_unpack_entries(payload, False), 1))
     if t == LOG_TRUNCATED:

@@ -12,6 +12,10 @@ class QuorumPolicy:
     reply_quorum: int    # matching replies a gateway waits for by default
     max_faults: int
 
+    def quorum_for(self, voters: int) -> int:
+        """Votes that decide among `voters` voters (the membership changes what `n` was)."""
+        raise NotImplementedError
+
     def sign(self, sender: int, frame: bytes) -> bytes:
         """Bytes to append so peers can authenticate `frame` (none for crash faults)."""
         return b""
@@ -30,6 +34,9 @@ class CrashFaultPolicy(QuorumPolicy):
         self.quorum = n // 2 + 1
         self.max_faults = (n - 1) // 2
         self.reply_quorum = 1
+
+    def quorum_for(self, voters: int) -> int:
+        return voters // 2 + 1
 
     def __repr__(self):
         return f"CrashFaultPolicy(n={self.n}, quorum={self.quorum}, f={self.max_faults})"

@@ -20,6 +20,17 @@
 #   R3 a slot accepted in the current view is decided when that view's leader says so; a value
 #      learned from anyone else is only taken with the sender's explicit "decided";
 #   R4 a decided slot is never overwritten.
+# Membership (smrd.protocol.membership) is replicated state: a change is an entry of the log,
+# decided like a request and applied in order. Views are led by replica `view % n` over the ids
+# of hosts.conf, whatever the membership, so no view ever has two leaders; view changes skip
+# views whose leader is not a voter. Quorums are majorities of the voters:
+#   M1 a leader proposes a change only with nothing else in flight, alone in its instance, and
+#      proposes nothing more until it is applied (one change in flight, in a drained log);
+#   M2 a vote for instance i counts if its sender is a voter of the membership that holds at i
+#      (the applied one, followed through the changes in the leader's log below i);
+#   M3 a view change waits for DO_VIEW_CHANGEs from a majority of the applied membership and of
+#      every membership the values it chose lead to, so it meets every quorum that may have
+#      decided something it is about to choose.
 from collections import deque
 
 from .. import core
@@ -28,8 +39,9 @@ from . import messages as m
 from .options import Options
 from .quorum import CrashFaultPolicy
 from .ready import Ready
+from .membership import ADD_LEARNER, PROMOTE, REMOVE, SYSTEM_CLIENT, Change, Membership
 from .records import AcceptRecord, CommitRecord, DecideRecord, ViewRecord
-from .sessions import DUPLICATE, EXECUTE, TOO_OLD, Sessions, plan_batch
+from .sessions import DUPLICATE, EXECUTE, SYSTEM, TOO_OLD, Sessions, plan_batch
 
 NORMAL = "normal"
 VIEW_CHANGE = "view-change"
@@ -38,6 +50,19 @@ RECOVERING = "recovering"   # started with an empty log: votes on nothing until 
 
 _WHILE_RECOVERING = frozenset({m.Recovery, m.RecoveryResponse, m.CatchupRequest,
                                m.CatchupReply, m.LogTruncated, m.Requests, m.Forward})
+
+
+def _change_in(value):
+    """The membership change a decided value carries (alone in its batch), or None."""
+    if len(value) > 512:
+        return None  # changes are tiny; request batches are not worth parsing here
+    batch = Batch(value)
+    if len(batch) != 1:
+        return None
+    for client_id, _, payload in batch:
+        if client_id == SYSTEM_CLIENT:
+            return Change.decode(payload)
+    return None
 
 
 class _Slot:
@@ -62,7 +87,11 @@ class _Pending:
 
 class Replica:
     def __init__(self, replica_id: int, policy=None, options: Options = None,
-                 sessions: Sessions = None, durable=None, n: int = None, recovery_nonce=None):
+                 sessions: Sessions = None, durable=None, n: int = None, recovery_nonce=None,
+                 voters=None, auto_join: bool = False):
+        """`n` (or the policy's n) is the number of replica ids in hosts.conf; `voters` the
+        bootstrap membership (default: all of them), used until the replicated state says
+        otherwise. With `auto_join` a replica that is not a voter asks to become one."""
         self.policy = policy if policy is not None else CrashFaultPolicy(n)
         self.n = self.policy.n
         if not 0 <= replica_id < self.n:
@@ -70,7 +99,21 @@ class Replica:
         self.id = replica_id
         self.opt = options or Options()
         self.sessions = sessions if sessions is not None else Sessions(1024, 3_600_000)
-        self._peers = tuple(r for r in range(self.n) if r != replica_id)
+        if self.sessions.membership is None:
+            boot = Membership.bootstrap(range(self.n) if voters is None else voters)
+            if max(boot.voters) >= self.n:
+                raise ValueError(f"bootstrap voters {sorted(boot.voters)} are not all in 0..{self.n - 1}")
+            self.sessions.membership = boot
+        self.auto_join = auto_join
+        self.leaving = False       # asked to leave the membership (request_leave)
+        self.change_sent = -1 << 60
+        self.change_seq = 0
+        # Changes in this leader's log above the applied point: (instance, membership after it).
+        self.pending_changes = []
+        self._trackers = {}
+        self._peers = ()
+        self._membership_seen = None
+        self._on_membership()
 
         # What survives a crash (rebuilt from records).
         self.view = 0
@@ -103,7 +146,6 @@ class Replica:
         self.dvcs = {}             # leader(view) in VIEW_CHANGE: sender -> DoViewChange
         self.next_instance = 1     # leader: next instance to propose
         self.sent_at = {}          # leader: instance -> tick its PROPOSE was last sent
-        self.tracker = QuorumTracker(self.n, self.policy.quorum)
         self.pending = {}          # (client_id, seq) -> _Pending: not yet proposed
         self.queue = deque()       # pending keys in arrival order (may hold stale keys)
         self.proposed = {}         # leader: (client_id, seq) -> _Pending, in an undecided instance
@@ -143,6 +185,136 @@ class Replica:
             m.LogTruncated: self._on_log_truncated,
         }
 
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def membership(self) -> Membership:
+        return self.sessions.membership
+
+    @property
+    def role(self) -> str:
+        return self.sessions.membership.role(self.id)
+
+    def _on_membership(self) -> None:
+        """The applied membership changed (or was set): who we talk to, and vote counting."""
+        cfg = self.sessions.membership
+        if cfg is self._membership_seen:
+            return
+        self._membership_seen = cfg
+        # Members get the stream; replicas outside it are only answered (they ask to catch up).
+        self._peers = tuple(sorted(r for r in cfg.members if r != self.id))
+        self.pending_changes = [(i, c) for i, c in self.pending_changes if c.index > cfg.index]
+        self._trackers = {k: t for k, t in self._trackers.items() if k >= cfg.index}
+
+    def _config_of(self, instance: int) -> Membership:
+        cfg = self.sessions.membership
+        for i, c in self.pending_changes:
+            if instance > i:
+                cfg = c
+        return cfg
+
+    def _quorum(self, cfg: Membership) -> int:
+        return self.policy.quorum_for(len(cfg.voters))
+
+    def _tracker_of(self, cfg: Membership) -> QuorumTracker:
+        t = self._trackers.get(cfg.index)
+        if t is None:
+            t = self._trackers[cfg.index] = QuorumTracker(self.n, self._quorum(cfg))
+        return t
+
+    def _discard_votes_below(self, instance: int) -> None:
+        for t in self._trackers.values():
+            t.discard_below(instance)
+
+    def _next_view(self, view: int) -> int:
+        """The first view after `view` whose leader is a voter (as far as we know)."""
+        voters = self.sessions.membership.voters
+        v = view + 1
+        while v % self.n not in voters:
+            v += 1
+        return v
+
+    def request_leave(self) -> None:
+        """Leave the membership (scale-down): ask until a decided change removed this replica.
+        If it leads, it hands leadership on first (the next leader orders the removal)."""
+        self.leaving = True
+        self.auto_join = False
+        self.change_sent = -1 << 60
+
+    def _membership_tick(self) -> None:
+        # A replica asks for its own changes; the answer is the decided log, which it applies.
+        cfg = self.sessions.membership
+        role = cfg.role(self.id)
+        if self.leaving:
+            want = REMOVE if role != "none" else None
+        elif self.auto_join:
+            want = ADD_LEARNER if role == "none" else PROMOTE if role == "learner" else None
+        else:
+            want = None
+        if want is None or self.status != NORMAL or self.transfer_from is not None:
+            return
+        if self.now - self.change_sent < self.opt.election_ticks:
+            return
+        if want != REMOVE and (self.commit < self.catchup_target or self.commit < self.leader_commit
+                               or (role == "learner" and self.now - self.last_heard >= self.opt.election_ticks)):
+            return  # catch up first: a learner is promoted once it holds what the leader holds
+        if want == REMOVE and self.is_leader:
+            self.change_sent = self.now
+            self.transfer_leadership()  # hand off first; the next leader orders our removal
+            return
+        self.change_sent = self.now
+        self.change_seq += 1
+        seq = (self.now << 16 | self.change_seq) & ((1 << 63) - 1)
+        batch = core.pack_batch([(SYSTEM_CLIENT, seq, Change(want, self.id, cfg.index).encode())])
+        if self.is_leader:
+            self._on_requests(None, m.Forward(batch))
+        else:
+            for r in self._peers:
+                if r in cfg.voters:
+                    self._send(r, m.Forward(batch))  # the leader orders it; the rest hold it
+
+    def _precheck_change(self, payload):
+        """Leader, before proposing a change: why it must be refused now, or "" if it may go.
+        Refused changes are answered at once and never ordered."""
+        change = Change.decode(payload)
+        if change is None:
+            return "malformed membership change"
+        cfg = self.sessions.membership
+        new, why = cfg.check(change, self.n)
+        if new is None:
+            return why
+        if change.op == REMOVE and change.replica == self.id and change.replica in cfg.voters:
+            return ""  # _propose hands leadership off instead of proposing it
+        live = {self.id} | {r for r, t in self.contact.items() if self.now - t < self.opt.election_ticks}
+        up = [r for r in new.voters if r in live]
+        if len(up) < self._quorum(new):
+            down = sorted(new.voters - set(up))
+            return (f"would lose quorum: after it {len(new.voters)} voters need {self._quorum(new)}, "
+                    f"and only {len(up)} answer (not answering: {down})")
+        return ""
+
+    def _apply_change(self, payload) -> bytes:
+        """Execute a decided membership change (every replica does, at the same instance)."""
+        change = Change.decode(payload)
+        if change is None:
+            return b"REFUSED malformed membership change"
+        old = self.sessions.membership
+        new, why = old.check(change, self.n)
+        if new is None:
+            return f"REFUSED {why}".encode()
+        self.sessions.membership = new
+        self._on_membership()
+        self.stats["membership_changes"] = self.stats.get("membership_changes", 0) + 1
+        if self.id not in new.voters and self.status == VIEW_CHANGE:
+            self._follow_view(self.view)  # no longer a voter: stop campaigning, follow
+        if self.status == NORMAL and self.leader not in new.voters:
+            # Its leader left: every replica applies this at the same instance and moves on.
+            if self.id in new.voters:
+                self._start_view_change(self._next_view(self.view), reason="the leader left the membership")
+            elif self.is_leader:
+                self._step_down()
+        return f"OK {change.op} {change.replica}: membership {new.index} voters {sorted(new.voters)} learners {sorted(new.learners)}".encode()
+
     # ------------------------------------------------------------------ public surface
 
     def leader_of(self, view: int) -> int:
@@ -154,7 +326,8 @@ class Replica:
 
     @property
     def is_leader(self) -> bool:
-        return self.status == NORMAL and self.view % self.n == self.id
+        return (self.status == NORMAL and self.view % self.n == self.id
+                and self.id in self.sessions.membership.voters)
 
     def step(self, sender, msg) -> None:
         """Feed one message. For Requests the sender is an opaque origin the driver uses to
@@ -181,12 +354,14 @@ class Replica:
                     self.now % self.opt.retransmit_ticks == 1 or self.opt.retransmit_ticks == 1):
                 self._broadcast(m.Recovery(self.recovery_nonce))
         elif self.status == NORMAL:
-            if self.id == self.leader:
+            if self.is_leader:
                 self._leader_tick()
             else:
                 self._follower_tick()
         else:
             self._view_change_tick()
+        if self.leaving or self.auto_join:
+            self._membership_tick()
         if self.commit < self.catchup_target and self.now - self.catchup_sent >= self.opt.retransmit_ticks:
             self.catchup_peer += 1  # the last peer did not answer in time: ask another
             self._request_catchup()
@@ -217,9 +392,9 @@ class Replica:
     def transfer_leadership(self) -> bool:
         """A leader about to stop hands the order to the next view's leader at once, so clients
         wait one round trip instead of an election timeout. False if this replica is not leading."""
-        if not self.is_leader or self.n == 1:
+        if not self.is_leader or len(self.sessions.membership.voters) == 1:
             return False
-        self._start_view_change(self.view + 1, reason="leadership hand-off")
+        self._start_view_change(self._next_view(self.view), reason="leadership hand-off")
         return True
 
     def describe(self) -> dict:
@@ -227,6 +402,7 @@ class Replica:
                 "commit": self.commit, "applied": self.applied, "top": self.top, "low": self.low,
                 "evicted": self.evicted,
                 "checkpoint": self.checkpoints[-1] if self.checkpoints else 0,
+                "role": self.role, "membership": self.sessions.membership.describe(),
                 "pending": len(self.pending), "proposed": len(self.proposed), **self.stats}
 
     # ------------------------------------------------------------------ restore
@@ -253,7 +429,7 @@ class Replica:
         if self.leader == self.id and (self.view > 0 or self.top > 0):
             # Whatever this replica proposed as leader before the crash is forgotten; leading the
             # same view again could propose a second value for an instance. Move on instead.
-            self._start_view_change(self.view + 1, reason="restarted as the leader of its last view")
+            self._start_view_change(self._next_view(self.view), reason="restarted as the leader of its last view")
 
     # ------------------------------------------------------------------ client requests
 
@@ -299,6 +475,8 @@ class Replica:
         """Leader: fill free slots of the window with batches of pending requests."""
         opt = self.opt
         while self.pending and self.next_instance <= self.commit + opt.window:
+            if self.pending_changes:
+                return  # M1: a membership change is in flight; nothing follows it until applied
             builder = BatchBuilder(opt.batch_max_requests, opt.batch_max_bytes)
             queue, pending, proposed = self.queue, self.pending, self.proposed
             while queue:
@@ -307,14 +485,57 @@ class Replica:
                 if req is None:
                     queue.popleft()
                     continue
+                if key[0] == SYSTEM_CLIENT:
+                    if builder.count:
+                        break  # a change goes alone in its instance
+                    if not self._propose_change(key, req):
+                        return  # waiting for the instances in flight to be decided (M1)
+                    break
                 if not builder.add(key[0], key[1], req.payload):
                     break
                 queue.popleft()
                 del pending[key]
                 proposed[key] = req
             if builder.count == 0:
-                break
+                if self.pending_changes or not (queue and queue[0] in pending):
+                    break
+                continue  # a refused change left the queue; go on with what follows it
             self._propose_value(builder.build(timestamp=self._stamp()))
+
+    def _propose_change(self, key, req) -> bool:
+        """Leader, with a change at the head of the queue: propose it, refuse it, or hand
+        leadership off (the change removes this leader). False: wait for the log to drain."""
+        if self.next_instance != self.commit + 1 or self.applied != self.commit:
+            return False
+        why = self._precheck_change(req.payload)
+        change = Change.decode(req.payload)
+        if not why and change.op == REMOVE and change.replica == self.id:
+            # Leaving while leading: hand off first, as a planned stop does; the next view's
+            # leader orders the removal (the request waits here and is forwarded to it).
+            self.transfer_leadership()
+            return False
+        self.queue.popleft()
+        del self.pending[key]
+        if why:
+            self._release_origin(req)
+            self.stats["membership_refused"] = self.stats.get("membership_refused", 0) + 1
+            if req.origin is not None:
+                self._ready.replies.append((req.origin, key[0], key[1], SYSTEM, f"REFUSED {why}".encode()))
+            return True
+        new, _ = self.sessions.membership.check(change, self.n)
+        value = core.pack_batch([(key[0], key[1], req.payload)], timestamp=self._stamp())
+        self.proposed[key] = req
+        self.pending_changes.append((self.next_instance, new))
+        self._propose_value(value)
+        return True
+
+    def _release_origin(self, req) -> None:
+        if req.origin is not None:
+            left = self.pending_by_origin.get(req.origin, 1) - 1
+            if left > 0:
+                self.pending_by_origin[req.origin] = left
+            else:
+                self.pending_by_origin.pop(req.origin, None)
 
     def _stamp(self) -> int:
         # Batch timestamps drive session expiry on every replica; they must never go backwards.
@@ -361,8 +582,10 @@ class Replica:
     def has_quorum_contact(self) -> bool:
         """Leader: a quorum (itself included) was heard from within the election timeout. A
         leader cut off into a minority stays 'normal' but must not call itself ready."""
-        recent = sum(1 for t in self.contact.values() if self.now - t < self.opt.election_ticks)
-        return recent + 1 >= self.policy.quorum
+        cfg = self.sessions.membership
+        recent = sum(1 for r, t in self.contact.items()
+                     if r in cfg.voters and self.now - t < self.opt.election_ticks)
+        return recent + (self.id in cfg.voters) >= self._quorum(cfg)
 
     def _from_current_leader(self, sender, view) -> bool:
         """Admits a normal-case message; handles the ones from other views."""
@@ -372,6 +595,9 @@ class Replica:
         if sender != self.leader_of(view) or sender == self.id:
             return False
         if view > self.view:
+            if self.id not in self.sessions.membership.voters:
+                self._follow_view(view)
+                return True
             # A view change completed without us: promise the view, then ask its leader for
             # the START_VIEW that tells us its log.
             self._start_view_change(view, announce=False,
@@ -397,7 +623,8 @@ class Replica:
             self.log[i].decided = True
 
     def _vote(self, i, replica) -> None:
-        if self.tracker.add(i, self.view, replica):
+        cfg = self._config_of(i) if self.pending_changes else self.sessions.membership
+        if replica in cfg.voters and self._tracker_of(cfg).add(i, self.view, replica):  # M2
             self.log[i].decided = True
 
     def _learn_leader_commit(self, commit) -> None:
@@ -422,7 +649,7 @@ class Replica:
             if slot.decided or now - self.sent_at.get(i, 0) < opt.retransmit_ticks:
                 continue
             self.sent_at[i] = now
-            voters = self.tracker.voters(i)
+            voters = self._tracker_of(self._config_of(i)).voters(i)
             msg = m.Propose(self.view, i, slot.value, self.commit)
             for r in self._peers:
                 if not voters >> r & 1:
@@ -432,9 +659,15 @@ class Replica:
 
     def _follower_tick(self) -> None:
         opt, now = self.opt, self.now
+        if self.id not in self.sessions.membership.voters:
+            # Outside the voters nobody is suspected; ask now and then how far the group got, as
+            # a replica outside the membership gets no stream to learn it from.
+            if now - self.catchup_sent >= opt.election_ticks and self.commit >= self.catchup_target:
+                self._request_catchup()
+            return
         if now - self.last_heard >= opt.election_ticks:
             dropped = " after its connection dropped" if self.lost_leader_of == self.view else ""
-            self._start_view_change(self.view + 1, reason=f"leader silent for {now - self.last_heard} ticks{dropped}")
+            self._start_view_change(self._next_view(self.view), reason=f"leader silent for {now - self.last_heard} ticks{dropped}")
             return
         queue, pending = self.queue, self.pending
         while queue and queue[0] not in pending:
@@ -445,7 +678,7 @@ class Replica:
         if caught_up and now - pending[queue[0]].arrived >= 2 * opt.request_ticks:
             # The leader hears us (or we would have timed out above) but does not order a
             # request it was sent twice: move to a leader that will.
-            self._start_view_change(self.view + 1, reason="a request waited too long for order")
+            self._start_view_change(self._next_view(self.view), reason="a request waited too long for order")
             return
         builder = BatchBuilder(opt.batch_max_requests, opt.batch_max_bytes)
         for key in queue:
@@ -464,7 +697,11 @@ class Replica:
         backoff = min(1 << min(self.vc_attempt, 16), opt.max_view_change_backoff)
         if now - self.vc_started >= opt.election_ticks * backoff:
             self.vc_attempt += 1
-            self._start_view_change(self.view + 1, reason=f"view change to {self.view} did not complete")
+            # Maybe the others went on without us (they removed us, or decided past a view we
+            # cannot complete): what they decided says so.
+            if now - self.catchup_sent >= opt.retransmit_ticks:
+                self._request_catchup()
+            self._start_view_change(self._next_view(self.view), reason=f"view change to {self.view} did not complete")
         elif now - self.vc_last_sent >= opt.retransmit_ticks:
             self.vc_last_sent = now
             self._broadcast(m.StartViewChange(self.view))
@@ -476,10 +713,13 @@ class Replica:
     # ------------------------------------------------------------------ view change
 
     def _on_start_view_change(self, sender, msg) -> None:
-        if msg.view > self.view:
+        if msg.view > self.view and sender in self.sessions.membership.voters:
             self._start_view_change(msg.view, reason=f"replica {sender} moved to view {msg.view}")
 
     def _start_view_change(self, view, announce=True, reason="") -> None:
+        if self.id not in self.sessions.membership.voters:
+            self._follow_view(view)  # a non-voter never campaigns: it follows the view's leader
+            return
         if self.is_leader:
             self._step_down()
         self.view_change_reason = reason
@@ -508,6 +748,21 @@ class Replica:
             self.queue.append(key)
         self.proposed = {}
         self.sent_at = {}
+        self.pending_changes = []
+
+    def _follow_view(self, view) -> None:
+        """A learner (or a replica outside the membership) moves to `view` without taking part:
+        its votes count for nothing, so it neither promises nor gathers."""
+        if self.proposed:
+            self._step_down()
+        if view > self.view:
+            self.view = view
+            self._ready.persist.append(ViewRecord(view))
+        self.status = NORMAL
+        self.dvcs = {}
+        self.leader_commit = 0
+        self.marked_upto = self.commit
+        self.last_heard = self.now
 
     def _make_do_view_change(self) -> m.DoViewChange:
         entries = []
@@ -519,8 +774,8 @@ class Replica:
         return m.DoViewChange(self.view, self.commit, tuple(entries))
 
     def _on_do_view_change(self, sender, msg) -> None:
-        if msg.view < self.view:
-            return
+        if msg.view < self.view or sender not in self.sessions.membership.voters:
+            return  # only voters take part in view changes
         if msg.view > self.view:
             self._start_view_change(msg.view, reason=f"replica {sender} moved to view {msg.view}")
         if self.leader_of(msg.view) != self.id:
@@ -533,7 +788,8 @@ class Replica:
 
     def _try_finish_view_change(self) -> None:
         dvcs = self.dvcs
-        if len(dvcs) < self.policy.quorum:
+        cfg = self.sessions.membership
+        if self.id not in cfg.voters or not cfg.quorum_in(dvcs, self._quorum(cfg)):
             return
         best = max(dvcs.values(), key=lambda d: d.commit)
         if best.commit > self.commit:
@@ -541,12 +797,34 @@ class Replica:
             if best.commit > self.catchup_target:
                 self.catchup_target = best.commit
             for r, d in dvcs.items():
-                if d is best and r != self.id:
+                if d is best and r != self.id and r in self._peers:
                     self.catchup_peer = self._peers.index(r)
             if self.now - self.catchup_sent >= self.opt.retransmit_ticks:
                 self._request_catchup()
             return
-        self._install_view(dvcs)
+        start = self.commit + 1
+        chosen = self._choose_values(dvcs, start)
+        changes = self._changes_in(chosen, start)
+        if not all(c.quorum_in(dvcs, self._quorum(c)) for _, c in changes):
+            return  # M3: wait until the DO_VIEW_CHANGEs also cover the memberships chosen values lead to
+        self._install_view(chosen, changes)
+
+    def _changes_in(self, chosen, start) -> list:
+        """The membership changes among the values a view change is about to install, as
+        (instance, membership after it), each checked against the one before it."""
+        changes = []
+        cfg = self.sessions.membership
+        log = self.log
+        for i in sorted(chosen):
+            slot = log.get(i)
+            value = slot.value if slot is not None and slot.decided else chosen[i][1]
+            change = _change_in(value)
+            if change is not None:
+                new, _ = cfg.check(change, self.n)
+                if new is not None:
+                    changes.append((i, new))
+                    cfg = new
+        return changes
 
     def _choose_values(self, dvcs, start) -> dict:
         """Per instance >= start, the value accepted in the highest view any of a quorum saw."""
@@ -559,10 +837,10 @@ class Replica:
                         chosen[i] = (accepted_view, value)
         return chosen
 
-    def _install_view(self, dvcs) -> None:
+    def _install_view(self, chosen, changes) -> None:
         start = self.commit + 1
-        chosen = self._choose_values(dvcs, start)
         top = max(chosen, default=self.commit)
+        self.pending_changes = changes
         noop = None
         entries = []
         view = self.view
@@ -638,14 +916,32 @@ class Replica:
             entries = tuple((i, self.log[i].value) for i in range(self.commit + 1, self.next_instance))
         # "Empty" means holding no value, whatever the view: views alone decide nothing.
         empty = self.status == RECOVERING or (self.top == 0 and self.commit == 0)
-        self._send(sender, m.RecoveryResponse(self.view, msg.nonce, self.commit, primary, empty, entries))
+        self._send(sender, m.RecoveryResponse(self.view, msg.nonce, self.commit, primary, empty, entries,
+                                              self.sessions.membership.encode()))
 
     def _on_recovery_response(self, sender, msg) -> None:
         if self.status != RECOVERING or msg.nonce != self.recovery_nonce or self.recovery_primary:
             return  # an answer to an earlier incarnation's question: its state may be stale
         self.recovery_responses[sender] = msg
         answers = self.recovery_responses
-        if len(answers) < self.policy.quorum:
+        # The newest membership any of them reports decides whose answers count (the bootstrap
+        # one while nobody has changed it). Only the others answer, never this replica.
+        cfg = self.sessions.membership
+        for a in answers.values():
+            if a.membership:
+                try:
+                    theirs = Membership.decode(a.membership)
+                except ValueError:
+                    continue
+                if theirs.index > cfg.index:
+                    cfg = theirs
+        if not cfg.quorum_in(answers, self._quorum(cfg)):
+            return
+        if self.id not in cfg.voters:
+            # Not a voter: it never voted, so there is nothing it could have forgotten. It starts
+            # as it is and catches up (a new replica waiting to join, or a learner).
+            self._finish_recovery(0, None)
+            self.catchup_target = max([self.catchup_target] + [a.commit for a in answers.values()])
             return
         if all(a.empty for a in answers.values()):
             # A quorum of the others holds no value, so no value was ever decided: a decided
@@ -661,7 +957,8 @@ class Replica:
             self.recovery_primary = primary
             if primary.commit > self.catchup_target:
                 self.catchup_target = primary.commit
-            self.catchup_peer = self._peers.index(self.leader_of(view))
+            if self.leader_of(view) in self._peers:
+                self.catchup_peer = self._peers.index(self.leader_of(view))
             self._check_recovered()
         # else: wait for the latest view's leader (or for a newer view with a live leader)
 
@@ -763,7 +1060,7 @@ class Replica:
         advanced = i > self.commit
         self.commit = i
         if advanced and i % 64 == 0:
-            self.tracker.discard_below(i + 1)
+            self._discard_votes_below(i + 1)
         if self.applied == i:
             return
         apply = self._ready.apply
@@ -775,6 +1072,9 @@ class Replica:
             self.applied += 1
             value = log[self.applied].value
             plan = plan_batch(sessions, value)
+            if len(plan) == 1 and plan[0][2] == SYSTEM:
+                client_id, seq, _, payload = plan[0]
+                plan = [(client_id, seq, SYSTEM, self._apply_change(payload))]
             apply.append((self.applied, value, plan))
             if every:
                 # A function of the decided log alone, so every replica checkpoints at the same
@@ -822,7 +1122,7 @@ class Replica:
             return
         self._drop_values(upto)
         self.low = upto
-        self.tracker.discard_below(upto + 1)
+        self._discard_votes_below(upto + 1)
 
     def _drop_values(self, upto: int) -> None:
         log = self.log
@@ -859,7 +1159,11 @@ class Replica:
         self.transfer_from = None
         if instance <= self.commit:
             return False
+        if sessions.membership is None:
+            sessions.membership = self.sessions.membership  # an image from before memberships
         self.sessions = sessions
+        self.pending_changes = []
+        self._on_membership()
         self.checkpoints = [instance]
         self._truncate_log(instance)
         self.commit = self.applied = self.marked_upto = instance

@@ -4,12 +4,15 @@ import struct
 # reply cache. Every decision here is a function of the decided order alone (request ids and the
 # leader's batch timestamps), so all replicas make the same ones. Never reads a clock.
 from .. import core
+from .membership import SYSTEM_CLIENT, Membership
 
 # Outcome of begin(); also the reply status codes a gateway sees in REPLY_ERRORS.
 EXECUTE = 0          # run it on the app, then finish() with the reply
 DUPLICATE = 1        # executed before: the cached reply is the answer
 TOO_OLD = 2          # executed before but its reply was evicted (seq <= the client's floor)
 UNKNOWN_SESSION = 3  # no session for this client and seq is beyond a new session's window
+SYSTEM = 4           # a membership change: the protocol core executes it, never the app; the
+                     # plan's payload is the change, then (after the core applied it) its answer
 
 ERROR_TEXT = {
     TOO_OLD: b"request too old: its reply was evicted from the reply cache",
@@ -34,6 +37,9 @@ class Sessions:
         # execution; the answer must not depend on how far ahead).
         self._awaiting = {}
         self._late = {}
+        # The replica group's membership is replicated state too: it travels in checkpoints with
+        # the table. None until the protocol core sets the bootstrap membership.
+        self.membership = None
 
     def advance(self, timestamp_ms: int) -> None:
         """Called with each applied batch's timestamp, in decided order."""
@@ -115,7 +121,7 @@ class Sessions:
                 if e[1] is None:
                     missing[(cid, e[0])] = e
             clients.append((cid, cache.floor(cid), cache.last_active(cid), entries))
-        return SessionsImage(self.clock_ms, self._next_expiry_ms, clients, missing)
+        return SessionsImage(self.clock_ms, self._next_expiry_ms, clients, missing, self.membership)
 
     @classmethod
     def restore(cls, k: int, ttl_ms: int, blob) -> "Sessions":
@@ -139,8 +145,15 @@ class Sessions:
                 cache.restore_client(cid, floor, last_active, entries)
         except struct.error as exc:
             raise ValueError(f"not a session table image: {exc}") from None
-        if off != len(blob):
-            raise ValueError(f"session table image has {len(blob) - off} trailing bytes")
+        if off < len(blob):
+            # Images written before membership changes existed end after the clients.
+            if blob[off:off + 1] != _MEMBERSHIP_TAG or off + 5 > len(blob):
+                raise ValueError(f"session table image has {len(blob) - off} trailing bytes")
+            (length,) = struct.unpack_from("<I", blob, off + 1)
+            off += 5
+            if off + length != len(blob):
+                raise ValueError("session table image: membership length does not match")
+            sessions.membership = Membership.decode(blob[off:off + length])
         sessions.clock_ms, sessions._next_expiry_ms = clock, next_expiry
         return sessions
 
@@ -148,18 +161,20 @@ class Sessions:
 _IMAGE_HEAD = struct.Struct("<QQI")     # clock_ms, next expiry sweep, clients
 _IMAGE_CLIENT = struct.Struct("<QQqI")  # client id, floor, last active, entries
 _IMAGE_ENTRY = struct.Struct("<QI")     # seq, reply length (the reply follows)
+_MEMBERSHIP_TAG = b"M"                  # then u32 length and Membership.encode()
 
 
 class SessionsImage:
     """A captured session table: deterministic bytes once every reply is filled in, so that
     replicas that executed the same prefix produce byte-identical checkpoints."""
-    __slots__ = ("clock_ms", "next_expiry_ms", "clients", "missing")
+    __slots__ = ("clock_ms", "next_expiry_ms", "clients", "missing", "membership")
 
-    def __init__(self, clock_ms, next_expiry_ms, clients, missing):
+    def __init__(self, clock_ms, next_expiry_ms, clients, missing, membership=None):
         self.clock_ms = clock_ms
         self.next_expiry_ms = next_expiry_ms
         self.clients = clients
         self.missing = missing      # (client_id, seq) -> [seq, None] entry awaiting its reply
+        self.membership = membership
 
     def fill(self, client_id: int, seq: int, reply: bytes) -> None:
         entry = self.missing.pop((client_id, seq), None)
@@ -175,6 +190,9 @@ class SessionsImage:
             for seq, reply in entries:
                 parts.append(_IMAGE_ENTRY.pack(seq, len(reply)))
                 parts.append(reply)
+        if self.membership is not None:
+            blob = self.membership.encode()
+            parts.append(_MEMBERSHIP_TAG + struct.pack("<I", len(blob)) + blob)
         return b"".join(parts)
 
 
@@ -188,6 +206,9 @@ def plan_batch(sessions: Sessions, value) -> list:
     begin = sessions.begin
     plan = []
     for client_id, seq, payload in batch:
+        if client_id == SYSTEM_CLIENT:
+            plan.append((client_id, seq, SYSTEM, payload))  # the core executes it and fills in
+            continue                                          # its answer (Replica._apply_change)
         status = begin(client_id, seq)
         if status == DUPLICATE:
             # A duplicate carries its answer in the plan (payload is not needed): the cached
@@ -210,6 +231,8 @@ def run_plan(sessions: Sessions, plan, app) -> list:
             sessions.finish(client_id, seq, reply)
         elif status == DUPLICATE:
             reply = payload if payload is not None else sessions.take_reply(client_id, seq)
+        elif status == SYSTEM:
+            reply = payload
         else:
             reply = ERROR_TEXT[status]
         out.append((client_id, seq, status, reply))

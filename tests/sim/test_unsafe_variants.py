@@ -15,6 +15,9 @@ class MinorityQuorum(CrashFaultPolicy):
         super().__init__(n)
         self.quorum = max(1, n // 2)
 
+    def quorum_for(self, voters):
+        return max(1, voters // 2)
+
 
 class SkipGather(Replica):
     """A new leader that ignores what the quorum accepted and starts from its own commit point."""
