@@ -445,6 +445,14 @@ class Replica:
             key = (client_id, seq)
             if key in pending or key in self.proposed:
                 continue
+            if client_id == SYSTEM_CLIENT and not self.is_leader:
+                # Membership changes go straight to the leader and are not held here: the leader
+                # may refuse one for good, and a held copy would make us suspect it for that.
+                # (Only from a gateway: a forwarded one is not passed on, so none can circle.)
+                if (origin is not None and self.status == NORMAL and self.leader != self.id
+                        and self.leader in self._peers):
+                    self._send(self.leader, m.Forward(core.pack_batch([(client_id, seq, payload)])))
+                continue
             status = sessions.classify(client_id, seq)
             if status == DUPLICATE:
                 reply = sessions.reply(client_id, seq)
