@@ -55,7 +55,9 @@ configuration layering (later wins):
 
 subcommands:
   smrd local   start a whole local cluster (replicas + gateways) from built-in defaults
-  smrd status  ask every replica in a hosts file for its view, leader and progress
+  smrd status  ask every replica in a hosts file for its role, view, leader and progress
+  smrd admin   the replica group's membership: admin members | join ID | leave ID|--self
+               (replicas join as learners, are promoted when caught up; docs/membership.md)
   smrd keygen  write a CURVE key pair (NAME.key, NAME.pub) for encrypted, authenticated
                smrd-to-smrd traffic (settings curve_secret_key, curve_public_keys; docs/security.md)
   smrd kv      the demo key-value client (arguments are passed through; smrd kv --help)
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smrd",
         usage="smrd --role {server,client} -c HOSTS [--settings FILE] [--id N] [--SETTING VALUE ...]\n"
-        "       smrd {local,status,keygen,kv} ...",
+        "       smrd {local,status,admin,keygen,kv} ...",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smrd {__version__}")
     add_setting_flags(parser)
 
-    sub = parser.add_subparsers(dest="command", title="subcommands", metavar="{local,status,keygen,kv}")
+    sub = parser.add_subparsers(dest="command", title="subcommands", metavar="{local,status,admin,keygen,kv}")
     local = sub.add_parser(
         "local", prog="smrd local", allow_abbrev=False, help="start a whole local cluster from built-in defaults",
         description="Start n replicas, the demo app beside each, and gateways on 127.0.0.1.",
@@ -101,17 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         "status", prog="smrd status", allow_abbrev=False, help="show each replica's view, leader and progress",
         description="Ask every replica in the hosts file for its status (through its metrics/health port).",
     )
-    status.add_argument("-c", "--hosts", dest="hosts", default=argparse.SUPPRESS, metavar="PATH",
-                        help="hosts file (or SMRD_HOSTS)")
-    status.add_argument("--settings", dest="settings", default=argparse.SUPPRESS, metavar="FILE",
-                        help="settings file, for the CURVE settings (or SMRD_SETTINGS)")
-    for name in ("curve_secret_key", "curve_public_keys"):  # a secured cluster answers only listed keys
-        spec = SETTINGS[name]
-        status.add_argument(spec.flag, dest=name, default=argparse.SUPPRESS, metavar=spec.metavar,
-                            help=f"as for the roles (or {spec.env}); see docs/security.md")
+    _add_cluster_flags(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--timeout", type=_positive_float, default=2.0, metavar="S",
                         help="seconds to wait for each replica (default: %(default)s)")
+
+    _add_admin_parser(sub)
 
     keygen = sub.add_parser(
         "keygen", prog="smrd keygen", allow_abbrev=False, help="write a CURVE key pair (NAME.key, NAME.pub)",
@@ -127,6 +124,90 @@ def build_parser() -> argparse.ArgumentParser:
     kv = sub.add_parser("kv", prog="smrd kv", allow_abbrev=False, help="demo key-value client (smrd kv --help)", add_help=False)
     kv.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """-c, --settings and the CURVE flags of the tools that talk to a running cluster."""
+    p.add_argument("-c", "--hosts", dest="hosts", default=argparse.SUPPRESS, metavar="PATH",
+                   help="hosts file (or SMRD_HOSTS)")
+    p.add_argument("--settings", dest="settings", default=argparse.SUPPRESS, metavar="FILE",
+                   help="settings file, for the CURVE settings (or SMRD_SETTINGS)")
+    for name in ("curve_secret_key", "curve_public_keys"):  # a secured cluster answers only listed keys
+        spec = SETTINGS[name]
+        p.add_argument(spec.flag, dest=name, default=argparse.SUPPRESS, metavar=spec.metavar,
+                       help=f"as for the roles (or {spec.env}); see docs/security.md")
+
+
+ADMIN_DESCRIPTION = """\
+Read and change the replica group's membership. hosts.conf lists the candidates (replica ids
+0..n-1); the membership (which of them vote, which are learners catching up) is replicated state,
+changed one step at a time through consensus, and shown by `smrd status`. A change is sent to
+every replica of hosts.conf like a gateway's request; the leader orders it (or refuses it) and the
+core's answer is printed. See docs/membership.md.
+
+  smrd admin members -c hosts.conf [--json]
+      ask every replica for its status; print the agreed membership (the highest index any
+      replica applied) and each replica's role, view, leader and commit point.
+      Exit 1 if no replica answers.
+  smrd admin join ID -c hosts.conf [--timeout S]
+      add replica ID as a learner, wait until it has caught up (it must be running), then promote
+      it to voter. Idempotent: a learner is only promoted, a voter is left as it is.
+  smrd admin leave ID -c hosts.conf [--timeout S]
+  smrd admin leave --self [--if-scaled-down] -c hosts.conf
+      remove replica ID (a leader hands leadership off first) and wait until the agreed
+      membership no longer has it; stop it afterwards. --self: this replica (SMRD_ID).
+      --if-scaled-down (the Kubernetes preStop hook): only if the pod's StatefulSet now has
+      fewer replicas than this pod's ordinal + 1; otherwise do nothing and exit 0.
+
+A refused change (it would lose quorum, the last voter, ...) exits 1 with the reason on one line;
+so does a cluster that does not answer. A replica id that is not in hosts.conf exits 2."""
+
+
+def _add_admin_parser(sub) -> None:
+    admin = sub.add_parser(
+        "admin", prog="smrd admin", allow_abbrev=False, help="membership: members, join, leave",
+        description=ADMIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = admin.add_subparsers(dest="admin_command", title="commands", metavar="{members,join,leave}",
+                                    required=True)
+
+    def common(p):
+        _add_cluster_flags(p)
+        p.add_argument("--query-timeout", type=_positive_float, default=2.0, metavar="S",
+                       help="seconds to wait for the replicas' status answers (default: %(default)s)")
+
+    members = commands.add_parser(
+        "members", prog="smrd admin members", allow_abbrev=False, help="show the agreed membership",
+        description="Ask every replica of the hosts file for its status and print the agreed "
+        "membership (the highest index reported) and each replica's role, view, leader and commit "
+        "point. Exit 1 if no replica answers.")
+    common(members)
+    members.add_argument("--json", action="store_true", help="print JSON: {membership, replicas}")
+
+    join = commands.add_parser(
+        "join", prog="smrd admin join", allow_abbrev=False, help="add a replica: learner, then voter",
+        description="Add replica ID (a candidate of the hosts file, running) as a learner, wait "
+        "until it has caught up, then promote it to voter. Idempotent: run it again after a "
+        "timeout, or for a replica that already joined by itself (auto_join).")
+    join.add_argument("replica", type=_replica_id, metavar="ID", help="replica id from the hosts file")
+    common(join)
+    join.add_argument("--timeout", type=_positive_float, default=120.0, metavar="S",
+                      help="give up (exit 1) after this many seconds (default: %(default)s)")
+
+    leave = commands.add_parser(
+        "leave", prog="smrd admin leave", allow_abbrev=False, help="remove a replica from the group",
+        description="Remove replica ID from the membership (a leader hands leadership off first) "
+        "and wait until the agreed membership no longer has it. Stop the replica afterwards. A "
+        "removal that would leave the voters without a quorum of running replicas is refused.")
+    leave.add_argument("replica", type=_replica_id, nargs="?", default=None, metavar="ID",
+                       help="replica id from the hosts file (or --self)")
+    leave.add_argument("--self", action="store_true",
+                       help="this replica: the id setting (SMRD_ID or id in the settings file)")
+    leave.add_argument("--if-scaled-down", action="store_true",
+                       help="Kubernetes preStop: leave only if this pod's StatefulSet was scaled "
+                       "down below it (spec.replicas <= ID); otherwise do nothing, exit 0")
+    common(leave)
+    leave.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
+                       help="give up (exit 1) after this many seconds (default: %(default)s)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,6 +333,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
+def _replica_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a replica id (a whole number)") from None
+    if not 0 <= value < MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"{value} is not a replica id (0..{MAX_REPLICAS - 1})")
     return value
 
 

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .hosts import GatewayAddr, Hosts, ReplicaAddr, check_host, did_you_mean, load_hosts
+from .hosts import MAX_REPLICAS, GatewayAddr, Hosts, ReplicaAddr, check_host, did_you_mean, load_hosts
 
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 ENV_PREFIX = "SMRD_"
 # SMRD_* variables that belong to other parts of smrd, not to this table; never "unknown".
-FOREIGN_ENV = frozenset({"SMRD_NO_EXTENSIONS", "SMRD_SIM_SEEDS"})
+FOREIGN_ENV = frozenset({"SMRD_NO_EXTENSIONS", "SMRD_SIM_SEEDS", "SMRD_STATEFULSET"})
 # A batch travels inside one frame whose payload _core caps at 64 MiB; half leaves room for headers.
 MAX_BATCH_BYTES = 32 * MiB
 # "Far below": a retransmission must stop long before the session (and its cached replies) expire.
@@ -190,6 +190,21 @@ class Settings:
         "learned the cluster's state), which needs a quorum of the OTHER replicas to answer; set "
         "this only to bootstrap a new cluster while some replicas are not up yet, never for a "
         "replica that is replacing one with a lost disk.", group="storage")
+    # --- membership ----------------------------------------------------------------------------
+    voters: tuple | None = setting(
+        None, "Role server: the bootstrap voters, the replica ids (of the hosts file) that vote when "
+        "the cluster starts for the very first time, e.g. 0,1,2 (TOML: [0, 1, 2]). The other replicas "
+        "of the hosts file are candidates that can join later (auto_join, smrd admin join). It must be "
+        "the same on every replica, and it only matters until the first membership change: from then "
+        "on the membership is part of the replicated state (it travels in the log and in checkpoints) "
+        "and this setting is ignored. See docs/membership.md.", group="membership", metavar="IDS",
+        shown_default="all replicas of the hosts file")
+    auto_join: bool = setting(
+        False, "Role server: a replica that is not a voter asks to join when it starts: it becomes a "
+        "learner, catches up without voting, and is promoted to voter once it holds what the leader "
+        "holds (what a new StatefulSet pod does on a scale-out). A member that restarts changes "
+        "nothing. A replica that is not a member and has auto_join off waits for smrd admin join.",
+        group="membership")
     # --- security ------------------------------------------------------------------------------
     # Off by default only because it must be: a default that needs keys could not start with zero
     # configuration, and keys cannot exist before `smrd keygen` makes them (docs/security.md).
@@ -226,6 +241,7 @@ GROUPS = {
     "gateway": "Gateway",
     "app": "The app",
     "storage": "Storage and transport",
+    "membership": "Membership",
     "security": "Security (CURVE)",
     "observability": "Observability",
 }
@@ -510,7 +526,9 @@ def parse_value(spec: Spec, raw: Any, source: Source) -> Any:
         if text in ("false", "no", "off", "0"):
             return False
         raise ConfigError(f"{where}: {raw!r} is not a boolean; use true or false")
-    if spec.type is int:
+    if spec.type is tuple:
+        value = _parse_ids(raw, where)
+    elif spec.type is int:
         value = _parse_int(spec, raw, where, from_text=source.kind in ("env", "flag"))
         lo = spec.min if spec.min is not None else value
         hi = spec.max if spec.max is not None else value
@@ -534,6 +552,34 @@ def parse_value(spec: Spec, raw: Any, source: Source) -> Any:
         if problem:
             raise ConfigError(f"{where}: {problem}; fix the value")
     return value
+
+
+def _parse_ids(raw: Any, where: str) -> tuple[int, ...] | None:
+    """A set of replica ids: a TOML array of integers, or text like "0,1,2" / "0 1 2" (env,
+    flags); "all" means the default (every replica of the hosts file). Sorted, no duplicates."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.lower() == "all":
+            return None
+        items: list[Any] = [p for p in re.split(r"[\s,]+", text) if p]
+    elif isinstance(raw, (list, tuple)):
+        items = list(raw)
+    else:
+        raise ConfigError(f"{where}: expected a list of replica ids like [0, 1, 2], got {_toml_type(raw)} {raw!r}")
+    if not items:
+        raise ConfigError(f"{where}: no replica ids; list at least one, e.g. 0,1,2 (or all)")
+    ids = []
+    for item in items:
+        if isinstance(item, str) and re.fullmatch(r"[0-9]+", item):
+            item = int(item)
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ConfigError(f"{where}: {item!r} is not a replica id; write whole numbers like 0,1,2")
+        if not 0 <= item < MAX_REPLICAS:
+            raise ConfigError(f"{where}: replica id {item} is out of range; use 0..{MAX_REPLICAS - 1}")
+        if item in ids:
+            raise ConfigError(f"{where}: replica id {item} is listed twice; list each voter once")
+        ids.append(item)
+    return tuple(sorted(ids))
 
 
 def _parse_int(spec: Spec, raw: Any, where: str, *, from_text: bool) -> int:
@@ -567,6 +613,8 @@ def _human(spec: Spec, value: Any) -> str:
         return "(none)"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
     if spec.unit == "bytes" and isinstance(value, int):
         for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
             if value >= size and value % size == 0:
@@ -646,6 +694,14 @@ def _check_against_hosts(
             f"reply_quorum={s.reply_quorum} ({sources['reply_quorum']}) exceeds the {hosts.n} replicas in "
             f"{hosts.path}; the gateway would wait forever; use 1..{hosts.n}"
         )
+    if s.voters is not None:
+        missing = [v for v in s.voters if v not in hosts.replicas]
+        if missing:
+            raise ConfigError(
+                f"voters={_human(SETTINGS['voters'], s.voters)} ({sources['voters']}): replica "
+                f"{', '.join(map(str, missing))} {'is' if len(missing) == 1 else 'are'} not in {hosts.path} "
+                f"(replica ids 0..{hosts.n - 1}); list only replicas of the hosts file, or add their lines"
+            )
     if s.role is None:  # only reachable with need_role=False
         return s, sources
     if s.role == "server":
@@ -785,7 +841,8 @@ def settings_toml() -> str:
             unit = f" [{spec.unit}]" if spec.unit else ""
             out += ["", *textwrap.wrap(f"{spec.help}{unit}", 96, initial_indent="# ", subsequent_indent="# ")]
             if spec.default is None:
-                example = {"role": '"server"', "id": "0", "hosts": '"hosts.conf"'}.get(spec.name, '"./smrd-data/replica-0"')
+                example = {"role": '"server"', "id": "0", "hosts": '"hosts.conf"',
+                           "voters": "[0, 1, 2]"}.get(spec.name, '"./smrd-data/replica-0"')
                 out.append(f"# {spec.name} = {example}  # default: {spec.default_text()}")
             elif spec.type is bool:
                 out.append(f"# {spec.name} = {'true' if spec.default else 'false'}")

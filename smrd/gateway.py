@@ -1,7 +1,9 @@
 # `smrd --role client`: the gateway that outside clients reach.
 #
 # Owns: the client-facing TCP server (in the app's framing mode), giving each request a unique
-# (client_id, seq), sending requests to every replica in one batch per hop, picking the reply
+# (client_id, seq), sending requests to every member of the replica group in one batch per hop
+# (the membership is learned from the replicas' status answers; every replica of hosts.conf
+# while it is not known), picking the reply
 # (the first, or reply_quorum matching ones), counting divergence, retransmission, deadlines and
 # the error an outside client sees when the cluster cannot answer.
 # Never: keeps state that matters after a crash (kill it any time: outside clients retry, and
@@ -9,6 +11,7 @@
 # with anything but a replica's reply or an explicit smrd error.
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -26,6 +29,10 @@ from .transport import Channels, gateway_identity
 log = logging.getLogger(__name__)
 
 IDEMPOTENT_BIT = 1 << 63
+# How often the gateway asks the members for their status (reachability, and the membership).
+PROBE_S = 1.0
+# A replica counts as reachable (and a known membership as current) this long after it answered.
+REACHABLE_S = 3.0
 
 
 def idempotent_client_id(key: str) -> int:
@@ -82,6 +89,11 @@ class Gateway:
         self.server = None
         self.stopping = asyncio.Event()
         self.heard_from = {}            # replica id -> loop time of its last message
+        # The replica group as the replicas report it (smrd.protocol.membership): requests go to
+        # its members only, so that candidates of hosts.conf that are not running (a 7-line
+        # hosts.conf with 3 replicas up) cost nothing. None: not known yet, send to every replica.
+        self.membership = None          # {"index", "voters", "learners", ...} with the highest index
+        self.targets = tuple(self.replica_socks)  # replica ids requests go to
         self.drained = asyncio.Event()  # set whenever no request is in flight
         self.obs = Observability("client", config.settings.id or 0, self._snapshot, self.ready)
 
@@ -150,8 +162,9 @@ class Gateway:
             entries.append((call.key[0], call.key[1], call.payload))
             size += len(call.payload) + core.ENTRY_HEADER_SIZE
         frames.append(m.encode(0, m.Requests(core.pack_batch(entries))))
-        for sock in self.replica_socks.values():
-            self.channels.send(sock, frames)
+        socks = self.replica_socks
+        for r in self.targets:
+            self.channels.send(socks[r], frames)
 
     def _complete(self, call, reply=None, error=None):
         key = call.key
@@ -173,36 +186,73 @@ class Gateway:
         return dict(self.stats, inflight=len(self.calls), n=self.n,
                     replicas_reachable=self._reachable())
 
-    def _reachable(self) -> int:
+    def _reachable(self, among=None) -> int:
         now = self.loop.time()
-        return sum(1 for t in self.heard_from.values() if now - t <= 3.0)
+        return sum(1 for r, t in self.heard_from.items()
+                   if now - t <= REACHABLE_S and (among is None or r in among))
 
     def ready(self):
-        """Ready while listening and a quorum of replicas answered within the last 3 s."""
+        """Ready while listening and a quorum of the voters (of every replica in hosts.conf while
+        the membership is not known) answered within the last 3 s."""
         if self.stopping.is_set() or self.server is None:
             return False, "not listening"
+        if self.membership is not None:
+            voters = self.membership["voters"]
+            reachable, quorum = self._reachable(voters), len(voters) // 2 + 1
+            if reachable < quorum:
+                return False, f"{reachable} of {len(voters)} voters reachable, need {quorum}"
+            return True, "ready"
         reachable, quorum = self._reachable(), self.n // 2 + 1
         if reachable < quorum:
             return False, f"{reachable} of {self.n} replicas reachable, need {quorum}"
         return True, "ready"
 
     def _probe(self):
-        # An idle gateway hears nothing: ask replicas that were silent for a second how they are,
-        # so readiness reflects reachability rather than traffic.
+        # Ask the members how they are, every second: an idle gateway hears nothing otherwise
+        # (readiness reflects reachability rather than traffic), and the answers carry the
+        # membership. While no member answered for REACHABLE_S (or none is known), ask and send
+        # to every replica of hosts.conf: the group may have moved on without this gateway.
         if self.stopping.is_set():
             return
-        now = self.loop.time()
-        for r, sock in self.replica_socks.items():
-            if now - self.heard_from.get(r, -10.0) >= 1.0:
-                self.channels.send(sock, [core.encode_frame(m.STATUS_REQUEST, 0, 0, 0)])
-        self.loop.call_later(1.0, self._probe)
+        self._retarget()
+        frame = [core.encode_frame(m.STATUS_REQUEST, 0, 0, 0)]
+        for r in self.targets:
+            self.channels.send(self.replica_socks[r], frame)
+        self.loop.call_later(PROBE_S, self._probe)
+
+    def _retarget(self):
+        every = tuple(self.replica_socks)
+        cfg = self.membership
+        if cfg is None:
+            targets = every
+        else:
+            members = set(cfg["voters"]) | set(cfg["learners"])
+            targets = tuple(r for r in every if r in members)
+            if not targets or self._reachable(members) == 0:
+                targets = every  # fall back: nobody we think is a member answers
+        if targets != self.targets:
+            log.info("event=gateway_targets replicas=%s membership=%s", list(targets),
+                     cfg["index"] if cfg else "unknown")
+            self.targets = targets
+
+    def _on_status(self, frame):
+        try:
+            _, _, _, _, _, payload = core.decode_frame(frame)
+            cfg = json.loads(bytes(payload)).get("membership")
+            index, voters, learners = cfg["index"], cfg["voters"], cfg["learners"]
+        except (ProtocolError, ValueError, TypeError, KeyError, AttributeError):
+            return  # a replica without memberships, or garbage: ignore
+        if self.membership is None or index > self.membership["index"]:
+            self.membership = {"index": index, "voters": list(voters), "learners": list(learners)}
+            self._retarget()
 
     def _on_message(self, sock, parts):
         replica = self.sock_replica.get(sock)
         self.heard_from[replica] = self.loop.time()
         for frame in parts:
             if len(frame) > 3 and frame[3] == m.STATUS_REPLY:
-                continue  # an answer to _probe: hearing it was the point
+                self._on_status(frame)  # an answer to _probe: the membership, and a sign of life
+                continue
             try:
                 _, msg = m.decode(frame)
             except ProtocolError as e:

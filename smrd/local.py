@@ -106,7 +106,10 @@ class Child:
 class LocalCluster:
     def __init__(self, replicas=3, gateways=1, framing="line", base_port=11000,
                  data_dir="./smrd-local", durability=None, extra_args=(), settings=None,
-                 app_command=None, replica_host=None):
+                 app_command=None, replica_host=None, replica_args=None):
+        # replicas: the replica lines of hosts.conf (the candidates); all of them are bootstrap
+        # voters unless a `voters` setting says otherwise. replica_args: {id: [extra flags]} for
+        # one replica only (e.g. --auto-join true), after the common ones.
         self.n = replicas
         self.framing = framing
         self.base = base_port
@@ -138,7 +141,8 @@ class LocalCluster:
             self.apps.append(Child(f"app-{i}", app_argv, self.dir / f"app-{i}.log", env))
             argv = [PY, "-m", "smrd", "--role", "server", "-c", str(self.hosts_path), "--id", str(i),
                     "--app-port", str(self.app_port(i)), "--framing", framing,
-                    "--data-dir", str(self.dir / f"replica-{i}"), *self.extra]
+                    "--data-dir", str(self.dir / f"replica-{i}"), *self.extra,
+                    *((replica_args or {}).get(i, ()))]
             if durability:
                 argv += ["--durability", durability]
             if self.settings_path:
@@ -187,7 +191,7 @@ class LocalCluster:
         self.apps[i].start().wait_for("listening", timeout)
 
     def start_server(self, i, timeout=30.0):
-        self.servers[i].start().wait_for("ready", timeout)
+        self.servers[i].start().wait_for(f"replica {i} ready", timeout)
 
     def start_gateway(self, g, timeout=30.0):
         self.gateways[g].start().wait_for("listening on", timeout)
@@ -201,13 +205,18 @@ class LocalCluster:
         return query(f"tcp://127.0.0.1:{self.client_port(i)}", timeout)
 
     def leader(self, timeout=10.0):
-        """The replica every live, normal replica agrees leads, once they agree."""
+        """The replica every live, normal replica agrees leads, once they agree and a majority
+        of the voters (of the newest membership any of them reports) answered."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             views = [self.status(i, 0.5) for i in range(self.n) if self.servers[i].alive]
             views = [v for v in views if v]
+            cfg = max((v["membership"] for v in views if v.get("membership")),
+                      key=lambda c: c["index"], default=None)
+            voters = set(cfg["voters"]) if cfg else set(range(self.n))
+            views = [v for v in views if v["id"] in voters]  # others may lag or follow an old view
             normal = {(v["view"], v["leader"]) for v in views if v["status"] == "normal"}
-            if len(normal) == 1 and len(views) > self.n // 2:
+            if len(normal) == 1 and len(views) > len(voters) // 2:
                 return next(iter(normal))[1]
         raise ProcessFailed("no agreed leader within %s s" % timeout)
 

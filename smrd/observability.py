@@ -115,7 +115,18 @@ SERVER_SERIES = (
     Series("connections_refused", "smrd_connections_refused", C,
            "Connections refused by CURVE authentication (unlisted or missing key)."),
     Series("n", "smrd_cluster_replicas", G, "Replicas in the configuration."),
+    Series("membership_index", "smrd_membership_index", G,
+           "Membership changes applied since the bootstrap membership (its index).", optional=True),
+    Series("membership_voters", "smrd_voters", G, "Voters in the applied membership.", optional=True),
+    Series("membership_learners", "smrd_learners", G, "Learners in the applied membership.", optional=True),
+    Series("membership_changes", "smrd_membership_changes", C,
+           "Membership changes this replica applied (live or replaying its log).", optional=True),
+    Series("membership_refused", "smrd_membership_changes_refused", C,
+           "Membership changes this replica refused as the leader, before ordering them.", optional=True),
 )
+
+# What a replica is in the replica group (smrd.protocol.membership roles).
+MEMBER_ROLES = ("voter", "learner", "none")
 
 GATEWAY_SERIES = (
     Series("requests", "smrd_requests_received", C, "Requests received from outside clients."),
@@ -292,9 +303,18 @@ class Observability:
         for st in REPLICA_STATUSES + (() if status in REPLICA_STATUSES or status is None else (str(status),)):
             fam.add_metric(values + [st], 1.0 if st == status else 0.0)
         yield fam
+        member = snap.get("role")
+        if member in MEMBER_ROLES:
+            fam = GaugeMetricFamily("smrd_membership_role",
+                                    "1 for what this replica is in the replica group (voter, learner, "
+                                    "none), 0 for the others.", labels=names + ["member"])
+            for r in MEMBER_ROLES:
+                fam.add_metric(values + [r], 1.0 if r == member else 0.0)
+            yield fam
         fam = GaugeMetricFamily("smrd_is_leader", "1 while this replica leads a view in normal status.",
                                 labels=names)
-        fam.add_metric(values, 1.0 if status == "normal" and snap.get("leader") == self.node_id else 0.0)
+        leads = status == "normal" and snap.get("leader") == self.node_id and snap.get("role", "voter") == "voter"
+        fam.add_metric(values, 1.0 if leads else 0.0)
         yield fam
         done, size = _num(snap.get("state_transfer_bytes")), _num(snap.get("state_transfer_size"))
         fam = GaugeMetricFamily("smrd_state_transfer_progress_ratio",

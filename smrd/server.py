@@ -32,7 +32,7 @@ from .protocol.options import Options
 from .protocol.quorum import CrashFaultPolicy
 from .protocol.replica import NORMAL, RECOVERING, Replica
 from .protocol.records import AcceptRecord, CheckpointRecord, CommitRecord
-from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, Sessions, plan_batch
+from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, SYSTEM, Sessions, plan_batch
 from .state_transfer import StateTransfer
 from .storage import CORRUPT_MIDDLE, CORRUPT_SUFFIX, StorageError, WriteAheadLog
 from .transport import Channels, parse_replica_identity, replica_identity
@@ -148,8 +148,10 @@ class Server:
                      "the log after it is replayed)", restored.instance, len(app_state))
         # The nonce tells this incarnation's recovery answers from an earlier one's.
         nonce = None if s.new_cluster else int.from_bytes(os.urandom(8), "little")
+        # voters: the bootstrap membership, used only until the replicated state (the log, a
+        # checkpoint) says otherwise; auto_join: ask to become a voter when not one.
         self.replica = Replica(self.id, CrashFaultPolicy(self.n), self.options, self.sessions,
-                               durable, recovery_nonce=nonce)
+                               durable, recovery_nonce=nonce, voters=s.voters, auto_join=s.auto_join)
         me = hosts.replica(self.id)
         self.channels = Channels(hwm=s.hwm, security=config.security)
         self.peer_router = self.channels.bind_router(bind_endpoint(me.host, me.peer_port), replicas_only=True)
@@ -193,12 +195,21 @@ class Server:
         self.recovered_bytes, self.recovered_records = report.bytes, report.records
         self.obs = Observability("server", self.id, self._snapshot, self.ready)
         self._last_role = None
+        self._last_membership = None
+        self._refused_seen = 0      # the core's count of refused changes already logged
+        self._refused_quiet_until = 0.0
+        # Set once this process took part as a member with the current leader's stream (not just
+        # replaying its own log): a removal after that is an operator's decision that auto_join
+        # must not undo by asking to join again (see _on_membership).
+        self._live_member = False
+        self._transfer_wide = False  # the last state transfer failed: ask every candidate
         self._lagging = False
         self._bad_frames_logged = 0
         self.started = time.time()
         log.info("replica %d of %d starting: view %d, commit %d, log top %d, data %s (%s)",
                  self.id, self.n, self.replica.view, self.replica.commit, self.replica.top,
                  data_dir, s.durability)
+        self._on_membership()
 
     def _sessions(self, image=None) -> Sessions:
         # An empty exactly-once table, or the one a checkpoint holds (ValueError if damaged).
@@ -345,11 +356,18 @@ class Server:
             obs = self.obs
             now = self.loop.time()
             for instance, _, plan in rd.apply:
+                if len(plan) == 1 and plan[0][2] == SYSTEM:
+                    self._log_change_answer(instance, plan[0][3])
                 obs.observe_batch(len(plan))
                 started = self.proposed_at.pop(instance, None)
                 if started is not None:
                     obs.observe_consensus_latency(now - started)
         if rd.replies:
+            for _, _, _, status, reply in rd.replies:
+                if status == SYSTEM:  # the leader refused a change before ordering it
+                    self._refused_seen += 1
+                    log.warning("event=membership_change_refused when=proposal reason=%r",
+                                _answer_text(reply).removeprefix("REFUSED "))
             self._send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
         for peer, start in rd.serve_log:
             if peer not in self._serving:
@@ -376,17 +394,81 @@ class Server:
                          rep.leader, rep.catchup_target)
             if rep.status == NORMAL:
                 log.info("event=view_active view=%d leader=%d self=%s previous_view=%s",
-                         rep.view, rep.leader, rep.leader == self.id, old[0] if old else "-")
+                         rep.view, rep.leader, rep.is_leader, old[0] if old else "-")
             elif rep.status != RECOVERING:
                 log.info("event=view_change view=%d new_leader=%d old_leader=%s reason=%r",
                          rep.view, rep.leader, rep.leader_of(old[0]) if old else "-",
                          rep.view_change_reason)
+        if not self._live_member and rep.role != "none" and (rep.is_leader or (
+                rep.leader_commit > 0 and rep.commit + READY_MAX_LAG >= rep.leader_commit)):
+            self._live_member = True  # (a leader hears no leader's commit point: it is the one)
+        if rep.membership is not self._last_membership:
+            self._on_membership()
+        refused = rep.stats.get("membership_refused", 0)
+        if refused > self._refused_seen and time.monotonic() >= self._refused_quiet_until:
+            # Changes that reached this leader through another replica (a copy of an operator's
+            # change, or a replica's own auto_join or leave request) and were refused: no answer
+            # goes back from here, and a replica asking for itself asks again every election
+            # timeout, so say it at most every 10 s.
+            count, self._refused_seen = refused - self._refused_seen, refused
+            self._refused_quiet_until = time.monotonic() + 10.0
+            log.warning("event=membership_change_refused when=proposal count=%d reason=%r", count,
+                        "forwarded by another replica: it would lose quorum, or its base is stale "
+                        "(whoever asked directly got the reason; a replica asking for itself asks "
+                        "again later)")
         if self._lagging != (rep.commit < rep.catchup_target):
             self._lagging = not self._lagging
             if self._lagging:
                 log.info("event=catching_up commit=%d target=%d", rep.commit, rep.catchup_target)
             else:
                 log.info("event=caught_up commit=%d", rep.commit)
+
+    def _on_membership(self):
+        """The applied membership changed (or is seen for the first time): say so, and size the
+        checkpoint agreement of state transfers to the voters (f+1 of them)."""
+        rep = self.replica
+        old, new = self._last_membership, rep.membership
+        self._last_membership = new
+        self._size_transfer()
+        if old is None:
+            log.info("event=membership index=%d voters=%s learners=%s role=%s auto_join=%s (%s)",
+                     new.index, sorted(new.voters), sorted(new.learners), rep.role, rep.auto_join,
+                     "the bootstrap voters, until a change is applied" if new.index == 0 else
+                     "the replicated membership, from this replica's checkpoint and log; catching up "
+                     "may move it on")
+            return
+        if old == new:
+            return
+        log.info("event=membership_changed index=%d voters=%s learners=%s role=%s previous_index=%d",
+                 new.index, sorted(new.voters), sorted(new.learners), rep.role, old.index)
+        if old.role(self.id) != "none" and rep.role == "none":
+            if rep.auto_join and self._live_member:
+                # Removed while running (smrd admin leave, a scale-down's preStop): stay out. A
+                # restart with auto_join asks again, as a new pod would.
+                rep.auto_join = False
+            log.info("event=removed_from_membership index=%d auto_join=%s (this replica no longer votes "
+                     "or receives the stream; stop it, or join it again)", new.index, rep.auto_join)
+            self._live_member = False
+
+    def _size_transfer(self):
+        """State transfers ask the members of the membership this replica knows (not every
+        candidate of hosts.conf: one that is not running would make each query wait its whole
+        timeout) and need f+1 of its voters to agree on a checkpoint. After a transfer failed,
+        the next one asks every candidate: the group may have moved on without this replica."""
+        cfg = self.replica.membership
+        self.transfer.need = (len(cfg.voters) - 1) // 2 + 1
+        members = tuple(sorted(r for r in cfg.members if r != self.id))
+        if self._transfer_wide or len(members) < self.transfer.need:
+            members = tuple(sorted(self.config.hosts.peers_of(self.id)))
+        self.transfer.peers = members
+
+    def _log_change_answer(self, instance, answer):
+        text = _answer_text(answer)
+        if text.startswith("REFUSED"):
+            log.warning("event=membership_change_refused when=execution instance=%d reason=%r",
+                        instance, text.removeprefix("REFUSED "))
+        else:
+            log.info("event=membership_change_applied instance=%d answer=%r", instance, text)
 
     def _send_all(self, messages):
         by_dest = defaultdict(list)
@@ -410,7 +492,8 @@ class Server:
                 identity = self.routes.get(client_id)
                 if identity is None:
                     continue  # its gateway never wrote to us; it retransmits and gets the cache
-            if status == EXECUTE or status == DUPLICATE:
+            if status == EXECUTE or status == DUPLICATE or status == SYSTEM:
+                # A membership change's answer ("OK ..." or "REFUSED ...") is an ordinary reply.
                 ok[identity].append((client_id, seq, reply))
             else:
                 errors[identity].append((client_id, seq, bytes([status]) + reply))
@@ -495,6 +578,7 @@ class Server:
             replies = []
             it = iter(results)
             images = self.open_images
+            system = 0
             for client_id, seq, status, payload in plan:
                 if status == EXECUTE:
                     reply = next(it)
@@ -503,11 +587,20 @@ class Server:
                         image.fill(client_id, seq, reply)
                 elif status == DUPLICATE:
                     reply = payload if payload is not None else sessions.take_reply(client_id, seq)
+                elif status == SYSTEM:
+                    # A membership change: the core applied it; never the app's business, not in
+                    # the session table (nor in checkpoint images). Its payload is the core's
+                    # answer, except when the log is replayed after an app restart (then it is
+                    # the change itself, already answered long ago: nothing to send).
+                    system += 1
+                    reply = bytes(payload)
+                    if not reply.startswith((b"OK", b"REFUSED")):
+                        continue
                 else:
                     reply = ERROR_TEXT[status]
                 replies.append((None, client_id, seq, status, reply))
             self.stats["requests_executed"] += len(payloads)
-            self.stats["requests_deduplicated"] += len(plan) - len(payloads)
+            self.stats["requests_deduplicated"] += len(plan) - len(payloads) - system
             self.executed = last_instance
             self._send_replies(replies)
             self._evict()
@@ -659,6 +752,9 @@ class Server:
             rep.transfer_failed()  # caught up from the log meanwhile
             self._flush()
             return
+        if self._transfer_wide:
+            self._transfer_wide = False
+            self._size_transfer()
         sessions = self._sessions(sessions_blob)
         self.wal.append([CheckpointRecord(instance, digest, size)])
         self.wal.sync()
@@ -669,6 +765,8 @@ class Server:
         self._flush()
 
     def _transfer_failed(self, why):
+        self._transfer_wide = True
+        self._size_transfer()
         log.warning("event=state_transfer_failed reason=%r (catch-up resumes; a peer that truncated "
                     "its log starts the next attempt)", why)
         self.replica.transfer_failed()
@@ -730,6 +828,9 @@ class Server:
             sessions = self._sessions()
         log.warning("event=app_restart_detected detail=%r action=replay checkpoint=%d instances=%d..%d "
                     "(app restart detected: rebuilding its state)", why, start, start + 1, rep.applied)
+        # The membership is replicated state the core applied up to rep.applied, which is where
+        # the replay ends: keep it (neither an empty table nor the checkpoint's would be right).
+        sessions.membership = rep.sessions.membership
         self.sessions = rep.sessions = sessions
         try:
             for i, value in self._values(start + 1, rep.applied):
@@ -763,6 +864,11 @@ class Server:
                  wal_syncs=wal.syncs)
         t = self.transfer
         d.update(state_transfer_bytes=t.received, state_transfer_size=t.size)
+        cfg = rep.membership
+        d.update(membership_index=cfg.index, membership_voters=len(cfg.voters),
+                 membership_learners=len(cfg.learners),
+                 membership_changes=rep.stats.get("membership_changes", 0),
+                 membership_refused=rep.stats.get("membership_refused", 0))
         return d
 
     def ready(self):
@@ -777,11 +883,18 @@ class Server:
         if self.transfer.active:
             t = self.transfer
             return False, f"state transfer: {t.received} of {t.size or '?'} bytes of checkpoint {t.instance}"
+        role = rep.role
+        known = max(rep.catchup_target, rep.leader_commit, rep.commit)
+        if role == "learner":
+            return False, f"learner: catching up (commit {rep.commit} of {known})"
+        if role != "voter":
+            cfg = rep.membership
+            return False, (f"not a member of the replica group (membership {cfg.index}: voters "
+                           f"{sorted(cfg.voters)})")
         if rep.status != NORMAL:
             return False, f"view change to view {rep.view} in progress"
         if rep.is_leader and not rep.has_quorum_contact():
             return False, "leader without contact to a quorum (view change expected)"
-        known = max(rep.catchup_target, rep.leader_commit, rep.commit)
         if known - rep.commit > READY_MAX_LAG:
             return False, f"catching up: decided {rep.commit} of {known}"
         if rep.commit - self.executed > READY_MAX_LAG:
@@ -791,8 +904,8 @@ class Server:
         return True, "ready"
 
     def status(self) -> dict:
-        d = self.replica.describe()
-        d.update(role="server", executed=self.executed, pid=os.getpid(),
+        d = self.replica.describe()  # "role": voter | learner | none; "membership": the applied one
+        d.update(process="server", auto_join=self.replica.auto_join, executed=self.executed, pid=os.getpid(),
                  app_ready=self.adapter._state is not False and self.halted is None, halted=self.halted,
                  rss_bytes=self.process.memory_info().rss, ready=self.ready()[0],
                  connections_refused=self.channels.refused,
@@ -870,6 +983,10 @@ class Server:
             os._exit(1)  # a second signal: leave now
         log.info("received %s: stopping", signal.Signals(sig).name)
         self.stopping.set()
+
+
+def _answer_text(answer) -> str:
+    return bytes(answer).decode("utf-8", "replace")
 
 
 class _HookFailed(Exception):

@@ -49,31 +49,57 @@ def collect(hosts, timeout_s: float = 2.0, security=None) -> list:
     return rows
 
 
+def agreed_membership(rows) -> dict | None:
+    """The membership with the highest index any reachable replica reports (the newest one
+    applied anywhere: changes are applied in log order, so a lower index is only older), as
+    {"index", "voters", "learners", "quorum"}; None if no replica answered."""
+    best = None
+    for r in rows:
+        m = r.get("membership") if r.get("reachable") else None
+        if m and (best is None or m["index"] > best["index"]):
+            best = m
+    return best
+
+
+def state_of(row) -> str:
+    if row["status"] == "normal" and row["leader"] == row["id"] and row.get("role", "voter") == "voter":
+        return "leader"
+    return "follower" if row["status"] == "normal" else row["status"]
+
+
 def main(args) -> int:
     from .config import load_config
     config = load_config(args, need_role=False)
     rows = collect(config.hosts, args.timeout, config.security)
+    agreed = agreed_membership(rows)
+    # Candidates of the hosts file outside the membership may well be absent (not started yet,
+    # scaled down): only members that do not answer make the exit status 1.
+    members = set(agreed["voters"]) | set(agreed["learners"]) if agreed else {r["id"] for r in rows}
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
     else:
-        cols = ("id", "address", "state", "view", "leader", "commit", "executed", "lag", "app")
+        cols = ("id", "address", "role", "state", "view", "leader", "commit", "executed", "lag", "app")
         top = max((r.get("commit", 0) for r in rows if r["reachable"]), default=0)
         table = [cols]
         for r in rows:
             if not r["reachable"]:
-                table.append((str(r["id"]), r["address"], "UNREACHABLE", "-", "-", "-", "-", "-", "-"))
+                role = "-" if r["id"] in members else "(absent)"
+                table.append((str(r["id"]), r["address"], role, "UNREACHABLE", "-", "-", "-", "-", "-", "-"))
                 continue
-            state = "leader" if r["status"] == "normal" and r["leader"] == r["id"] else (
-                "follower" if r["status"] == "normal" else r["status"])
-            table.append((str(r["id"]), r["address"], state, str(r["view"]), str(r["leader"]),
-                          str(r["commit"]), str(r["executed"]), str(top - r["commit"]),
+            table.append((str(r["id"]), r["address"], r.get("role", "-"), state_of(r), str(r["view"]),
+                          str(r["leader"]), str(r["commit"]), str(r["executed"]), str(top - r["commit"]),
                           "ok" if r.get("app_ready") else "down"))
         widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
         for row in table:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if agreed is not None:
+            behind = sorted(r["id"] for r in rows if r["reachable"] and r.get("membership")
+                            and r["membership"]["index"] < agreed["index"])
+            print(f"membership {agreed['index']}: voters {agreed['voters']} learners {agreed['learners']} "
+                  f"(quorum {agreed['quorum']})" + (f"; not yet applied by {behind}" if behind else ""))
         for r in rows:
-            if not r["reachable"]:
+            if not r["reachable"] and r["id"] in members:
                 print(f"replica {r['id']} at {r['address']}: no answer within {args.timeout:g} s "
                       "(stopped, partitioned, or not yet started)", file=sys.stderr)
-    return 0 if all(r["reachable"] for r in rows) else 1
+    return 0 if all(r["reachable"] for r in rows if r["id"] in members) else 1

@@ -214,3 +214,31 @@ def test_python_m_smrd_version_and_unknown_env():
     proc = run_module("--role", "client", "-c", HOSTS, env={"SMRD_WINDOWS": "2"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "SMRD_WINDOWS is not a smrd setting (did you mean 'SMRD_WINDOW'?)" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["admin", "--help"], ["admin", "members", "--help"],
+                                  ["admin", "join", "--help"], ["admin", "leave", "--help"]])
+def test_admin_help(argv, capsys):
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "usage: smrd admin" in out
+    if argv[1] == "--help":
+        for text in ("members", "join ID", "leave ID", "--self", "--if-scaled-down", "learner",
+                     "exits 1", "docs/membership.md"):
+            assert text in out, text
+
+
+def test_admin_dispatches_lazily_with_its_arguments(monkeypatch):
+    seen = []
+    fake_module(monkeypatch, "smrd.admin", main=lambda args: seen.append(args) or 0)
+    assert cli.main(["admin", "leave", "--self", "--if-scaled-down", "-c", HOSTS, "--timeout", "5"]) == 0
+    (args,) = seen
+    assert args.admin_command == "leave" and args.self and args.if_scaled_down and args.timeout == 5.0
+    assert args.replica is None and args.hosts == HOSTS
+    assert cli.main(["admin", "join", "3", "-c", HOSTS]) == 0
+    assert seen[1].replica == 3 and seen[1].timeout == 120.0
+
+
+def test_admin_needs_a_command(capsys):
+    assert cli.main(["admin"]) == 2
+    assert "smrd admin: error: the following arguments are required: {members,join,leave}" in capsys.readouterr().err

@@ -412,3 +412,48 @@ def test_snapshot_hooks_are_accepted_in_pairs_with_a_state_placeholder(hosts):
     assert "has no {state}" in error(hosts, snapshot_request="SNAPSHOT", restore_request="RESTORE")
     assert "framing=http" in error(hosts, snapshot_request="GET /s", restore_request="{state}",
                                    framing="http")
+
+
+# --- membership ----------------------------------------------------------------------------------
+
+def test_voters_default_to_every_replica_and_accept_lists_and_text(hosts, tmp_path):
+    assert load(hosts).settings.voters is None and load(hosts).settings.auto_join is False
+    assert load(hosts, voters="2, 0").settings.voters == (0, 2)
+    assert load(hosts, {"SMRD_VOTERS": "1 0"}).settings.voters == (0, 1)
+    assert load(hosts, {"SMRD_VOTERS": "all"}).settings.voters is None
+    path = tmp_path / "smrd.toml"
+    path.write_text("voters = [0, 1]\nauto_join = true\n")
+    cfg = load(hosts, settings=str(path))
+    assert cfg.settings.voters == (0, 1) and cfg.settings.auto_join is True
+    assert cfg.sources["voters"].kind == "file"
+    assert load(hosts, {"SMRD_AUTO_JOIN": "yes"}).settings.auto_join is True
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0,5", r"voters=0,5 \(flag --voters\): replica 5 is not in .*hosts\.conf \(replica ids 0\.\.2\); "
+            r"list only replicas of the hosts file"),
+    ("0,7,9", r"replica 7, 9 are not in"),
+    ("0,0", r"flag --voters: replica id 0 is listed twice; list each voter once"),
+    ("", r"flag --voters: no replica ids; list at least one"),
+    ("a,b", r"flag --voters: 'a' is not a replica id"),
+    ("64", r"flag --voters: replica id 64 is out of range; use 0\.\.63"),
+])
+def test_bad_voters_are_one_line_errors(hosts, value, message):
+    assert re.search(message, error(hosts, voters=value)), error(hosts, voters=value)
+
+
+def test_voters_in_a_file_must_be_a_list_of_integers(hosts, tmp_path):
+    msg = error(hosts, settings_text="voters = 3\n", tmp_path=tmp_path)
+    assert re.search(r"smrd\.toml:1: voters: expected a list of replica ids like \[0, 1, 2\], got an integer 3", msg)
+    msg = error(hosts, settings_text="voters = [0, true]\n", tmp_path=tmp_path)
+    assert "True is not a replica id" in msg
+    assert "is not a boolean" in error(hosts, auto_join="maybe")
+
+
+def test_voters_are_checked_against_the_hosts_file_for_tools_too(hosts):
+    with pytest.raises(ConfigError, match="replica 4 is not in"):
+        load_config({"hosts": hosts, "voters": "4"}, env={}, need_role=False)
+
+
+def test_the_statefulset_variable_belongs_to_smrd_kube(hosts):
+    assert load(hosts, {"SMRD_STATEFULSET": "demo-smrd"}).settings.id == 0
