@@ -48,6 +48,14 @@ def render(values: dict) -> list[dict]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
+def render_files(values: dict, *, upgrade: bool = False) -> dict[str, str]:
+    """Every template's rendered text, by path ("smrd/templates/configmap.yaml", NOTES.txt too),
+    as an install or (upgrade=True) as an upgrade renders it: for byte-for-byte comparisons.
+    Nothing is looked up in a cluster (`lookup` finds nothing)."""
+    return dict(_chart().render(values, name=RELEASE, namespace=NAMESPACE,
+                                is_install=not upgrade, is_upgrade=upgrade))
+
+
 def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 

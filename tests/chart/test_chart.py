@@ -6,8 +6,10 @@ none here.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,8 @@ import kubernetes_validate  # noqa: E402
 
 # The rendering itself is shared with tests/podlab (tests/helm_render.py).
 from helm_render import CHART, NAMESPACE, RELEASE, SCENARIOS, by_kind, one, render  # noqa: E402
+from helm_render import render_files  # noqa: E402
+from smrd import kube  # noqa: E402
 from helm_render import load_values as _values  # noqa: E402
 
 KUBE_VERSIONS = ("1.29", "1.37")
@@ -46,8 +50,9 @@ ids = [p.stem.removeprefix("values-") for p in SCENARIOS]
 
 def test_every_scenario_is_present():
     names = set(ids)
-    for want in ("3-replicas", "5-replicas", "framing-close", "framing-line", "framing-length",
-                 "framing-http", "hooks-on", "hooks-off", "nodeport", "loadbalancer", "security"):
+    for want in ("3-replicas", "5-replicas", "scaled-up", "membership-manual", "framing-close",
+                 "framing-line", "framing-length", "framing-http", "hooks-on", "hooks-off", "nodeport",
+                 "loadbalancer", "security"):
         assert want in names
 
 
@@ -166,37 +171,48 @@ def test_pdb_keeps_a_quorum(scenario):
     assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == n // 2 + 1
 
 
-@pytest.mark.parametrize("n", [3, 5, 7, 63])
-def test_pdb_and_hosts_for_replica_counts(n):
-    docs = render({"replicaCount": n})
+@pytest.mark.parametrize("n,max_replicas", [(1, 7), (2, 7), (3, 7), (4, 7), (5, 7), (7, 7), (63, 64)])
+def test_pdb_and_hosts_for_replica_counts(n, max_replicas):
+    docs = render({"replicaCount": n, "maxReplicas": max_replicas,
+                   "membership": {"bootstrapVoters": min(n, 3)}})
+    assert one(docs, "StatefulSet")["spec"]["replicas"] == n
     assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == n // 2 + 1
     hosts = parse_hosts(one(docs, "ConfigMap")["data"]["hosts.conf"])
-    assert [r.id for r in hosts.replicas.values()] == list(range(n))
-    assert hosts.quorum == one(docs, "PodDisruptionBudget")["spec"]["minAvailable"]
+    assert [r.id for r in hosts.replicas.values()] == list(range(max_replicas))
 
 
-def _hosts_and_names(docs):
+def _max_replicas(values: dict) -> int:
+    return values.get("maxReplicas", 7)
+
+
+def _hosts_and_names(docs, max_replicas):
+    """The StatefulSet, the headless Service, hosts.conf, and the DNS names of the candidate
+    replicas 0..maxReplicas-1 (the first `replicas` of them are the StatefulSet's pods)."""
     sts = one(docs, "StatefulSet")
     headless = [s for s in by_kind(docs, "Service") if s["spec"].get("clusterIP") == "None"]
     assert len(headless) == 1 and headless[0]["spec"]["publishNotReadyAddresses"] is True
     assert sts["spec"]["serviceName"] == headless[0]["metadata"]["name"]
-    n, name, svc = sts["spec"]["replicas"], sts["metadata"]["name"], sts["spec"]["serviceName"]
-    dns = [f"{name}-{i}.{svc}.{NAMESPACE}.svc.cluster.local" for i in range(n)]
+    name, svc = sts["metadata"]["name"], sts["spec"]["serviceName"]
+    dns = [f"{name}-{i}.{svc}.{NAMESPACE}.svc.cluster.local" for i in range(max_replicas)]
     return sts, headless[0], parse_hosts(one(docs, "ConfigMap")["data"]["hosts.conf"]), dns
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
-def test_hosts_conf_lists_exactly_the_pods(scenario):
-    docs = render(_values(scenario))
-    _, _, hosts, dns = _hosts_and_names(docs)
+def test_hosts_conf_lists_the_candidate_pods(scenario):
+    """hosts.conf lists maxReplicas candidates, replica id = ordinal, whatever replicaCount is;
+    the StatefulSet's pods are the first replicaCount of them."""
+    values = _values(scenario)
+    docs = render(values)
+    sts, _, hosts, dns = _hosts_and_names(docs, _max_replicas(values))
     assert [(r.id, r.host) for r in hosts.replicas.values()] == list(enumerate(dns))
+    assert sts["spec"]["replicas"] <= hosts.n
     assert hosts.warnings == ()
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
 def test_ports_agree(scenario):
     docs = render(_values(scenario))
-    sts, headless, hosts, _ = _hosts_and_names(docs)
+    sts, headless, hosts, _ = _hosts_and_names(docs, _max_replicas(_values(scenario)))
     smrd_c, app_c = sts["spec"]["template"]["spec"]["containers"]
     cports = {p["name"]: p["containerPort"] for p in smrd_c["ports"]}
     sports = {p["name"]: (p["port"], p["targetPort"]) for p in headless["spec"]["ports"]}
@@ -229,6 +245,23 @@ def _pod_env(container: dict, pod_name: str) -> dict[str, str]:
     return env
 
 
+def _curve_keys(values, tmp_path):
+    """With security on, a stand-in for the Secret and the allow-list ConfigMap: smrd's own key
+    format at a temporary path (the directory that replaces /etc/smrd-curve); else None."""
+    if not (values.get("security") or {}).get("enabled"):
+        return None
+    import zmq
+    curve = tmp_path / "curve"
+    (curve / "key").mkdir(parents=True)
+    (curve / "allow").mkdir()
+    # Every candidate's public key is in the allow-list (a pod may join later).
+    for name in [f"replica-{i}" for i in range(_max_replicas(values))] + ["gateway-0"]:
+        public, secret = zmq.curve_keypair()
+        (curve / "key" / f"{name}.key").write_text(secret.decode() + "\n")
+        (curve / "allow" / f"{name}.pub").write_text(public.decode() + "\n")
+    return curve
+
+
 def _at(value, curve):
     return value.replace("/etc/smrd-curve", str(curve)) if curve is not None else value
 
@@ -237,19 +270,7 @@ def _at(value, curve):
 def test_smrd_accepts_the_rendered_configuration(scenario, tmp_path):
     """hosts.conf and the SMRD_* environment, exactly as rendered, pass smrd's own validation."""
     values = _values(scenario)
-    curve = None
-    if (values.get("security") or {}).get("enabled"):
-        # In a cluster the keys come from a Secret and a ConfigMap; here smrd's own key format
-        # stands in for them at a temporary path.
-        import zmq
-        curve = tmp_path / "curve"
-        (curve / "key").mkdir(parents=True)
-        (curve / "allow").mkdir()
-        names = [f"replica-{i}" for i in range(values.get("replicaCount", 3))] + ["gateway-0"]
-        for name in names:
-            public, secret = zmq.curve_keypair()
-            (curve / "key" / f"{name}.key").write_text(secret.decode() + "\n")
-            (curve / "allow" / f"{name}.pub").write_text(public.decode() + "\n")
+    curve = _curve_keys(values, tmp_path)
     docs = render(values)
     sts = one(docs, "StatefulSet")
     hosts_file = tmp_path / "hosts.conf"
@@ -265,6 +286,9 @@ def test_smrd_accepts_the_rendered_configuration(scenario, tmp_path):
         env["SMRD_DATA_DIR"] = str(tmp_path / f"data-{i}")
         cfg = load_config({"role": "server", "hosts": str(hosts_file), "id": replica_id}, env)
         assert cfg.settings.id == i
+        boot = (values.get("membership") or {}).get("bootstrapVoters", 3)
+        assert cfg.settings.voters == tuple(range(boot))
+        assert cfg.settings.auto_join is (values.get("membership") or {}).get("autoJoin", True)
         assert cfg.metrics_port == cfg.hosts.replicas[i].metrics_port
         assert cfg.settings.framing == (values.get("settings") or {}).get("framing", "line")
     gw = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
@@ -290,15 +314,228 @@ def test_long_release_names_are_truncated():
     for d in (d for d in yaml.safe_load_all(text) if d):
         assert len(d["metadata"]["name"]) <= 63, d["metadata"]["name"]
     hosts = parse_hosts([d for d in yaml.safe_load_all(text) if d and d["kind"] == "ConfigMap"][0]["data"]["hosts.conf"])
-    assert len(hosts.replicas) == 3
+    assert len(hosts.replicas) == 7  # maxReplicas candidates
+    assert max(len(r.host.split(".")[0]) for r in hosts.replicas.values()) <= 63  # a DNS label
+
+
+# --- scaling and membership (docs/kubernetes.md, "Scaling") --------------------------------
+
+def _lines_that_differ(a: str, b: str) -> list[tuple[str, str]]:
+    la, lb = a.splitlines(), b.splitlines()
+    assert len(la) == len(lb)
+    return [(x, y) for x, y in zip(la, lb) if x != y]
+
+
+@pytest.mark.parametrize("base", [{}, _values(CHART / "ci" / "values-security.yaml"),
+                                  _values(CHART / "ci" / "values-hooks-on.yaml")],
+                         ids=["default", "security", "hooks-on"])
+def test_scaling_changes_only_the_replica_count(base):
+    """`helm upgrade --reuse-values --set replicaCount=5` (and back to 3) changes the StatefulSet's
+    replicas and the PDB, nothing else: hosts.conf and every pod template stay byte-identical, so
+    Kubernetes restarts no pod; it only adds (or removes) the highest ordinals."""
+    three, five = (render_files({**base, "replicaCount": n}, upgrade=True) for n in (3, 5))
+    assert three.keys() == five.keys()
+    changed = sorted(k for k in three if three[k] != five[k])
+    assert changed == ["smrd/templates/NOTES.txt", "smrd/templates/pdb.yaml",
+                       "smrd/templates/statefulset.yaml"]
+    assert _lines_that_differ(three["smrd/templates/statefulset.yaml"],
+                              five["smrd/templates/statefulset.yaml"]) == [("  replicas: 3", "  replicas: 5")]
+    assert _lines_that_differ(three["smrd/templates/pdb.yaml"],
+                              five["smrd/templates/pdb.yaml"]) == [("  minAvailable: 2", "  minAvailable: 3")]
+    # The same through the whole rendering (install manifests, as dicts).
+    d3, d5 = render({**base, "replicaCount": 3}), render({**base, "replicaCount": 5})
+    s3, s5 = one(d3, "StatefulSet"), one(d5, "StatefulSet")
+    assert (s3["spec"]["replicas"], s5["spec"]["replicas"]) == (3, 5)
+    assert s3["spec"]["template"] == s5["spec"]["template"]
+    assert one(d3, "ConfigMap") == one(d5, "ConfigMap")
+    assert one(d3, "Deployment") == one(d5, "Deployment")
+    # hosts.conf changes would still roll the pods: the checksum is of the rendered ConfigMap.
+    annotation = s3["spec"]["template"]["metadata"]["annotations"]["checksum/hosts"]
+    assert annotation == hashlib.sha256(three["smrd/templates/configmap.yaml"].encode()).hexdigest()
+    assert one(d3, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/hosts"] == annotation
+
+
+def test_pod_template_does_not_depend_on_replica_count():
+    """No replicaCount anywhere in what a pod sees: the pod templates and hosts.conf of every
+    count from 1 to maxReplicas are the same."""
+    seen = set()
+    for n in range(1, 8):
+        files = render_files({"replicaCount": n}, upgrade=True)
+        sts = yaml.safe_load(files["smrd/templates/statefulset.yaml"])
+        seen.add((yaml.safe_dump(sts["spec"]["template"]), files["smrd/templates/configmap.yaml"],
+                  files["smrd/templates/gateway-deployment.yaml"]))
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=ids)
+def test_membership_settings_prestop_and_rbac(scenario):
+    values = _values(scenario)
+    membership = {"bootstrapVoters": 3, "autoJoin": True, "scaleDownLeave": True, "leaveTimeoutSeconds": 40,
+                  **(values.get("membership") or {})}
+    docs = render(values)
+    sts = one(docs, "StatefulSet")
+    name = sts["metadata"]["name"]
+    pod = sts["spec"]["template"]["spec"]
+    smrd_c, app_c = pod["containers"]
+    env = {e["name"]: e.get("value") for e in smrd_c["env"]}
+    assert env["SMRD_VOTERS"] == ",".join(map(str, range(membership["bootstrapVoters"])))
+    assert env["SMRD_AUTO_JOIN"] == str(membership["autoJoin"]).lower()
+    # Never a token for the whole pod (the app container must not get one).
+    assert pod["automountServiceAccountToken"] is False
+    assert "automountServiceAccountToken" not in one(docs, "Deployment")["spec"]["template"]["spec"] or \
+        one(docs, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert not any(m["mountPath"].startswith("/var/run/secrets") for m in app_c.get("volumeMounts", []))
+    rbac = by_kind(docs, "ServiceAccount") + by_kind(docs, "Role") + by_kind(docs, "RoleBinding")
+    if not membership["scaleDownLeave"]:
+        assert rbac == [] and "lifecycle" not in smrd_c and "serviceAccountName" not in pod
+        assert "SMRD_STATEFULSET" not in env
+        assert not any(v.get("projected") for v in pod["volumes"])
+        return
+    # The preStop hook: leave only on a scale-down, within the grace period.
+    script = smrd_c["lifecycle"]["preStop"]["exec"]["command"]
+    assert script[:2] == ["/bin/sh", "-c"]
+    assert "smrd admin leave --self --if-scaled-down -c /etc/smrd/hosts.conf" in script[2]
+    assert f"--timeout {membership['leaveTimeoutSeconds']}" in script[2]
+    assert pod["terminationGracePeriodSeconds"] >= membership["leaveTimeoutSeconds"] + 10
+    # smrd.kube finds this StatefulSet, by SMRD_STATEFULSET and by the pod's hostname alike.
+    assert env["SMRD_STATEFULSET"] == name
+    for i in range(sts["spec"]["replicas"]):
+        assert kube.statefulset_name(i, environ={}, hostname=f"{name}-{i}") == name
+    # The token, CA and namespace, where smrd.kube reads them, in the smrd container only.
+    (mount,) = [m for m in smrd_c["volumeMounts"] if m["mountPath"] == kube.SERVICE_ACCOUNT_DIR]
+    assert mount["readOnly"] is True
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    paths = set()
+    for src in vol["projected"]["sources"]:
+        if "serviceAccountToken" in src:
+            paths.add(src["serviceAccountToken"]["path"])
+        if "configMap" in src:
+            assert src["configMap"]["name"] == "kube-root-ca.crt"
+            paths |= {i["path"] for i in src["configMap"]["items"]}
+        if "downwardAPI" in src:
+            (item,) = src["downwardAPI"]["items"]
+            assert item["fieldRef"]["fieldPath"] == "metadata.namespace"
+            paths.add(item["path"])
+    assert paths == {"token", "ca.crt", "namespace"}
+    # RBAC: one ServiceAccount for the replica pods, allowed exactly one GET of this StatefulSet.
+    sa, role, binding = one(docs, "ServiceAccount"), one(docs, "Role"), one(docs, "RoleBinding")
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert sa["automountServiceAccountToken"] is False
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["statefulsets"],
+                              "resourceNames": [name], "verbs": ["get"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": NAMESPACE}]
+
+
+@pytest.mark.parametrize("scenario", ["values-3-replicas.yaml", "values-security.yaml"])
+def test_prestop_command_runs_and_stays_outside_kubernetes(scenario, tmp_path):
+    """The rendered preStop script, with the smrd container's rendered environment, is accepted by
+    `smrd admin` and, with no Kubernetes API (as here: smrd.kube says "not scaled down"), changes
+    nothing and exits 0 at once. Paths under /etc/smrd* are mapped to temporary files."""
+    values = _values(CHART / "ci" / scenario)
+    curve = _curve_keys(values, tmp_path)
+    docs = render(values)
+    sts = one(docs, "StatefulSet")
+    smrd_c = sts["spec"]["template"]["spec"]["containers"][0]
+    (tmp_path / "hosts.conf").write_text(one(docs, "ConfigMap")["data"]["hosts.conf"])
+    pod = f"{sts['metadata']['name']}-{sts['spec']['replicas'] - 1}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMRD_", "KUBERNETES_"))}
+    env.update({k: _at(v, curve) for k, v in _pod_env(smrd_c, pod).items()})
+    env["SMRD_DATA_DIR"] = str(tmp_path / "data")
+    env["PYTHONPATH"] = os.pathsep.join([str(CHART.parents[1]), env.get("PYTHONPATH", "")])
+    script = smrd_c["lifecycle"]["preStop"]["exec"]["command"][2]
+    script = _at(script.replace("/etc/smrd/", f"{tmp_path}/"), curve)
+    assert script.count(" smrd ") == 1
+    script = script.replace(" smrd ", f" {sys.executable} -m smrd ")
+    proc = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "stays: its StatefulSet was not scaled down" in proc.stderr
+    assert "membership is unchanged" in proc.stderr
+
+
+def test_notes_warn_about_counts_that_tolerate_less():
+    notes = {n: render_files({"replicaCount": n, "membership": {"bootstrapVoters": 1}})["smrd/templates/NOTES.txt"]
+             for n in (1, 2, 3, 4, 5)}
+    assert "WARNING: 1 replica(s) tolerate no crashed replica" in notes[1]
+    assert "WARNING: 2 replica(s) tolerate no crashed replica" in notes[2]
+    assert "WARNING: an even replica count (4)" in notes[4]
+    assert "WARNING" not in notes[3] and "WARNING" not in notes[5]
+    assert "--reuse-values --set replicaCount=5" in notes[3]
+
+
+def _chart_with_fake_release(tmp_path, config_map: dict | None, statefulset: dict | None):
+    """A copy of the chart whose upgrade check compares with the given objects instead of the
+    running release's (what `lookup` would return in a cluster)."""
+    chart = tmp_path / "smrd"
+    shutil.copytree(CHART, chart)
+    (chart / "fake").mkdir()
+    (chart / "fake" / "cm.yaml").write_text(yaml.safe_dump(config_map) if config_map else "")
+    (chart / "fake" / "sts.yaml").write_text(yaml.safe_dump(statefulset) if statefulset else "")
+    (chart / "templates" / "zz-fake-upgrade.yaml").write_text(
+        '{{- include "smrd.checkUnchanged" (dict "ctx" . "configMap" (.Files.Get "fake/cm.yaml" | fromYaml)'
+        ' "statefulSet" (.Files.Get "fake/sts.yaml" | fromYaml)) }}\n')
+    return chart
+
+
+def _upgrade(chart, values):
+    return helm_python.Chart.load(str(chart)).render(values, name=RELEASE, namespace=NAMESPACE,
+                                                     is_install=False, is_upgrade=True)
+
+
+def test_upgrade_keeps_candidates_and_bootstrap_voters(tmp_path):
+    """maxReplicas and membership.bootstrapVoters are fixed for the cluster's life: an upgrade that
+    changes them is refused with the value to use; scaling is not."""
+    docs = render({})
+    running_cm, running_sts = one(docs, "ConfigMap"), one(docs, "StatefulSet")
+    chart = _chart_with_fake_release(tmp_path / "a", running_cm, running_sts)
+    _upgrade(chart, {"replicaCount": 5})
+    _upgrade(chart, {"replicaCount": 1})
+    with pytest.raises(helm_python.HelmError, match=re.escape(
+            "maxReplicas=9, but this release's hosts.conf lists 7 replicas") + ".*--set maxReplicas=7"):
+        _upgrade(chart, {"maxReplicas": 9})
+    with pytest.raises(helm_python.HelmError, match=re.escape(
+            "membership.bootstrapVoters=5 (voters 0,1,2,3,4), but this release started with voters 0,1,2") +
+            ".*--set membership.bootstrapVoters=3"):
+        _upgrade(chart, {"replicaCount": 5, "membership": {"bootstrapVoters": 5}})
+    # Nothing running (install, helm template): nothing to compare with.
+    _upgrade(_chart_with_fake_release(tmp_path / "b", None, None), {"maxReplicas": 9})
+
+
+@pytest.mark.parametrize("old_count", [3, 5])
+def test_upgrade_from_chart_0_1_0(tmp_path, old_count):
+    """A release of chart 0.1.0 (hosts.conf = its replicaCount replicas, no SMRD_VOTERS: all of them
+    voted) upgrades only with maxReplicas = bootstrapVoters = that count."""
+    docs = render({"replicaCount": old_count, "maxReplicas": old_count,
+                   "membership": {"bootstrapVoters": old_count}})
+    cm, sts = one(docs, "ConfigMap"), one(docs, "StatefulSet")
+    smrd_c = sts["spec"]["template"]["spec"]["containers"][0]
+    smrd_c["env"] = [e for e in smrd_c["env"] if e["name"] not in ("SMRD_VOTERS", "SMRD_AUTO_JOIN", "SMRD_STATEFULSET")]
+    chart = _chart_with_fake_release(tmp_path, cm, sts)
+    with pytest.raises(helm_python.HelmError, match=f"--set maxReplicas={old_count}"):
+        _upgrade(chart, {"replicaCount": old_count})
+    with pytest.raises(helm_python.HelmError, match=f"started with voters {','.join(map(str, range(old_count)))}"
+                                                     f".*--set membership.bootstrapVoters={old_count}"):
+        _upgrade(chart, {"replicaCount": old_count, "maxReplicas": old_count, "membership": {"bootstrapVoters": 2}})
+    files = _upgrade(chart, {"replicaCount": old_count, "maxReplicas": old_count,
+                             "membership": {"bootstrapVoters": old_count}})
+    assert yaml.safe_load(files["smrd/templates/configmap.yaml"])["data"]["hosts.conf"].count("\nreplica ") == old_count
 
 
 # --- bad values fail, with a message that says what is wrong ---------------------------------
 
 BROKEN = [
-    ({"replicaCount": 0}, "/replicaCount': value must be one of 3, 5, 7"),
-    ({"replicaCount": 4}, "/replicaCount': value must be one of 3, 5, 7"),
+    ({"replicaCount": 0}, "/replicaCount': minimum: got 0, want 1"),
+    ({"replicaCount": 65}, "/replicaCount': maximum: got 65, want 64"),
     ({"replicaCount": "3"}, "/replicaCount'"),
+    ({"maxReplicas": 0}, "/maxReplicas': minimum: got 0, want 1"),
+    ({"maxReplicas": 65}, "/maxReplicas': maximum: got 65, want 64"),
+    ({"membership": {"bootstrapVoters": 0}}, "/membership/bootstrapVoters': minimum: got 0, want 1"),
+    ({"membership": {"bootstrapVoters": 3, "autoJoin": "yes"}}, "/membership/autoJoin'"),
+    ({"membership": {"bootstrapVoters": 3, "voters": [0, 1, 2]}}, "additional properties 'voters' not allowed"),
+    ({"membership": {"bootstrapVoters": None}}, "/membership': missing property 'bootstrapVoters'"),
     ({"settings": {"framing": "bogus"}}, "/settings/framing': value must be one of 'close', 'line', 'length', 'http'"),
     ({"settings": {"durability": "sometimes"}}, "/settings/durability': value must be one of 'fsync', 'nosync', 'memory'"),
     ({"ports": {"peer": 70000, "client": 11001, "metrics": 9100, "gateway": 8080, "gatewayMetrics": 9200}},
@@ -319,15 +556,47 @@ def test_broken_values_are_refused_clearly(values, message):
         render(values)
 
 
+# Refused by the templates (smrd.validate): relations between values, which JSON Schema cannot
+# compare, with a message that names both values and the way out. (`helm lint` only logs a
+# template's `fail`; install, upgrade and template stop.)
+REFUSED_BY_TEMPLATES = [
+    ({"replicaCount": 8}, "replicaCount must be 1..maxReplicas, got replicaCount=8 with maxReplicas=7"),
+    ({"replicaCount": 5, "maxReplicas": 3}, "replicaCount must be 1..maxReplicas, got replicaCount=5 with maxReplicas=3"),
+    ({"maxReplicas": 5, "membership": {"bootstrapVoters": 6}},
+     "membership.bootstrapVoters must be 1..maxReplicas, got 6 with maxReplicas=5"),
+    ({"replicaCount": 3, "membership": {"bootstrapVoters": 5}},
+     "membership.bootstrapVoters=5 is more than replicaCount=3 at install"),
+    ({"server": {"terminationGracePeriodSeconds": 30}},
+     "server.terminationGracePeriodSeconds=30 is too short for membership.leaveTimeoutSeconds=40"),
+    ({"app": {"port": 11000}}, "must differ"),
+]
+
+
+@pytest.mark.parametrize("values,message", REFUSED_BY_TEMPLATES, ids=[str(v) for v, _ in REFUSED_BY_TEMPLATES])
+def test_value_relations_are_refused_clearly(values, message):
+    with pytest.raises(helm_python.HelmError, match=re.escape(message)):
+        render(values)
+
+
+def test_relations_that_are_fine():
+    # A scale-down below the bootstrap voters is an upgrade, not an install: allowed.
+    files = render_files({"replicaCount": 1}, upgrade=True)
+    assert "replicas: 1\n" in files["smrd/templates/statefulset.yaml"]
+    # Without the preStop leave the grace period is the operator's business.
+    render({"server": {"terminationGracePeriodSeconds": 5},
+            "membership": {"bootstrapVoters": 3, "scaleDownLeave": False}})
+
+
 def test_template_checks_behind_the_schema(tmp_path):
-    """Without the schema (helm --skip-schema-validation) the templates still refuse an even
-    replica count and port clashes, with their own message."""
+    """Without the schema (helm --skip-schema-validation) the templates still refuse counts out of
+    range and port clashes, with their own message."""
     chart = tmp_path / "smrd"
     shutil.copytree(CHART, chart)
     (chart / "values.schema.json").unlink()
     cfg = helm_python.Config(storage_driver="memory", namespace=NAMESPACE)
-    for values, message in (({"replicaCount": 4}, "replicaCount must be an odd integer >= 3"),
-                            ({"replicaCount": 1}, "replicaCount must be an odd integer >= 3"),
+    for values, message in (({"replicaCount": 0}, "replicaCount must be 1..maxReplicas"),
+                            ({"maxReplicas": 65, "replicaCount": 3}, "maxReplicas must be 1..64"),
+                            ({"membership": {"bootstrapVoters": 0}}, "membership.bootstrapVoters must be 1..maxReplicas"),
                             ({"app": {"port": 11000}}, "must differ")):
         with pytest.raises(helm_python.HelmError, match=message):
             cfg.install(str(chart), RELEASE, values, dry_run="client")

@@ -27,7 +27,14 @@ values is replaced by that directory:
   configMap volume    -> <lab>/pods/<pod>/volumes/<volume>/   (the ConfigMap's data, written at pod start)
   emptyDir volume     -> <lab>/pods/<pod>/volumes/<volume>/   (emptied at every pod start: a new pod)
   volumeClaimTemplate -> <lab>/pvc/<claim>-<pod>/            (kept across pod restarts, like a PVC)
+  projected volume    -> <lab>/pods/<pod>/volumes/<volume>/   (its downwardAPI files; the token and
+                         the CA only with a stand-in API server, Lab(kube_api=...))
 Anything else (secret volumes, subPath, a container without a command) is refused with LabError.
+Pod deletion (delete_pod) is the kubelet's: SIGTERM to containers without a preStop hook, the
+exec hooks of the others (in the running container's network, with its env; a projected volume is
+bind-mounted at its real path in a private mount namespace, since smrd.kube reads the standard
+service-account path), then SIGTERM, then SIGKILL when terminationGracePeriodSeconds ends. With
+kube_api, containers and hooks get KUBERNETES_SERVICE_HOST/PORT as from a kubelet.
 Not modelled: runAsUser/readOnlyRootFilesystem (processes run as the test's user), resource
 limits, probes run by a kubelet (the test polls /readyz itself), restarts by a kubelet, Service
 endpoints that follow readiness (the DNAT rules are fixed).
@@ -212,6 +219,7 @@ class Pod:
     subdomain: str | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     starts: int = 0
+    terminating: bool = False  # delete_pod began: its containers are meant to exit
 
     @property
     def labels(self) -> dict:
@@ -240,8 +248,12 @@ class Lab:
     network namespaces. Use as a context manager; see the module docstring."""
 
     def __init__(self, docs: list[dict], workdir: Path, namespace: str,
-                 cluster_domain: str = "cluster.local", deployment_replicas: int | None = 1):
+                 cluster_domain: str = "cluster.local", deployment_replicas: int | None = 1,
+                 kube_api: dict | None = None):
+        """kube_api: {"host", "port", "token", "ca"} of a stand-in API server the test runs (e.g.
+        tests/podlab/kube_api.py in the client namespace), or None: no API server."""
         self.docs = docs
+        self.kube_api = kube_api
         self.dir = Path(workdir)
         self.namespace = namespace
         self.domain = cluster_domain
@@ -443,6 +455,13 @@ class Lab:
             elif "emptyDir" in vol:
                 shutil.rmtree(path, ignore_errors=True)
                 path.mkdir(parents=True)
+            elif "projected" in vol:
+                # The chart's service-account volume: the downwardAPI files, and with a stand-in
+                # API server (kube_api) its token and the kube-root-ca.crt ConfigMap's CA. Without
+                # one, no token: smrd.kube then answers "not in Kubernetes".
+                shutil.rmtree(path, ignore_errors=True)
+                path.mkdir(parents=True)
+                self._fill_projected(pod, vol["projected"], path)
             else:
                 kind = next(iter(k for k in vol if k != "name"), "?")
                 raise LabError(f"pod {pod.name}: volume {vol['name']} of type {kind} is not modelled by the lab")
@@ -453,6 +472,20 @@ class Lab:
             path.mkdir(parents=True, exist_ok=True)
             out[name] = path
         return out
+
+    def _fill_projected(self, pod: Pod, projected: dict, path: Path):
+        fields = {"metadata.name": pod.name, "metadata.namespace": self.namespace}
+        api = self.kube_api
+        for src in projected["sources"]:
+            for item in src.get("downwardAPI", {}).get("items", []):
+                (path / item["path"]).write_text(fields[item["fieldRef"]["fieldPath"]])
+            if "serviceAccountToken" in src and api:
+                (path / src["serviceAccountToken"].get("path", "token")).write_text(api["token"])
+            if src.get("configMap", {}).get("name") == "kube-root-ca.crt":
+                for item in (src["configMap"].get("items") or [{"key": "ca.crt", "path": "ca.crt"}]) if api else []:
+                    (path / item["path"]).write_text(api["ca"])
+            elif "configMap" in src or "secret" in src:
+                raise LabError(f"pod {pod.name}: projected source {list(src)} is not modelled by the lab")
 
     def _service_links(self, pod: Pod) -> dict[str, str]:
         """The docker-links variables the kubelet gives every container for every Service with a
@@ -484,6 +517,9 @@ class Lab:
                "HOSTNAME": pod.hostname or pod.name, "HOME": "/root", **IMAGE_ENV}
         env.update({k: os.environ[k] for k in PASS_THROUGH_ENV if k in os.environ})
         env.update(self._service_links(pod))
+        if self.kube_api:  # the kubelet gives every container the API server's address
+            env.update({"KUBERNETES_SERVICE_HOST": self.kube_api["host"],
+                        "KUBERNETES_SERVICE_PORT": str(self.kube_api["port"])})
         fields = {"metadata.name": pod.name, "metadata.namespace": self.namespace,
                   "status.podIP": pod.ip, "spec.nodeName": "smrdlab-node"}
         for e in container.get("env", []):
@@ -502,14 +538,7 @@ class Lab:
 
     def container_argv(self, pod: Pod, container: dict) -> tuple[list[str], dict[str, str]]:
         """What the container runs (after $(VAR) expansion and PATH MAPPING), and its env."""
-        volumes = self._volumes(pod)
-        mounts = {}
-        for m in container.get("volumeMounts", []):
-            if m.get("subPath") or m.get("subPathExpr"):
-                raise LabError(f"pod {pod.name}: subPath mounts are not modelled")
-            if m["name"] not in volumes:
-                raise LabError(f"pod {pod.name}: container {container['name']} mounts unknown volume {m['name']}")
-            mounts[m["mountPath"]] = volumes[m["name"]]
+        mounts = self._mounts(pod, container, self._volumes(pod))
         env = self.container_env(pod, container, mounts)
         if not container.get("command"):
             raise LabError(f"pod {pod.name}: container {container['name']} has no command; the lab "
@@ -517,6 +546,99 @@ class Lab:
         argv = [map_paths(expand_vars(a, env), mounts)
                 for a in [*container["command"], *container.get("args", [])]]
         return argv, env
+
+    def _mounts(self, pod: Pod, container: dict, volumes: dict[str, Path]) -> dict[str, Path]:
+        """mountPath -> lab directory, for one container."""
+        mounts = {}
+        for m in container.get("volumeMounts", []):
+            if m.get("subPath") or m.get("subPathExpr"):
+                raise LabError(f"pod {pod.name}: subPath mounts are not modelled")
+            if m["name"] not in volumes:
+                raise LabError(f"pod {pod.name}: container {container['name']} mounts unknown volume {m['name']}")
+            mounts[m["mountPath"]] = volumes[m["name"]]
+        return mounts
+
+    def _volume_dirs(self, pod: Pod) -> dict[str, Path]:
+        """The same directories as _volumes, as they are now (a running pod's: nothing is made)."""
+        out = {v["name"]: self.dir / "pods" / pod.name / "volumes" / v["name"] for v in pod.spec.get("volumes", [])}
+        for claim in pod.claims:
+            out[claim["metadata"]["name"]] = self.dir / "pvc" / f"{claim['metadata']['name']}-{pod.name}"
+        return out
+
+    def hook_argv(self, name: str, container_name: str) -> tuple[list[str], dict[str, str]] | None:
+        """The container's preStop exec hook as the kubelet runs it in the running container: its
+        command (no $(VAR) expansion for hooks; mount paths mapped) and the container's env; None
+        without a hook. Projected volumes (the service-account token) are not named in the
+        command, so the hook runs in a private mount namespace where each is bind-mounted at its
+        real mountPath (over a private tmpfs on /run for /var/run/... paths): nothing changes
+        outside it."""
+        pod = self.pods[name]
+        container = next(c for c in pod.spec["containers"] if c["name"] == container_name)
+        hook = container.get("lifecycle", {}).get("preStop")
+        if not hook:
+            return None
+        if "exec" not in hook:
+            raise LabError(f"pod {name}: preStop {list(hook)} is not modelled (exec only)")
+        dirs = self._volume_dirs(pod)
+        mounts = self._mounts(pod, container, dirs)
+        env = self.container_env(pod, container, mounts)
+        argv = [map_paths(a, mounts) for a in hook["exec"]["command"]]
+        projected = {v["name"] for v in pod.spec.get("volumes", []) if "projected" in v}
+        binds = [(m["mountPath"], dirs[m["name"]]) for m in container.get("volumeMounts", [])
+                 if m["name"] in projected]
+        if binds:
+            for target, _ in binds:
+                if not target.startswith(("/run/", "/var/run/")):
+                    raise LabError(f"pod {name}: projected volume at {target} (not under /run) is not modelled")
+            steps = ["mount -t tmpfs smrdlab /run"]
+            for target, src in binds:
+                steps += [f"mkdir -p {shlex.quote(target)}", f"mount --bind {shlex.quote(str(src))} {shlex.quote(target)}"]
+            argv = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+                    " && ".join(steps) + ' && exec "$@"', "prestop", *argv]
+        return argv, env
+
+    def run_hook(self, name: str, container_name: str, timeout: float) -> subprocess.CompletedProcess:
+        """Run the container's preStop hook in the running pod (output in the container's log)."""
+        argv, env = self.hook_argv(name, container_name)
+        pod = self.pods[name]
+        try:
+            proc = subprocess.run(["ip", "netns", "exec", pod.netns, *argv], env=env, cwd="/",
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            proc = subprocess.CompletedProcess(e.cmd, None, out, "")
+        with open(self.dir / "pods" / name / f"{container_name}.log", "a") as log:
+            log.write(f"--- preStop hook (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        self.events.append(f"preStop hook of {name}/{container_name}: exit {proc.returncode}")
+        return proc
+
+    def delete_pod(self, name: str) -> dict[str, subprocess.CompletedProcess]:
+        """What the kubelet does when a pod is deleted (e.g. by a StatefulSet scale-down): at once
+        SIGTERM to every container without a preStop hook, the hook of the others (within
+        terminationGracePeriodSeconds), then SIGTERM to them, and SIGKILL to whatever is left when
+        the grace period ends. Returns {container: the hook's result}."""
+        pod = self.pods[name]
+        pod.terminating = True
+        grace = pod.spec.get("terminationGracePeriodSeconds", 30)
+        deadline = time.monotonic() + grace
+        hooked = {c["name"] for c in pod.spec["containers"] if c.get("lifecycle", {}).get("preStop")}
+        for cname, proc in pod.procs.items():
+            if cname not in hooked and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        results = {c: self.run_hook(name, c, max(deadline - time.monotonic(), 1)) for c in hooked
+                   if pod.procs.get(c) is not None and pod.procs[c].poll() is None}
+        for cname in hooked:
+            proc = pod.procs.get(cname)
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in pod.procs.values():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        self.events.append(f"deleted pod {name} (preStop of {sorted(results)}, SIGTERM, grace {grace} s)")
+        return results
 
     def start_pod(self, name: str):
         """Start every container of the pod (a new pod: fresh emptyDirs, the same claims), in
@@ -528,6 +650,7 @@ class Lab:
         logs.mkdir(parents=True, exist_ok=True)
         pod.starts += 1
         pod.procs = {}
+        pod.terminating = False
         for c in pod.spec["containers"]:
             argv, env = self.container_argv(pod, c)
             log = open(logs / f"{c['name']}.log", "ab")
@@ -590,8 +713,8 @@ class Lab:
     def check_running(self):
         """LabError naming the container that exited on its own (with its log)."""
         for pod in self.pods.values():
-            if pod.spec.get("restartPolicy") == "Never":
-                continue  # a one-shot pod is meant to exit
+            if pod.spec.get("restartPolicy") == "Never" or pod.terminating:
+                continue  # a one-shot pod is meant to exit, a deleted one to stop
             for cname, proc in pod.procs.items():
                 if proc.poll() is not None and proc.returncode != -signal.SIGKILL:
                     raise LabError(f"container {pod.name}/{cname} exited with {proc.returncode}:\n"

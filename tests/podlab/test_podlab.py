@@ -10,12 +10,17 @@ pod with iptables, heals it, SIGKILLs the next leader's pod (both containers) an
 from the same manifest on its kept volume, and kills and restarts the gateway pod; the history
 must be linearizable with every key read back at the end, and the replicas' apps must end equal.
 The chart's `helm test` pod runs too, against the Service.
+
+The second test scales the release 3 -> 5 -> 3 (and pod 3 back on its kept volume) under load: pods
+join by themselves, and deleted pods leave in their rendered preStop hook, which asks a stand-in
+Kubernetes API server (kube_api.py) whether the StatefulSet was scaled down.
 """
 from __future__ import annotations
 
 import json
 import queue
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,12 +34,15 @@ from smrd.config import load_config
 from smrd.hosts import parse_hosts
 from smrd.testing.linearizability import check_operations
 
+from smrd.status import agreed_membership
+
 from .lab import Lab, LabError, expand_vars, map_paths, missing_tools
 
 pytestmark = [pytest.mark.podlab, pytest.mark.timeout(300)]
 
 VALUES = CHART / "ci" / "values-3-replicas.yaml"
 AGENT = Path(__file__).with_name("agent.py")
+KUBE_API = Path(__file__).with_name("kube_api.py")  # a stand-in Kubernetes API server
 KEYS = [f"k{i}" for i in range(6)]
 CLIENTS = 6
 PHASE_OPS = 300  # operations that must complete in each phase (before, during and after faults)
@@ -93,8 +101,15 @@ class Cluster:
         self.hosts_path = lab.dir / "hosts.conf"      # for `smrd status`, run by the client
         self.hosts_path.write_text(self.hosts_text)
         hosts = parse_hosts(self.hosts_text)
-        # replica id -> pod: the first label of the replica's host name in hosts.conf
-        self.replica_pod = {i: r.host.split(".")[0] for i, r in hosts.replicas.items()}
+        # replica id -> pod: the first label of the replica's host name in hosts.conf. hosts.conf
+        # lists maxReplicas candidates; the StatefulSet's pods are the first `replicas` of them.
+        pods = set(lab.pods_of("StatefulSet", one(docs, "StatefulSet")["metadata"]["name"]))
+        self.candidates = {i: r.host.split(".")[0] for i, r in hosts.replicas.items()}
+        self.replica_pod = {i: pod for i, pod in self.candidates.items() if pod in pods}
+        # The test's own status polls ask the running pods only (a candidate without a pod would
+        # cost every poll its whole timeout); `smrd status` (the operator's) gets hosts.conf.
+        self.pods_hosts_path = lab.dir / "hosts-pods.conf"
+        self.set_active(set(self.replica_pod))
         self.gateway_pods = lab.pods_of("Deployment", one(docs, "Deployment")["metadata"]["name"])
         self.test_pods = lab.pods_of("Pod", one(docs, "Pod")["metadata"]["name"])  # `helm test`
         svc = one(docs, "Service", "gateway")
@@ -102,14 +117,29 @@ class Cluster:
         self.framing = next(e["value"] for e in one(docs, "StatefulSet")["spec"]["template"]["spec"]
                             ["containers"][0]["env"] if e["name"] == "SMRD_FRAMING")
 
+    def set_active(self, ids):
+        """The replica ids whose pods run (what status, leader and convergence look at)."""
+        self.active = set(ids)
+        self.pods_hosts_path.write_text("\n".join(
+            line for line in self.hosts_text.splitlines()
+            if not line.split() or line.split()[0] != "replica" or int(line.split()[1]) in self.active) + "\n")
+
     def status(self):
         """{replica id: status row or None}, from smrd's own status query in the client namespace."""
-        rows = self.agent.call("status", hosts=str(self.hosts_path), timeout=0.5)["rows"]
-        return {r["id"]: (r if r["reachable"] else None) for r in rows}
+        rows = self.agent.call("status", hosts=str(self.pods_hosts_path), timeout=0.5)["rows"]
+        return {r["id"]: (r if r["reachable"] else None) for r in rows if r["id"] in self.active}
 
     def smrd_status_cli(self):
         """`smrd status -c hosts.conf`, the operator's command, run in the client namespace."""
         proc = self.lab.client_process([sys.executable, "-m", "smrd", "status", "-c", str(self.hosts_path)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0, out
+        return out.rstrip()
+
+    def admin_members(self):
+        """`smrd admin members -c hosts.conf`, run in the client namespace."""
+        proc = self.lab.client_process([sys.executable, "-m", "smrd", "admin", "members", "-c", str(self.hosts_path)],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out = proc.communicate(timeout=30)[0]
         assert proc.returncode == 0, out
@@ -139,7 +169,7 @@ class Cluster:
 
     def leader(self, timeout=30, among=None):
         """The replica id that a majority of the reachable replicas, all normal, agree leads."""
-        n = len(self.replica_pod)
+        n = len(self.active)
 
         def agreed():
             rows = [r for i, r in self.status().items() if r and (among is None or i in among)]
@@ -194,8 +224,12 @@ def test_rendered_chart_as_pods_survives_partition_and_pod_kill(tmp_path):
             try:
                 c = Cluster(lab, agent, docs)
                 assert c.framing == "line"
-                # Every host of the rendered hosts.conf is a name of the lab's DNS.
-                assert {r.host for r in parse_hosts(c.hosts_text).replicas.values()} <= lab.all_names()
+                # Every replica pod's host in the rendered hosts.conf is a name of the lab's DNS;
+                # the candidates without a pod (ordinals >= replicaCount) are not, as in a cluster.
+                hosts = {i: r.host for i, r in parse_hosts(c.hosts_text).replicas.items()}
+                assert {hosts[i] for i in c.replica_pod} <= lab.all_names()
+                assert not {h for i, h in hosts.items() if i not in c.replica_pod} & lab.all_names()
+                assert len(c.replica_pod) == 3 and len(hosts) == 7
                 for pod in [*c.replica_pod.values(), *c.gateway_pods]:
                     lab.start_pod(pod)
                 c.wait_ready([*c.replica_pod.values(), *c.gateway_pods])
@@ -296,6 +330,199 @@ def test_rendered_chart_as_pods_survives_partition_and_pod_kill(tmp_path):
         print("\n".join(["pod lab:", *report, *(["lab events:", *lab.events] if lab else [])]))
 
 
+def _api_certificate(directory: Path, ip: str) -> tuple[Path, Path]:
+    """A self-signed certificate for the stand-in API server's address (the openssl command)."""
+    cert, key = directory / "kube-api.crt", directory / "kube-api.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=kubernetes", "-addext", f"subjectAltName=IP:{ip}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_rendered_chart_scales_3_to_5_to_3_under_load(tmp_path):
+    """`helm upgrade --set replicaCount=5`, then back to 3, as the StatefulSet controller and the
+    kubelet would carry it out, under client load: pods 3 and 4 start (as rendered: the same pod
+    template and hosts.conf as with 3) and join by themselves as learners, catch up and are
+    promoted; then they are deleted, and their preStop hook (the rendered `smrd admin leave --self
+    --if-scaled-down`, asking a stand-in Kubernetes API for the StatefulSet's replicas) takes each
+    out of the membership before it stops. A plain restart's hook changes nothing. The history
+    must be linearizable and the remaining replicas' apps equal."""
+    why = missing_tools()
+    if why:
+        pytest.fail("the pod lab cannot run: " + "; ".join(why))
+    if not shutil.which("openssl") or not shutil.which("unshare"):
+        pytest.fail("the scaling scenario needs the openssl and unshare commands (apt-get install -y openssl util-linux)")
+    values = load_values(VALUES)
+    docs3, docs5 = render(values), render({**values, "replicaCount": 5})
+    # The upgrade restarts no pod: hosts.conf and the pod template do not depend on replicaCount.
+    assert one(docs3, "ConfigMap") == one(docs5, "ConfigMap")
+    assert one(docs3, "StatefulSet")["spec"]["template"] == one(docs5, "StatefulSet")["spec"]["template"]
+    sts = one(docs5, "StatefulSet")
+    report, lab, api = [], None, None
+    t0 = time.monotonic()
+
+    def note(text):
+        report.append(f"{time.monotonic() - t0:6.1f} s  {text}")
+
+    work = tmp_path / "lab"
+    work.mkdir()
+    client_ip = "10.213.0.2"  # the lab's client namespace, where the stand-in API server runs
+    cert, key = _api_certificate(work, client_ip)
+    replicas_file = work / "statefulset-replicas"
+    replicas_file.write_text("3")
+    kube_api = {"host": client_ip, "port": 6443, "token": "lab-token", "ca": cert.read_text()}
+    try:
+        # The lab holds the namespaces of all 5 pods (as rendered with replicaCount 5); pods 3 and
+        # 4 do not run until the scale-up.
+        with Lab(docs5, work, NAMESPACE, deployment_replicas=1, kube_api=kube_api) as lab:
+            assert lab.client_ip == client_ip
+            api = lab.client_process(
+                [sys.executable, str(KUBE_API), "--listen", f"{client_ip}:6443", "--cert", str(cert),
+                 "--key", str(key), "--token", kube_api["token"], "--namespace", NAMESPACE,
+                 "--statefulset", sts["metadata"]["name"], "--replicas-file", str(replicas_file)],
+                stdout=subprocess.PIPE, stderr=open(work / "kube-api.log", "wb"), text=True)
+            assert api.stdout.readline().startswith("listening"), "the stand-in API server did not start"
+            agent = Agent(lab)
+            try:
+                c = Cluster(lab, agent, docs5)
+                pods = c.replica_pod
+                assert len(pods) == 5
+                c.set_active({0, 1, 2})
+                for i in (0, 1, 2):
+                    lab.start_pod(pods[i])
+                lab.start_pod(c.gateway_pods[0])
+                c.wait_ready([pods[0], pods[1], pods[2], *c.gateway_pods])
+                view, leader = c.leader()
+                note(f"replicaCount 3: pods 0-2 ready, leader replica {leader}")
+
+                def membership():
+                    return agreed_membership([r for r in c.status().values() if r])
+
+                agent.call("load_start", host=c.gateway_service, port=c.gateway_port,
+                           framing=c.framing, clients=CLIENTS, keys=KEYS)
+                done = [c.progress(PHASE_OPS)]
+
+                def phase(text):
+                    done.append(c.progress(PHASE_OPS))
+                    note(f"{text}; {done[-1] - done[-2]} ops completed since the previous step")
+
+                assert membership()["voters"] == [0, 1, 2]
+                note(f"workload: {CLIENTS} clients through the gateway Service; {done[-1]} ops; "
+                     f"membership {membership()}")
+
+                # A restart is not a scale-down: the hook of pod 2 finds replicas 3 > 2 and stays.
+                out = lab.run_hook(pods[2], "smrd", timeout=30)
+                assert out.returncode == 0, out.stdout + out.stderr
+                assert "stays: its StatefulSet was not scaled down" in out.stderr
+                assert membership()["voters"] == [0, 1, 2]
+                note("preStop hook of pod 2 with replicas=3 (a restart): stays, membership unchanged")
+
+                # Scale up: the controller creates pods 3 and 4 at once (Parallel); each joins.
+                replicas_file.write_text("5")
+                lab.start_pod(pods[3])
+                lab.start_pod(pods[4])
+                c.set_active({0, 1, 2, 3, 4})
+                seen = []
+
+                def five_voters():
+                    m = membership()
+                    if m and (not seen or seen[-1] != (m["voters"], m["learners"])):
+                        seen.append((m["voters"], m["learners"]))
+                    return m if m and m["voters"] == [0, 1, 2, 3, 4] and not m["learners"] else None
+                m = c.wait("pods 3 and 4 joining and being promoted", five_voters, 120)
+                c.wait_ready([pods[3], pods[4]])
+                c.wait_caught_up(3)
+                c.wait_caught_up(4)
+                note(f"scaled up: memberships seen {seen}; now {m}")
+                phase("5 voters")
+                for i in (3, 4):
+                    log = lab.log_text(pods[i], "smrd")
+                    assert "learner" in log, f"replica {i} never was a learner:\n{log[-2000:]}"
+
+                # Scale down: the controller deletes pods 4 and 3 at once; each preStop hook
+                # leaves (the StatefulSet now wants 3), then the pod stops.
+                replicas_file.write_text("3")
+                results = {}
+                threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, lab.delete_pod(pods[i])))
+                           for i in (4, 3)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(120)
+                for i in (3, 4):
+                    hook = results[i]["smrd"]
+                    assert hook.returncode == 0, f"preStop of pod {i}: {hook.stdout}{hook.stderr}"
+                    assert "scaled down below it: leaving the membership" in hook.stderr
+                c.set_active({0, 1, 2})
+                m = membership()
+                assert m["voters"] == [0, 1, 2] and not m["learners"], m
+                note(f"scaled down: pods 4 and 3 left in their preStop hooks and stopped; {m}")
+                phase("back to 3 voters")
+
+                # Scale up to 4 again: pod 3 starts on its kept PVC, replays its old log (a prefix
+                # of the same history, ending with its own removal) and rejoins as a learner.
+                replicas_file.write_text("4")
+                lab.start_pod(pods[3])
+                c.set_active({0, 1, 2, 3})
+                m = c.wait("pod 3 rejoining on its kept volume",
+                           lambda: (lambda m: m if m and m["voters"] == [0, 1, 2, 3] else None)(membership()), 120)
+                c.wait_ready([pods[3]])
+                second = lab.log_text(pods[3], "smrd").split("--- start 2:")[-1]
+                replay = re.search(r"replaying (\d+) decided instances", second)
+                assert replay and int(replay.group(1)) > 0, "pod 3 did not replay its kept log"
+                note(f"scaled up to 4: pod 3 replayed {replay.group(1)} instances from its kept PVC "
+                     f"and rejoined; {m}")
+                phase("4 voters")
+                replicas_file.write_text("3")
+                hook = lab.delete_pod(pods[3])["smrd"]
+                assert hook.returncode == 0 and "leaving the membership" in hook.stderr, hook.stderr
+                c.set_active({0, 1, 2})
+                m = membership()
+                # A replica removed by its own preStop must not ask to join again in the moments
+                # before it stops (auto_join is for a pod that starts outside the membership).
+                assert m["voters"] == [0, 1, 2] and not m["learners"], m
+                phase("pod 3 left again: 3 voters")
+
+                result = agent.call("load_finish", 120, host=c.gateway_service,
+                                    port=c.gateway_port, framing=c.framing)
+                note(f"workload stopped: {result['done']} ops acknowledged; {result['errors']} "
+                     "client-side errors (no answer: kept open; never sent: dropped)")
+                records = result["records"]
+                check = check_operations(records)
+                assert check.ok, str(check)
+                note(f"linearizability: {len(records)} ops, 0 violations")
+                c.wait_converged()
+                app_port = sts["spec"]["template"]["spec"]["containers"][1]["ports"][0]["containerPort"]
+                scans = []
+                for i in (0, 1, 2):
+                    out = lab.exec_in_pod(pods[i], ["smrd", "kv", "--port", str(app_port), "--framing",
+                                                    c.framing, "SCAN"])
+                    assert out.returncode == 0, out.stderr
+                    scans.append(out.stdout)
+                assert scans[0] == scans[1] == scans[2], "the replicas' apps diverged"
+                note("replicas 0-2 converged; their apps hold equal state")
+                # Every hook asked the stand-in API (none answered "not in Kubernetes").
+                gets = (work / "kube-api.log").read_text().count(
+                    f'"GET /apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/{sts["metadata"]["name"]} HTTP/1.1" 200')
+                assert gets == 4, (work / "kube-api.log").read_text()
+                note("`smrd admin members` at the end:\n" + c.admin_members())
+                m = membership()
+                assert m["voters"] == [0, 1, 2] and not m["learners"], m
+            except BaseException:
+                for pod in lab.pods:
+                    print(lab.log_tail(pod, 30), file=sys.stderr)
+                raise
+            finally:
+                agent.close()
+                if api is not None:
+                    api.kill()
+                    api.wait()
+    except LabError as e:
+        pytest.fail(f"pod lab: {e}")
+    finally:
+        print("\n".join(["pod lab:", *report, *(["lab events:", *lab.events] if lab else [])]))
+
+
 # --- the lab's own mapping, without namespaces (no root needed) -----------------------------
 
 def test_missing_tools_are_named(monkeypatch, tmp_path):
@@ -336,3 +563,30 @@ def test_the_replica_container_runs_the_rendered_command(tmp_path):
     names = lab.hosts_file(pod)
     assert "demo-smrd-0.demo-smrd-headless.smrd-test.svc.cluster.local" in names
     assert "demo-smrd-gateway.smrd-test.svc.cluster.local" in names
+
+
+def test_the_prestop_hook_runs_as_rendered(tmp_path):
+    """What the lab runs for demo-smrd-2's preStop hook: the rendered exec command (mount paths
+    mapped, no $(VAR) expansion), in a private mount namespace where the projected
+    service-account volume sits at its real path, with the container's env and the API address."""
+    docs = render(load_values(VALUES))
+    api = {"host": "10.213.0.2", "port": 6443, "token": "lab-token", "ca": "CA PEM"}
+    lab = Lab(docs, tmp_path, NAMESPACE, kube_api=api)
+    pod = lab.pod("demo-smrd-2")
+    smrd_c = pod.spec["containers"][0]
+    lab.container_argv(pod, smrd_c)  # makes the pod's volumes, as start_pod does
+    argv, env = lab.hook_argv("demo-smrd-2", "smrd")
+    volumes = tmp_path / "pods" / "demo-smrd-2" / "volumes"
+    rendered = smrd_c["lifecycle"]["preStop"]["exec"]["command"]
+    assert argv[:4] == ["unshare", "--mount", "--propagation", "private"]
+    assert argv[-3:] == [*rendered[:2], rendered[2].replace("/etc/smrd/", f"{volumes / 'hosts'}/")]
+    assert f"mount --bind {volumes / 'kube-api'} /var/run/secrets/kubernetes.io/serviceaccount" in argv[6]
+    assert (volumes / "kube-api" / "token").read_text() == "lab-token"
+    assert (volumes / "kube-api" / "ca.crt").read_text() == "CA PEM"
+    assert (volumes / "kube-api" / "namespace").read_text() == NAMESPACE
+    assert env["KUBERNETES_SERVICE_HOST"] == "10.213.0.2" and env["KUBERNETES_SERVICE_PORT"] == "6443"
+    assert env["SMRD_STATEFULSET"] == "demo-smrd" and env["POD_NAME"] == "demo-smrd-2"
+    # Without a stand-in API server: no token, so smrd.kube answers "not in Kubernetes".
+    plain = Lab(docs, tmp_path / "plain", NAMESPACE)
+    plain.container_argv(plain.pod("demo-smrd-2"), smrd_c)
+    assert not (tmp_path / "plain" / "pods" / "demo-smrd-2" / "volumes" / "kube-api" / "token").exists()

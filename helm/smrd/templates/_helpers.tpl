@@ -37,6 +37,11 @@ chart name it is used as is.
 {{- printf "%s-gateway" (include "smrd.fullname" . | trunc 55 | trimSuffix "-") }}
 {{- end }}
 
+{{/* The replicas' ServiceAccount, Role and RoleBinding (membership.scaleDownLeave). */}}
+{{- define "smrd.serviceAccountName" -}}
+{{- include "smrd.replicasName" . }}
+{{- end }}
+
 {{- define "smrd.configName" -}}
 {{- printf "%s-hosts" (include "smrd.fullname" . | trunc 57 | trimSuffix "-") }}
 {{- end }}
@@ -71,7 +76,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* Quorum of the replicas: floor(n/2)+1. */}}
+{{/* Quorum of replicaCount voters: floor(n/2)+1 (once every pod is a voter: docs/kubernetes.md). */}}
 {{- define "smrd.quorum" -}}
 {{- add (div (int .Values.replicaCount) 2) 1 }}
 {{- end }}
@@ -79,8 +84,22 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Refuse what the schema cannot say clearly. */}}
 {{- define "smrd.validate" -}}
 {{- $n := int .Values.replicaCount }}
-{{- if or (lt $n 3) (eq (mod $n 2) 0) }}
-{{- fail (printf "replicaCount must be an odd integer >= 3 (n = 2f+1), got %d: an even count tolerates no more failures than one replica fewer, and fewer than 3 tolerate none" $n) }}
+{{- $max := int .Values.maxReplicas }}
+{{- $boot := int .Values.membership.bootstrapVoters }}
+{{- if or (lt $max 1) (gt $max 64) }}
+{{- fail (printf "maxReplicas must be 1..64 (replica ids are 0..63), got %d" $max) }}
+{{- end }}
+{{- if or (lt $n 1) (gt $n $max) }}
+{{- fail (printf "replicaCount must be 1..maxReplicas, got replicaCount=%d with maxReplicas=%d: hosts.conf lists the candidate replicas 0..maxReplicas-1 and is fixed at install (see docs/kubernetes.md, \"Scaling\")" $n $max) }}
+{{- end }}
+{{- if or (lt $boot 1) (gt $boot $max) }}
+{{- fail (printf "membership.bootstrapVoters must be 1..maxReplicas, got %d with maxReplicas=%d: the first voters are ordinals 0..bootstrapVoters-1 of hosts.conf" $boot $max) }}
+{{- end }}
+{{- if and .Release.IsInstall (gt $boot $n) }}
+{{- fail (printf "membership.bootstrapVoters=%d is more than replicaCount=%d at install: the voters 0..%d would never all exist and the cluster would start with no spare voter; install with bootstrapVoters <= replicaCount (the pods beyond it join by themselves)" $boot $n (sub $boot 1)) }}
+{{- end }}
+{{- if and .Values.membership.scaleDownLeave (lt (int .Values.server.terminationGracePeriodSeconds) (add (int .Values.membership.leaveTimeoutSeconds) 10)) }}
+{{- fail (printf "server.terminationGracePeriodSeconds=%d is too short for membership.leaveTimeoutSeconds=%d: the pod would be killed while leaving; give it at least leaveTimeoutSeconds + 10 (the Kubernetes API check and the shutdown after the leave)" (int .Values.server.terminationGracePeriodSeconds) (int .Values.membership.leaveTimeoutSeconds)) }}
 {{- end }}
 {{- if and .Values.security.enabled (not (and .Values.security.existingSecret .Values.security.publicKeysConfigMap)) }}
 {{- fail "security.enabled needs security.existingSecret (replica-<i>.key, gateway-0.key) and security.publicKeysConfigMap (the *.pub allow-list); see docs/security.md" }}
@@ -111,6 +130,62 @@ app.kubernetes.io/component: {{ .component }}
   value: "/etc/smrd-curve/key/<name>.key"
 - name: SMRD_CURVE_PUBLIC_KEYS
   value: "/etc/smrd-curve/allow"
+{{- end }}
+{{- end }}
+
+{{/*
+The replica's preStop script (membership.scaleDownLeave): leave the membership if this pod's
+StatefulSet was scaled down below it, else do nothing. `smrd admin` has no role, so the replica id
+and (with CURVE) the replica's own key file are given explicitly.
+*/}}
+{{- define "smrd.preStopScript" -}}
+id="${POD_NAME##*-}"; export SMRD_ID="$id";
+{{- if .Values.security.enabled }} export SMRD_CURVE_SECRET_KEY="/etc/smrd-curve/key/replica-$id.key";{{ end }}
+{{- printf " exec smrd admin leave --self --if-scaled-down -c /etc/smrd/hosts.conf --timeout %d" (int .Values.membership.leaveTimeoutSeconds) }}
+{{- end }}
+
+{{/* SMRD_VOTERS: the bootstrap voters 0..bootstrapVoters-1, e.g. "0,1,2". */}}
+{{- define "smrd.bootstrapVoters" -}}
+{{- until (int .Values.membership.bootstrapVoters) | join "," }}
+{{- end }}
+
+{{/*
+Upgrades may not change what is fixed for the cluster's life: the candidate list in hosts.conf (it
+decides which replica leads each view, on every replica alike) and the bootstrap voters. The running
+release's ConfigMap and StatefulSet come from `lookup`, which finds nothing in `helm template`,
+`--dry-run=client` and on install; smrd.checkUnchanged takes them as arguments (tests pass their
+own).
+*/}}
+{{- define "smrd.upgradeChecks" -}}
+{{- include "smrd.checkUnchanged" (dict "ctx" .
+      "configMap" (lookup "v1" "ConfigMap" .Release.Namespace (include "smrd.configName" .))
+      "statefulSet" (lookup "apps/v1" "StatefulSet" .Release.Namespace (include "smrd.replicasName" .))) }}
+{{- end }}
+
+{{- define "smrd.checkUnchanged" -}}
+{{- $ctx := .ctx }}
+{{- $data := dig "data" "hosts.conf" "" (default dict .configMap) }}
+{{- if $data }}
+{{- $had := len (regexFindAll "(?m)^[ \t]*replica[ \t]" $data -1) }}
+{{- if ne $had (int $ctx.Values.maxReplicas) }}
+{{- fail (printf "maxReplicas=%d, but this release's hosts.conf lists %d replicas: the candidate list is fixed for the cluster's life (it decides which replica leads each view, on every replica alike); upgrade with --set maxReplicas=%d (docs/kubernetes.md, \"Upgrading the chart\")" (int $ctx.Values.maxReplicas) $had $had) }}
+{{- end }}
+{{- $containers := dig "spec" "template" "spec" "containers" list (default dict .statefulSet) }}
+{{- if $containers }}
+{{- /* A release of chart 0.1.0 has no SMRD_VOTERS: all its hosts.conf replicas were voters. */}}
+{{- $was := until $had | join "," }}
+{{- range $c := $containers }}
+{{- if eq $c.name "smrd" }}
+{{- range $e := (default list $c.env) }}
+{{- if eq $e.name "SMRD_VOTERS" }}{{ $was = $e.value }}{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $now := include "smrd.bootstrapVoters" $ctx }}
+{{- if ne $was $now }}
+{{- fail (printf "membership.bootstrapVoters=%d (voters %s), but this release started with voters %s: the bootstrap voters are fixed at install; upgrade with --set membership.bootstrapVoters=%d (docs/kubernetes.md, \"Upgrading the chart\")" (int $ctx.Values.membership.bootstrapVoters) $now $was (len (splitList "," $was))) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
