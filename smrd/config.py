@@ -408,7 +408,7 @@ def load_config(
         settings, security, security_warnings = _load_security(settings, sources, hosts)
     return Config(
         settings=settings, hosts=hosts, sources=sources,
-        warnings=hosts.warnings + _warnings(settings, sources) + security_warnings,
+        warnings=_voter_warnings(settings, hosts) + _warnings(settings, sources) + security_warnings,
         metrics_port=_effective_metrics_port(settings, hosts),
         security=security,
     )
@@ -758,6 +758,21 @@ def _load_security(s: Settings, sources: Mapping[str, Source], hosts: Hosts) -> 
         s.curve_public_keys, f"curve_public_keys={s.curve_public_keys} ({sources['curve_public_keys']})",
         hosts, s.id if s.role == "server" else None)
     return s, security, warnings
+
+
+def _voter_warnings(s: Settings, hosts: Hosts) -> tuple[str, ...]:
+    # hosts.conf's warnings count every replica it lists; with fewer bootstrap voters than
+    # candidates (room to scale), what tolerates failures is the number of voters.
+    if s.voters is None or len(s.voters) == hosts.n:
+        return hosts.warnings
+    k = len(s.voters)
+    if k < 3:
+        return (f"voters: {k} bootstrap voter{'s' if k != 1 else ''} tolerate no failure until more join; "
+                f"use 3 or more",)
+    if k % 2 == 0:
+        return (f"voters: {k} bootstrap voters are even and tolerate {(k - 1) // 2} failure"
+                f"{'s' if (k - 1) // 2 != 1 else ''}, no more than {k - 1}; use an odd count",)
+    return ()
 
 
 def _warnings(s: Settings, sources: Mapping[str, Source]) -> tuple[str, ...]:
