@@ -175,11 +175,18 @@ class LocalCluster:
     def gateway_metrics_port(self, g):
         return self.base + 950 + g
 
-    def start(self):
-        for i in range(self.n):
-            self.start_replica(i)
-        for g in range(len(self.gateways)):
-            self.start_gateway(g)
+    def start(self, timeout=30.0):
+        """Start every process at once, as Kubernetes starts pods and their containers (a
+        replica waits for its app to listen, a gateway for a quorum of replicas), then wait
+        until each says it is up. Starting them in turn would add up their start-up times."""
+        for child in self.apps + self.servers + self.gateways:
+            child.start()
+        for app in self.apps:
+            app.wait_for("listening", timeout)
+        for i, server in enumerate(self.servers):
+            server.wait_for(f"replica {i} ready", timeout)
+        for gateway in self.gateways:
+            gateway.wait_for("listening on", timeout)
         return self
 
     def start_replica(self, i, timeout=30.0):
