@@ -28,9 +28,9 @@
 #      proposes nothing more until it is applied (one change in flight, in a drained log);
 #   M2 a vote for instance i counts if its sender is a voter of the membership that holds at i
 #      (the applied one, followed through the changes in the leader's log below i);
-#   M3 a view change waits for DO_VIEW_CHANGEs from a majority of the applied membership and of
-#      every membership the values it chose lead to, so it meets every quorum that may have
-#      decided something it is about to choose.
+#   M3 a view change waits for DO_VIEW_CHANGEs from a majority of the applied membership, and
+#      from enough voters of every membership the values it chose lead to to meet each of its
+#      quorums, so it sees everything any quorum may have decided above its commit point.
 from collections import deque
 
 from .. import core
@@ -47,6 +47,10 @@ NORMAL = "normal"
 VIEW_CHANGE = "view-change"
 RECOVERING = "recovering"   # started with an empty log: votes on nothing until a quorum informs it
 
+
+# What a replica that cannot vote sends (it recovers from an empty disk, or catches up from
+# outside the membership): hearing it says nothing about the quorums a change would leave.
+_NO_CONTACT = frozenset({m.Recovery, m.CatchupRequest})
 
 _WHILE_RECOVERING = frozenset({m.Recovery, m.RecoveryResponse, m.CatchupRequest,
                                m.CatchupReply, m.LogTruncated, m.Requests, m.Forward})
@@ -162,6 +166,8 @@ class Replica:
         self.recovery_nonce = None
         self.recovery_responses = {}
         self.recovery_primary = None   # the latest view's leader's answer, once chosen
+        self.contact = {}          # replica id -> tick of its last message (leader's quorum contact)
+        self.lost_leader_of = -1   # the view whose leader's connection was seen to drop
         if durable is not None and durable.records:
             self._restore(durable)
         elif recovery_nonce is not None and self.n > 1:
@@ -172,8 +178,6 @@ class Replica:
             self.status = RECOVERING
             self.recovery_nonce = recovery_nonce
 
-        self.contact = {}          # replica id -> tick of its last message (leader's quorum contact)
-        self.lost_leader_of = -1   # the view whose leader's connection was seen to drop
         self._handlers = {
             m.Requests: self._on_requests, m.Forward: self._on_forward,
             m.Propose: self._on_propose, m.Accepted: self._on_accepted, m.Commit: self._on_commit,
@@ -256,7 +260,7 @@ class Replica:
         if self.now - self.change_sent < self.opt.election_ticks:
             return
         if want != REMOVE and (self.commit < self.catchup_target or self.commit < self.leader_commit
-                               or (role == "learner" and self.now - self.last_heard >= self.opt.election_ticks)):
+                               or (role == "learner" and not self._hears_a_voter(cfg))):
             return  # catch up first: a learner is promoted once it holds what the leader holds
         if want == REMOVE and self.is_leader:
             self.change_sent = self.now
@@ -273,6 +277,13 @@ class Replica:
                 if r in cfg.voters:
                     self._send(r, m.Forward(batch))  # the leader orders it; the rest hold it
 
+    def _hears_a_voter(self, cfg: Membership) -> bool:
+        # Not "hears the leader": a learner may hold a higher view than the group (it campaigned
+        # as a voter before it was removed) and then drops the leader's messages as stale; its
+        # catch-up answers still tell it how far the group got, and once it votes its view
+        # change brings the group along.
+        return any(r in cfg.voters and self.now - t < self.opt.election_ticks for r, t in self.contact.items())
+
     def _precheck_change(self, payload):
         """Leader, before proposing a change: why it must be refused now, or "" if it may go.
         Refused changes are answered at once and never ordered."""
@@ -283,8 +294,6 @@ class Replica:
         new, why = cfg.check(change, self.n)
         if new is None:
             return why
-        if change.op == REMOVE and change.replica == self.id and change.replica in cfg.voters:
-            return ""  # _propose hands leadership off instead of proposing it
         live = {self.id} | {r for r, t in self.contact.items() if self.now - t < self.opt.election_ticks}
         up = [r for r in new.voters if r in live]
         if len(up) < self._quorum(new):
@@ -305,15 +314,31 @@ class Replica:
         self.sessions.membership = new
         self._on_membership()
         self.stats["membership_changes"] = self.stats.get("membership_changes", 0) + 1
-        if self.id not in new.voters and self.status == VIEW_CHANGE:
-            self._follow_view(self.view)  # no longer a voter: stop campaigning, follow
-        if self.status == NORMAL and self.leader not in new.voters:
-            # Its leader left: every replica applies this at the same instance and moves on.
-            if self.id in new.voters:
-                self._start_view_change(self._next_view(self.view), reason="the leader left the membership")
-            elif self.is_leader:
-                self._step_down()
         return f"OK {change.op} {change.replica}: membership {new.index} voters {sorted(new.voters)} learners {sorted(new.learners)}".encode()
+
+    def _roles_changed(self, before: Membership) -> None:
+        """The applied membership moved on from `before` (decided changes were applied, or a
+        checkpoint was installed): act on where it ended up. Never on a membership in between:
+        a replica that applies many instances at once (catch-up, a restart's replay) holds all
+        of them decided, and a view change started on an intermediate membership could count
+        a quorum of voters that were already replaced."""
+        cfg = self.sessions.membership
+        if self.id not in cfg.voters:
+            if self.status == VIEW_CHANGE:
+                self._follow_view(self.view)  # no longer a voter: stop campaigning, follow
+            elif self.status == NORMAL and self.leader == self.id:
+                self._step_down()  # removed while leading: its proposals wait for order again
+            return
+        if self.status != NORMAL:
+            return
+        if self.id not in before.voters and self.leader == self.id:
+            # It became a voter in a view it would lead but never installed (it followed that
+            # view from outside, or campaigned for it before it was removed): leading it now
+            # would propose without having gathered what a quorum accepted. Move on instead.
+            self._start_view_change(self._next_view(self.view), reason="became a voter in a view it did not install")
+        elif self.leader not in cfg.voters:
+            # Its leader left: every replica applies this at the same instance and moves on.
+            self._start_view_change(self._next_view(self.view), reason="the leader left the membership")
 
     # ------------------------------------------------------------------ public surface
 
@@ -338,7 +363,7 @@ class Replica:
         if not isinstance(msg, m.Requests) and not (isinstance(sender, int) and 0 <= sender < self.n):
             self.stats["stale_messages"] += 1
             return
-        if type(sender) is int:
+        if type(sender) is int and type(msg) not in _NO_CONTACT:
             self.contact[sender] = self.now
         if self.status == RECOVERING and type(msg) not in _WHILE_RECOVERING:
             return  # no promises, no votes, no view changes until recovered
@@ -352,7 +377,14 @@ class Replica:
         if self.status == RECOVERING:
             if self.recovery_primary is None and (
                     self.now % self.opt.retransmit_ticks == 1 or self.opt.retransmit_ticks == 1):
-                self._broadcast(m.Recovery(self.recovery_nonce))
+                # To every id of hosts.conf: the membership it starts with is the bootstrap one
+                # (its disk is empty), and the replicas that answer for the current one may all
+                # be outside it.
+                msg = m.Recovery(self.recovery_nonce)
+                for r in range(self.n):
+                    if r != self.id:
+                        self._send(r, msg)
+                self.last_sent = self.now
         elif self.status == NORMAL:
             if self.is_leader:
                 self._leader_tick()
@@ -426,7 +458,11 @@ class Replica:
             i += 1
         self.commit = self._commit_recorded = self.marked_upto = i
         self.catchup_target = max(i, durable.commit)
-        if self.leader == self.id and (self.view > 0 or self.top > 0):
+        # Re-apply the decided log now, before anything else: the membership it leads to says
+        # who votes. Deciding on a view change with the bootstrap (or checkpoint) membership
+        # could complete one with a quorum of voters that were replaced long ago.
+        self._advance_commit()
+        if self.status == NORMAL and self.leader == self.id and (self.view > 0 or self.top > 0):
             # Whatever this replica proposed as leader before the crash is forgotten; leading the
             # same view again could propose a second value for an instance. Move on instead.
             self._start_view_change(self._next_view(self.view), reason="restarted as the leader of its last view")
@@ -517,11 +553,10 @@ class Replica:
             return False
         why = self._precheck_change(req.payload)
         change = Change.decode(req.payload)
-        if not why and change.op == REMOVE and change.replica == self.id:
-            # Leaving while leading: hand off first, as a planned stop does; the next view's
-            # leader orders the removal (the request waits here and is forwarded to it).
-            self.transfer_leadership()
-            return False
+        # A change that removes this leader is ordered here like any other: once it applies,
+        # every replica moves to the next view at the same instance (_roles_changed). Handing
+        # leadership off first instead would livelock when every voter holds a change removing
+        # itself (concurrent operators): each new leader would hand off again.
         self.queue.popleft()
         del self.pending[key]
         if why:
@@ -599,6 +634,11 @@ class Replica:
         """Admits a normal-case message; handles the ones from other views."""
         if view < self.view:
             self.stats["stale_messages"] += 1
+            if sender not in self.sessions.membership.members:
+                # A replica outside the membership gets no stream, so nothing else tells it that
+                # the group moved on (one removed while cut off may lead its old view for good):
+                # say how far we got, and its catch-up brings it the decided changes.
+                self._send(sender, m.CatchupReply(self.view, self.commit, ()))
             return False
         if sender != self.leader_of(view) or sender == self.id:
             return False
@@ -669,17 +709,29 @@ class Replica:
         opt, now = self.opt, self.now
         if self.id not in self.sessions.membership.voters:
             # Outside the voters nobody is suspected; ask now and then how far the group got, as
-            # a replica outside the membership gets no stream to learn it from.
-            if now - self.catchup_sent >= opt.election_ticks and self.commit >= self.catchup_target:
-                self._request_catchup()
+            # a replica outside the membership gets no stream to learn it from. Each time another
+            # id of hosts.conf: its own membership may be long stale, its view's leader gone.
+            if now - self.catchup_sent >= opt.election_ticks and self.commit >= self.catchup_target \
+                    and self.transfer_from is None:
+                self.catchup_sent = now
+                self.catchup_peer += 1
+                peer = (self.id + 1 + self.catchup_peer % (self.n - 1)) % self.n
+                self.stats["catchup_requests"] += 1
+                self._send(peer, m.CatchupRequest(self.view, self.commit + 1))
             return
         if now - self.last_heard >= opt.election_ticks:
             dropped = " after its connection dropped" if self.lost_leader_of == self.view else ""
             self._start_view_change(self._next_view(self.view), reason=f"leader silent for {now - self.last_heard} ticks{dropped}")
             return
         queue, pending = self.queue, self.pending
-        while queue and queue[0] not in pending:
-            queue.popleft()
+        while queue and (queue[0] not in pending or (
+                queue[0][0] == SYSTEM_CLIENT and now - pending[queue[0]].arrived >= 2 * opt.request_ticks)):
+            # A membership change the leader has not ordered by now was refused (a leader answers
+            # refusals only to whoever sent it the change) or lost; its requester asks again.
+            # Held on, it would make this replica suspect every leader in turn, for good.
+            req = pending.pop(queue.popleft(), None)
+            if req is not None:
+                self._release_origin(req)
         if not queue or now - pending[queue[0]].arrived < opt.request_ticks:
             return
         caught_up = self.commit >= self.catchup_target
@@ -706,8 +758,10 @@ class Replica:
         if now - self.vc_started >= opt.election_ticks * backoff:
             self.vc_attempt += 1
             # Maybe the others went on without us (they removed us, or decided past a view we
-            # cannot complete): what they decided says so.
+            # cannot complete): what they decided says so. Ask another peer each time: the one
+            # asked last may know no more than we do.
             if now - self.catchup_sent >= opt.retransmit_ticks:
+                self.catchup_peer += 1
                 self._request_catchup()
             self._start_view_change(self._next_view(self.view), reason=f"view change to {self.view} did not complete")
         elif now - self.vc_last_sent >= opt.retransmit_ticks:
@@ -813,9 +867,18 @@ class Replica:
         start = self.commit + 1
         chosen = self._choose_values(dvcs, start)
         changes = self._changes_in(chosen, start)
-        if not all(c.quorum_in(dvcs, self._quorum(c)) for _, c in changes):
+        if not all(self._meets_every_quorum(c, dvcs) for _, c in changes):
             return  # M3: wait until the DO_VIEW_CHANGEs also cover the memberships chosen values lead to
         self._install_view(chosen, changes)
+
+    def _meets_every_quorum(self, cfg: Membership, senders) -> bool:
+        """Do `senders` share a voter with every quorum of `cfg`? That is what M3 needs to see
+        whatever such a quorum decided. With an even number of voters it is half of them, not a
+        majority: a promotion in flight (3 voters becoming 4) must not need a DO_VIEW_CHANGE
+        from the learner it promotes, which takes no part in view changes, nor from a voter
+        that lost its disk and cannot recover before a view completes."""
+        inside = sum(1 for r in senders if r in cfg.voters)
+        return inside > len(cfg.voters) - self._quorum(cfg)
 
     def _changes_in(self, chosen, start) -> list:
         """The membership changes among the values a view change is about to install, as
@@ -945,19 +1008,19 @@ class Replica:
                     cfg = theirs
         if not cfg.quorum_in(answers, self._quorum(cfg)):
             return
-        if self.id not in cfg.voters:
-            # Not a voter: it never voted, so there is nothing it could have forgotten. It starts
-            # as it is and catches up (a new replica waiting to join, or a learner).
-            self._finish_recovery(0, None)
-            self.catchup_target = max([self.catchup_target] + [a.commit for a in answers.values()])
-            return
+        # Not being a voter now is no shortcut: an empty disk cannot tell a replica that never
+        # voted from one that voted (as a voter of an earlier membership, which lagging peers may
+        # still count it in) and lost its disk. Starting empty, it would also hold the bootstrap
+        # membership, and could lead view 0 by it. So every replica restores its votes first.
         if all(a.empty for a in answers.values()):
             # A quorum of the others holds no value, so no value was ever decided: a decided
             # value lives in a quorum of logs, and even without ours this quorum meets it. Start
             # empty; higher views are joined as their messages arrive.
             self._finish_recovery(0, None)
             return
-        view = max(a.view for a in answers.values())
+        # The latest view among the voters' answers: a replica outside the membership may hold
+        # a view the group never reached (it campaigned alone before it learned it was removed).
+        view = max(a.view for r, a in answers.items() if r in cfg.voters)
         primary = answers.get(self.leader_of(view))
         if primary is not None and primary.view == view and primary.primary:
             # First hold every value decided up to the leader's commit point: until then a
@@ -965,8 +1028,9 @@ class Replica:
             self.recovery_primary = primary
             if primary.commit > self.catchup_target:
                 self.catchup_target = primary.commit
-            if self.leader_of(view) in self._peers:
-                self.catchup_peer = self._peers.index(self.leader_of(view))
+            peers = self._catchup_peers()
+            if self.leader_of(view) in peers:
+                self.catchup_peer = peers.index(self.leader_of(view))
             self._check_recovered()
         # else: wait for the latest view's leader (or for a newer view with a live leader)
 
@@ -994,18 +1058,29 @@ class Replica:
                 self.catchup_target = primary.commit
             self._learn_leader_commit(primary.commit)
         self.stats["recoveries"] = self.stats.get("recoveries", 0) + 1
+        if self.is_leader:
+            self._propose()  # requests that arrived while it recovered (a new cluster's first ones)
 
     # ------------------------------------------------------------------ catch-up
 
+    def _catchup_peers(self) -> tuple:
+        """Whom to ask for decided values: the members, or every id of hosts.conf while the
+        membership this replica holds says nothing about who has them (it recovers from an
+        empty disk, with the bootstrap membership; or it holds no member but itself)."""
+        if self.status == RECOVERING or not self._peers:
+            return tuple(r for r in range(self.n) if r != self.id)
+        return self._peers
+
     def _request_catchup(self) -> None:
-        if not self._peers or self.transfer_from is not None:
+        peers = self._catchup_peers()
+        if not peers or self.transfer_from is not None:
             return  # a state transfer is under way: the values it covers are not in any log
         self.catchup_sent = self.now
         self.stats["catchup_requests"] += 1
         if self.status == NORMAL and self.leader != self.id and self.catchup_peer == 0:
             peer = self.leader
         else:
-            peer = self._peers[self.catchup_peer % len(self._peers)]
+            peer = peers[self.catchup_peer % len(peers)]
         self._send(peer, m.CatchupRequest(self.view, self.commit + 1))
 
     def _on_catchup_request(self, sender, msg) -> None:
@@ -1076,6 +1151,7 @@ class Replica:
         sessions = self.sessions
         by_origin = self.pending_by_origin
         every = self.opt.checkpoint_every
+        membership = sessions.membership
         while self.applied < i:
             self.applied += 1
             value = log[self.applied].value
@@ -1103,6 +1179,8 @@ class Replica:
                     else:
                         del by_origin[req.origin]
             self.sent_at.pop(self.applied, None)
+        if sessions.membership is not membership:
+            self._roles_changed(membership)
         if advanced and self.is_leader:
             before = len(self._ready.messages)
             self._propose()
@@ -1169,6 +1247,7 @@ class Replica:
             return False
         if sessions.membership is None:
             sessions.membership = self.sessions.membership  # an image from before memberships
+        before = self.sessions.membership
         self.sessions = sessions
         self.pending_changes = []
         self._on_membership()
@@ -1181,6 +1260,8 @@ class Replica:
             self.catchup_target = instance
         self.since_checkpoint = 0
         self.catchup_sent = -1 << 60  # ask for what follows at once
+        if sessions.membership != before:
+            self._roles_changed(before)
         # Requests decided inside the transferred range will never be applied here; holding them
         # would make this replica forward them and then suspect a leader that already ordered them.
         for key in [k for k in self.pending if sessions.classify(*k) != EXECUTE]:

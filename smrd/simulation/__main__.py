@@ -35,9 +35,17 @@ def main(argv=None) -> int:
 
     seeds = range(args.start, args.start + args.seeds)
     failed = []
+    beyond = []
+    membership_seeds = changed = changes = 0
     began = time.monotonic()
     with multiprocessing.Pool(args.jobs) as pool:
         for done, (seed, ok, violation, summary) in enumerate(pool.imap_unordered(_run, seeds, chunksize=4), 1):
+            if summary.get("beyond_fault_model"):
+                beyond.append(seed)
+            if "membership" in summary:
+                membership_seeds += 1
+                changed += summary["membership"]["changes"] > 0
+                changes += summary["membership"]["changes"]
             if not ok:
                 failed.append(seed)
                 print(f"\nseed {seed} FAILED: {violation}\n  replay: python -m smrd.simulation --seed {seed} --trace",
@@ -46,6 +54,9 @@ def main(argv=None) -> int:
                 rate = done / (time.monotonic() - began)
                 print(f"\r{done}/{len(seeds)} seeds, {len(failed)} failed, {rate:.1f} seeds/s", end="", flush=True)
     print()
+    print(f"membership changes in {membership_seeds} seeds' scenarios, decided in {changed} seeds, "
+          f"{changes} changes applied; {len(beyond)} runs beyond the fault model (safety checked, "
+          f"liveness not owed){': ' + str(sorted(beyond)[:20]) if beyond else ''}")
     if failed:
         print(f"failing seeds: {sorted(failed)}")
         return 1

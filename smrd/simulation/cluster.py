@@ -1,14 +1,19 @@
 # A deterministic simulation of a whole cluster: n protocol replicas, closed-loop clients, a
 # network that loses, delays, reorders, duplicates and partitions messages, replicas that crash
 # (at any point, including between persisting and sending) and restart from what they persisted.
+# Membership changes happen among those faults: replicas outside the bootstrap voters start later
+# as fresh pods and join, members are asked to leave and maybe come back (disk kept or lost), and
+# an operator submits changes of its own, often stale or concurrent with others.
 #
-# Owns: simulated time, the network, the fault schedule, the reference execution and the
-# invariant checks. One seed fixes everything: the same seed replays the same run exactly.
-# It must never use wall-clock time, threads, or randomness other than its seeded generator.
+# Owns: simulated time, the network, the fault schedule, the membership scenario, the reference
+# execution (requests and membership changes) and the invariant checks. One seed fixes
+# everything: the same seed replays the same run exactly.
+# It must never use wall-clock time, threads, or randomness other than its seeded generators.
+import bisect
 import hashlib
 import heapq
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .. import core
 from ..protocol import messages as m
@@ -17,8 +22,9 @@ from ..protocol.quorum import CrashFaultPolicy
 from ..protocol.records import (
     AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord, DurableState,
 )
+from ..protocol.membership import ADD_LEARNER, OPS, PROMOTE, SYSTEM_CLIENT, Change, Membership
 from ..protocol.replica import Replica
-from ..protocol.sessions import DUPLICATE, EXECUTE, Sessions, execute_batch, run_plan
+from ..protocol.sessions import DUPLICATE, EXECUTE, SYSTEM, Sessions, plan_batch, run_plan
 from .kvapp import KVApp
 
 
@@ -45,12 +51,28 @@ class Params:
     liveness_ticks: int = 3000   # after healing, every request must complete within this
     encode: bool = False         # push every message through the wire codec
     evict_keep: int = -1         # >= 0: values more than this far below applied leave memory
+    # Membership (all off: the n replicas are the voters for good, as before membership changes).
+    voters: tuple = None         # the bootstrap voters; None: all n
+    joiners: tuple = ()          # (replica, tick): a replica outside `voters` starts at that tick as
+                                 # a fresh pod (empty disk) with auto_join; 0: from the start
+    leave: float = 0.0           # chance per tick that a member is asked to leave (request_leave)
+    rejoin: float = 0.0          # chance per tick that a replica asked to leave is asked back
+    admin: float = 0.0           # chance per tick that an operator submits changes itself
     options: Options = field(default_factory=lambda: Options(
         window=2, batch_max_requests=8, batch_max_bytes=4096, heartbeat_ticks=3,
         election_ticks=20, request_ticks=40, retransmit_ticks=6, max_view_change_backoff=4))
 
+    @property
+    def membership(self) -> bool:
+        """Does this run change its membership?"""
+        return bool(self.voters is not None or self.joiners or self.leave or self.rejoin or self.admin)
+
+    def without_membership(self) -> "Params":
+        """The same run with a fixed membership: what the seed drew before membership changes."""
+        return replace(self, voters=None, joiners=(), leave=0.0, rejoin=0.0, admin=0.0)
+
     @classmethod
-    def swarm(cls, seed: int) -> "Params":
+    def swarm(cls, seed: int, membership: bool = True) -> "Params":
         """Each seed draws its own cluster size, fault mix and workload (swarm testing)."""
         r = random.Random(seed * 7919 + 17)
         window = r.choice([1, 2, 4])
@@ -65,7 +87,7 @@ class Params:
                        max_view_change_backoff=4, catchup_max_entries=r.choice([1, 4, 64]),
                        checkpoint_every=every)
         client_window = r.choice([1, 2, 3])
-        return cls(
+        p = cls(
             n=r.choice([3, 3, 5, 5, 7]), clients=r.randint(1, 4), client_window=client_window,
             reply_cache=client_window + r.choice([0, 1, 4]), keys=r.choice([1, 3, 8]),
             drop=r.choice([0.0, 0.01, 0.05, 0.15]), duplicate=r.choice([0.0, 0.02, 0.1]),
@@ -74,6 +96,24 @@ class Params:
             partition=r.choice([0.0, 0.005, 0.02]), fault_ticks=r.choice([200, 400, 600]),
             wipe=r.choice([0.0, 0.0, 0.002, 0.006]),
             encode=r.random() < 0.25, options=opts, evict_keep=evict_keep)
+        # Membership changes come from a third generator, for the same reason; about a third of
+        # the seeds keep a fixed membership and run exactly the scenario they ran before.
+        mem = random.Random(seed * 4099 + 11)
+        if not membership or mem.random() < 0.3:
+            return p
+        n = p.n
+        if mem.random() < 0.35:
+            voters = tuple(range(n))
+        else:
+            voters = tuple(sorted(mem.sample(range(n), mem.randint(1, n - 1))))
+        joiners = tuple((c, 0 if mem.random() < 0.3 else mem.randint(1, p.fault_ticks - 1))
+                        for c in range(n) if c not in voters)
+        leave = mem.choice([0.0, 0.002, 0.005])
+        rejoin = mem.choice([0.0, 0.004, 0.01])
+        admin = mem.choice([0.0, 0.0, 0.004, 0.02])
+        if not joiners and not leave and not admin:
+            leave = 0.003  # every membership seed changes something
+        return replace(p, voters=voters, joiners=joiners, leave=leave, rejoin=rejoin, admin=admin)
 
 
 class _Install:
@@ -98,15 +138,40 @@ class _Client:
         self.completed = 0
 
 
+class _Admin:
+    """An operator submitting membership changes straight to replicas, as a controller or an
+    admin command would: each change names the membership it was made for (the current one, a
+    stale one, or one not there yet), and two operators sometimes submit at once. It does not
+    retransmit: a change that is lost is simply not made."""
+    ORIGIN = ("a", 0)
+
+    def __init__(self):
+        self.next_seq = 1 << 62  # above the seqs replicas give their own changes (tick << 16 | count)
+        self.sent = {}           # seq -> Change
+        self.answers = {"OK": 0, "REFUSED": 0}
+
+
+# Role steps a single membership change may make (smrd.protocol.membership): the chain of
+# memberships moves one replica by one step at a time, so consecutive majorities intersect.
+_STEPS = {("none", "learner"), ("learner", "voter"), ("learner", "none"), ("voter", "none")}
+
+
 class Simulation:
     def __init__(self, seed: int, params: Params = None, replica_class=Replica,
-                 policy_class=CrashFaultPolicy, trace=None):
+                 policy_class=CrashFaultPolicy, trace=None, membership_rule=None):
+        """`membership_rule(membership, change, n)` -> (new membership or None, why): the rule
+        the reference execution applies changes by (default: the protocol's Membership.check).
+        Only tests of deliberately different rules pass another one."""
         self.seed = seed
         self.p = params or Params.swarm(seed)
         self.rng = random.Random(seed)
+        # Membership events draw from their own generator: the fault schedule of a run without
+        # them is exactly what it was before they existed.
+        self.mrng = random.Random(seed * 6007 + 1)
         self.replica_class = replica_class
         self.policy = policy_class(self.p.n)
         self.trace = trace            # callable(str) or None
+        self.rule = membership_rule or Membership.check
         self.t = 0
         self.healed = False
         n = self.p.n
@@ -120,8 +185,6 @@ class Simulation:
         self.apps = [None] * n
         self.executed = [None] * n     # per incarnation: (client_id, seq) run on the app
         self.down_until = [0] * n
-        for r in range(n):
-            self._start(r)
         self.clients = [_Client(j, 1000 + j) for j in range(self.p.clients)]
         self.net = []                  # heap of (due tick, sequence, src, dst, message)
         self._seq = 0
@@ -136,11 +199,44 @@ class Simulation:
         self.beyond_fault_model = None
         self.delivered = 0
 
+        # Membership. The reference applies decided changes by the same rule as the replicas;
+        # history[k] is the membership after k changes, in force after instance history_at[k-1].
+        self.mem = self.p.membership
+        boot = Membership.bootstrap(range(n) if self.p.voters is None else self.p.voters)
+        self.boot_voters = tuple(sorted(boot.voters))
+        self.history = [boot]
+        self.history_at = []
+        self.ref_sessions.membership = boot
+        self.system_answers = {}       # seq of a SYSTEM entry -> answers of its decided copies
+        # Votes, never forgotten (a lost disk does not undo a vote that was counted): instance ->
+        # {(view, value): replicas that persisted that value in that view or voted for it}.
+        self.support = {}
+        # What each replica is meant to do: "join" (auto_join: be a voter) or "leave".
+        self.intent = {r: "join" for r in range(n)} if self.mem else {}
+        self.stopped = set()           # not running on purpose: a pod not created yet, or deleted
+        self.start_at = {}             # stopped replica -> tick its (new) pod starts
+        self.left = set()              # leavers seen out of the membership (their pod's fate drawn)
+        self.disk_lost = set()         # replicas that ever lost their disk
+        self.admin = _Admin()
+        self.leaves = self.rejoins = 0
+        joiners = dict(self.p.joiners)
+        for r in range(n):
+            if joiners.get(r, 0) > 0:
+                self.stopped.add(r)
+                self.start_at[r] = joiners[r]
+            else:
+                self._start(r)
+
     # ------------------------------------------------------------------ replicas
 
     def _start(self, r):
         p = self.p
         durable = DurableState.fold(self.durable[r]) if self.durable[r] else None
+        # One or two bootstrap voters can never hear a quorum of others answer a recovery: such
+        # a cluster is bootstrapped with new_cluster = true (docs/PROTOCOL.md), which stays in
+        # their configuration; it is never set for a replica that replaces a lost disk.
+        new_cluster = (self.mem and len(self.boot_voters) < 3 and r in self.boot_voters
+                       and r not in self.disk_lost)
         self.incarnations += 1
         self.apps[r] = KVApp()
         sessions = Sessions(p.reply_cache, 10 ** 12)
@@ -150,11 +246,17 @@ class Simulation:
                 raise Violation(f"replica {r}: checkpoint file differs from its record")
             self.apps[r].data = dict(data)
             sessions = Sessions.restore(p.reply_cache, 10 ** 12, blob)
-        self.replicas[r] = self.replica_class(
-            r, self.policy, p.options, sessions, durable, recovery_nonce=self.incarnations)
-        self.replicas[r].sim_incarnation = self.incarnations
+        rep = self.replica_class(
+            r, self.policy, p.options, sessions, durable,
+            recovery_nonce=None if new_cluster else self.incarnations,
+            voters=self.boot_voters, auto_join=self.intent.get(r) == "join")
+        if self.intent.get(r) == "leave":
+            rep.request_leave()
+        self.replicas[r] = rep
+        rep.sim_incarnation = self.incarnations
         self.executed[r] = set()
-        self._log(f"replica {r} starts (view {self.replicas[r].view}, commit {self.replicas[r].commit})")
+        role = f", {self.intent[r]}" if self.mem else ""
+        self._log(f"replica {r} starts (view {rep.view}, commit {rep.commit}{role})")
         self._drain(r)
 
     def _crash(self, r, why):
@@ -162,13 +264,39 @@ class Simulation:
         self.replicas[r] = None
         self.down_until[r] = self.t + self.rng.randint(1, self.p.restart_after)
 
+    def _stop(self, r, why):
+        """The replica's pod goes away on purpose; it starts again only if start_at says when."""
+        self._log(f"replica {r} stops ({why})")
+        self.replicas[r] = None
+        self.stopped.add(r)
+        self.start_at.pop(r, None)
+
+    def _persist(self, r, records):
+        self.durable[r].extend(records)
+        for record in records:
+            if type(record) is AcceptRecord and record.instance > self.ref_applied:
+                self._support(record.instance, record.view, record.value, r)
+
+    def _support(self, instance, view, value, r):
+        self.support.setdefault(instance, {}).setdefault((view, bytes(value)), set()).add(r)
+
+    def _votes_sent(self, r, msg):
+        # An ACCEPTED is a vote for whatever the sender holds in those slots (a slot it holds
+        # decided is voted for without a new record).
+        log = self.replicas[r].log
+        for i in range(max(msg.instance, self.ref_applied + 1), msg.instance + msg.count):
+            slot = log.get(i)
+            value = slot.value if slot is not None else self.decided.get(i)
+            if value is not None:
+                self._support(i, msg.view, value, r)
+
     def _drain(self, r):
         rep = self.replicas[r]
         while rep is not None and rep.has_ready():
             rd = rep.ready()
             if rd.persist and not self.healed and self.rng.random() < self.p.crash * self.p.crash_mid_ready:
                 keep = self.rng.randint(0, len(rd.persist))
-                self.durable[r].extend(rd.persist[:keep])
+                self._persist(r, rd.persist[:keep])
                 sent = 0
                 if all(type(x) in (AcceptRecord, CommitRecord) for x in rd.persist):
                     # The daemon sends a leader's PROPOSEs while its own accept is being written
@@ -179,8 +307,10 @@ class Simulation:
                             sent += 1
                 self._crash(r, f"mid-ready: {keep}/{len(rd.persist)} records durable, {sent} sent")
                 return
-            self.durable[r].extend(rd.persist)
+            self._persist(r, rd.persist)
             for dst, msg in rd.messages:
+                if type(msg) is m.Accepted:
+                    self._votes_sent(r, msg)
                 self._send(r, dst, msg)
             images = dict(rd.checkpoints)
             filling = list(images.values())  # images wait for replies of requests planned before them
@@ -225,7 +355,11 @@ class Simulation:
                 if (client_id, seq) in executed:
                     raise Violation(f"replica {r} executed ({client_id}, {seq}) twice")
                 executed.add((client_id, seq))
-            self._reply(r, client_id - 1000, client_id, seq, status, reply)
+            if client_id != SYSTEM_CLIENT:
+                self._reply(r, ("c", client_id - 1000), client_id, seq, status, reply)
+            elif seq in self.admin.sent:
+                self._reply(r, _Admin.ORIGIN, client_id, seq, status, reply)
+            # else: a replica's own change; it learns the outcome from its membership
         return results
 
     # ------------------------------------------------------------------ checkpoints
@@ -297,14 +431,72 @@ class Simulation:
         rep.install_checkpoint(instance, Sessions.restore(self.p.reply_cache, 10 ** 12, blob))
         self._drain(r)
 
+    # ------------------------------------------------------------------ reference and invariants
+
     def _run_reference(self):
         while (self.ref_applied + 1) in self.decided:
-            self.ref_applied += 1
-            out = execute_batch(self.ref_sessions, self.decided[self.ref_applied], self.ref_app.execute)
-            self.ref_results[self.ref_applied] = out
+            i = self.ref_applied + 1
+            value = self.decided[i]
+            self._check_quorum(i, value)
+            self.ref_applied = i
+            plan = plan_batch(self.ref_sessions, value)
+            if len(plan) == 1 and plan[0][2] == SYSTEM:
+                client_id, seq, _, payload = plan[0]
+                plan = [(client_id, seq, SYSTEM, self._ref_change(i, seq, payload))]
+            out = run_plan(self.ref_sessions, plan, self.ref_app.execute)
+            self.ref_results[i] = out
             for client_id, seq, status, reply in out:
                 if status == EXECUTE:
                     self.ref_replies[(client_id, seq)] = reply
+
+    def _ref_change(self, instance, seq, payload):
+        """The reference's answer to a decided membership change (the bytes a replica must give)."""
+        change = Change.decode(payload)
+        old = self.history[-1]
+        if change is None:
+            answer = b"REFUSED malformed membership change"
+        else:
+            new, why = self.rule(old, change, self.p.n)
+            if new is None:
+                answer = f"REFUSED {why}".encode()
+            else:
+                moved = [r for r in old.members | new.members if old.role(r) != new.role(r)]
+                if (new.index != old.index + 1 or not new.voters or len(moved) != 1
+                        or (old.role(moved[0]), new.role(moved[0])) not in _STEPS):
+                    raise Violation(f"membership chain: change {change} at instance {instance} takes "
+                                    f"{old.describe()} to {new.describe()}, not one step of one replica")
+                self.history.append(new)
+                self.history_at.append(instance)
+                self.ref_sessions.membership = new
+                self._log(f"membership {new.index} from instance {instance}: voters {sorted(new.voters)} "
+                          f"learners {sorted(new.learners)} ({change.op} {change.replica})")
+                answer = (f"OK {change.op} {change.replica}: membership {new.index} voters "
+                          f"{sorted(new.voters)} learners {sorted(new.learners)}").encode()
+        self.system_answers.setdefault(seq, []).append(answer)
+        return answer
+
+    def _membership_at(self, applied):
+        """The membership after executing every instance <= applied, by the decided order."""
+        return self.history[bisect.bisect_right(self.history_at, applied)]
+
+    def _check_quorum(self, i, value):
+        # A decided value was accepted, in one view, by a majority of the voters of the membership
+        # in force at its instance (the one the instances before it lead to). This is what M2 is
+        # for: counting a vote of anyone else (a learner, a replica already removed, one only
+        # about to be added) can decide without meeting the next view change's quorum.
+        cfg = self.history[-1]
+        need = len(cfg.voters) // 2 + 1
+        value = bytes(value)
+        seen = {}
+        for (view, v), who in self.support.pop(i, {}).items():
+            if v == value:
+                voters = who & cfg.voters
+                if len(voters) >= need:
+                    return
+                seen[view] = sorted(who)
+        raise Violation(f"quorum: instance {i} was decided, but no view had a majority of the voters "
+                        f"{sorted(cfg.voters)} (membership {cfg.index}) accept it; who accepted it, "
+                        f"by view: {seen}")
 
     def _check_replica(self, r):
         rep = self.replicas[r]
@@ -315,6 +507,14 @@ class Simulation:
             seen.add(r)
             if len(seen) > 1 or rep.view % self.p.n != r:
                 raise Violation(f"view {rep.view} has leaders {sorted(seen)}")
+        # Membership is replicated state: every replica holds the one the decided order gives at
+        # its applied point (so every membership in force is one of the chain of single changes).
+        want = self._membership_at(rep.applied)
+        if rep.membership != want:
+            raise Violation(f"membership: replica {r} holds {rep.membership.describe()} after applying "
+                            f"{rep.applied}; the decided order gives {want.describe()}")
+        if rep.status == "view-change" and r not in want.voters:
+            raise Violation(f"replica {r} campaigns for view {rep.view} but is not a voter of {want.describe()}")
         # Decided but not yet applied slots (out of order, above the commit point).
         for i in range(rep.commit + 1, rep.top + 1):
             slot = rep.log.get(i)
@@ -354,20 +554,25 @@ class Simulation:
             if isinstance(src, int) and sender != src:
                 raise Violation(f"codec: sender {sender} != {src}")
         self.delivered += 1
-        if isinstance(dst, tuple):  # a client
-            self._client_receive(self.clients[dst[1]], msg)
+        if isinstance(dst, tuple):  # a client, or the operator
+            if dst == _Admin.ORIGIN:
+                self._admin_receive(msg)
+            else:
+                self._client_receive(self.clients[dst[1]], msg)
             return
         rep = self.replicas[dst]
         if rep is None:
             return
-        rep.step(src if isinstance(src, int) else src[1], msg)
+        # A client's origin is its address, never a replica id (the leader judges quorum
+        # contact by the replica ids it hears from).
+        rep.step(src, msg)
         self._drain(dst)
 
     # ------------------------------------------------------------------ clients
 
     def _reply(self, r, origin, client_id, seq, status, reply):
         entry = (client_id, seq, bytes([status]) + reply)
-        self._send(r, ("c", origin), m.Replies(core.pack_batch([entry])))
+        self._send(r, origin, m.Replies(core.pack_batch([entry])))
 
     def _client_send(self, c, seq, everyone):
         payload = c.outstanding[seq][0]
@@ -418,6 +623,138 @@ class Simulation:
             return f"GET {key}".encode()
         return f"REMOVE {key}".encode()
 
+    # ------------------------------------------------------------------ membership scenario
+
+    def _membership_events(self):
+        p, rng, n = self.p, self.mrng, self.p.n
+        cfg = self.history[-1]
+        for r in range(n):
+            if self.intent[r] == "leave" and r not in self.left and r not in cfg.members \
+                    and self.replicas[r] is not None:
+                # Out of the membership: the scale-down deletes its pod, or (half the time) the
+                # pod lingers, a replica outside the membership.
+                self.left.add(r)
+                if rng.random() < 0.5:
+                    self._stop(r, "it left the membership: its pod is deleted")
+        if p.leave and rng.random() < p.leave:
+            staying = [r for r in range(n) if self.intent[r] == "join"]
+            members = [r for r in staying if r in cfg.members and self.replicas[r] is not None]
+            if len(staying) >= 2 and members:  # someone must stay a voter
+                r = rng.choice(members)
+                self.intent[r] = "leave"
+                self.leaves += 1
+                self.replicas[r].request_leave()
+                self._log(f"replica {r} is asked to leave ({cfg.role(r)} of membership {cfg.index})")
+        if p.rejoin and rng.random() < p.rejoin:
+            leavers = [r for r in range(n) if self.intent[r] == "leave"]
+            if leavers:
+                self._rejoin(rng.choice(leavers), cfg)
+        if p.admin and rng.random() < p.admin:
+            self._admin_submit(cfg)
+
+    def _rejoin(self, r, cfg):
+        rng = self.mrng
+        self.intent[r] = "join"
+        self.left.discard(r)
+        self.rejoins += 1
+        rep = self.replicas[r]
+        if r in cfg.members:
+            # Asked back before it was out: the running process changes its mind (a crashed one
+            # restarts with auto_join).
+            if rep is not None:
+                rep.leaving = False
+                rep.auto_join = True
+            self._log(f"replica {r} is asked to stay after all")
+            return
+        # A new pod with the same id, on the old disk or on a new one.
+        if rep is not None:
+            self._stop(r, "its pod is replaced to rejoin")
+        lost = ""
+        if rng.random() < 0.5 and self._may_lose_disk(r):
+            self._lose_disk(r)
+            lost = ", with a new disk"
+        self.stopped.add(r)
+        self.start_at[r] = self.t + rng.randint(1, self.p.restart_after)
+        self._log(f"replica {r} is asked to rejoin{lost} (its pod starts at t={self.start_at[r]})")
+
+    def _admin_submit(self, cfg):
+        rng, n = self.mrng, self.p.n
+        joining = [r for r in range(n) if self.intent[r] == "join"]
+        for _ in range(rng.choice([1, 1, 2])):  # sometimes two operators at once
+            op = rng.choice(OPS)
+            if op == ADD_LEARNER:
+                pool = [r for r in joining if r not in cfg.members]
+            elif op == PROMOTE:
+                pool = [r for r in joining if r in cfg.learners]
+            else:
+                pool = sorted(cfg.members)
+            if not pool or rng.random() < 0.15:
+                pool = list(range(n + 1))  # whatever it is, including an id not in hosts.conf
+            change = Change(op, rng.choice(pool), max(0, cfg.index + rng.choice([0, 0, 0, -1, 1])))
+            seq = self.admin.next_seq
+            self.admin.next_seq += 1
+            self.admin.sent[seq] = change
+            batch = core.pack_batch([(SYSTEM_CLIENT, seq, change.encode())])
+            targets = rng.sample(range(n), rng.randint(1, n))
+            self._log(f"operator submits {change} to {sorted(targets)}")
+            for r in targets:
+                self._send(_Admin.ORIGIN, r, m.Requests(batch))
+
+    def _admin_receive(self, msg):
+        for client_id, seq, data in core.Batch(msg.batch):
+            status, reply = data[0], bytes(data[1:])
+            if client_id != SYSTEM_CLIENT or seq not in self.admin.sent or status != SYSTEM:
+                raise Violation(f"operator got a reply to something it never sent: {client_id} {seq} {status}")
+            if reply.startswith(b"OK "):
+                self._run_reference()
+                if reply not in self.system_answers.get(seq, ()):
+                    raise Violation(f"operator's change {self.admin.sent[seq]} answered {reply!r}; the decided "
+                                    f"order answers {self.system_answers.get(seq)}")
+                self.admin.answers["OK"] += 1
+            elif reply.startswith(b"REFUSED "):
+                self.admin.answers["REFUSED"] += 1
+            else:
+                raise Violation(f"operator's change {self.admin.sent[seq]} answered {reply!r}")
+
+    def _memberships_in_force(self):
+        """Every membership some replica may count votes by: from the oldest one a replica holds
+        (or restarts into, from its disk) to the newest decided one, and the ones leaders expect
+        their proposed changes to lead to. Conservative: a replica without state counts none."""
+        lo = len(self.history) - 1
+        ahead = []
+        for r in range(self.p.n):
+            rep = self.replicas[r]
+            if rep is not None:
+                if rep.status != "recovering":
+                    lo = min(lo, rep.membership.index)
+                    ahead.extend(c for _, c in rep.pending_changes)
+            elif self.durable[r]:
+                # It restarts into its checkpoint's membership (or the bootstrap one) and replays.
+                checkpoint = DurableState.fold(self.durable[r]).checkpoint
+                lo = min(lo, bisect.bisect_right(self.history_at, checkpoint.instance) if checkpoint else 0)
+        return self.history[lo:] + ahead
+
+    def _may_lose_disk(self, v):
+        """May replica v lose its disk now without leaving the fault model? At most f voters of a
+        membership in force may be without durable state: one wiped replica at a time, and none
+        that votes in a membership of fewer than three voters (f = 0 there)."""
+        self.wiped = {r for r in self.wiped if self.replicas[r] is None
+                      or self.replicas[r].status == "recovering"}
+        counted = [c for c in self._memberships_in_force() if v in c.voters]
+        return not counted or (not self.wiped and all(len(c.voters) >= 3 for c in counted))
+
+    def _lose_disk(self, v):
+        if any(v in c.voters for c in self._memberships_in_force()):
+            self.wiped.add(v)  # it held votes: it counts against f until it recovers
+        self.durable[v] = []
+        self.stored[v] = {}
+        self.disk_lost.add(v)
+
+    def _over_fault_model(self, stateless):
+        """The memberships in force in which more than f voters hold no durable state."""
+        return [c for c in self._memberships_in_force()
+                if sum(1 for r in stateless if r in c.voters) > (len(c.voters) - 1) // 2]
+
     # ------------------------------------------------------------------ faults
 
     def _faults(self):
@@ -428,16 +765,16 @@ class Simulation:
                 self._crash(rng.choice(live), "killed")
         if p.wipe and rng.random() < p.wipe:
             # The fault model allows f lost disks at a time: wipe only when no replica is still
-            # down or recovering from a wipe.
+            # down or recovering from a wipe (and, with membership changes, never a voter of a
+            # membership in force whose f is 0).
             self.wiped = {r for r in self.wiped if self.replicas[r] is None
                           or self.replicas[r].status == "recovering"}
             live = [r for r in range(n) if self.replicas[r] is not None]
             if not self.wiped and live:
                 victim = rng.choice(live)
-                self._crash(victim, "killed, and its disk is lost")
-                self.durable[victim] = []
-                self.stored[victim] = {}
-                self.wiped.add(victim)
+                if self._may_lose_disk(victim):
+                    self._crash(victim, "killed, and its disk is lost")
+                    self._lose_disk(victim)
         if p.partition and rng.random() < p.partition:
             kind = rng.random()
             nodes = list(range(n))
@@ -459,7 +796,9 @@ class Simulation:
     def _heal(self):
         self.healed = True
         self.cut = set()
-        self._log("heal: faults stop, every replica restarts, clients stop issuing")
+        self._log("heal: faults stop, every replica restarts, clients and operators stop issuing")
+        self.stopped.clear()
+        self.start_at.clear()
         for r in range(self.p.n):
             if self.replicas[r] is None:
                 self._start(r)
@@ -480,7 +819,12 @@ class Simulation:
         for r in range(self.p.n):
             rep = self.replicas[r]
             if rep is None:
-                if not self.healed and self.t >= self.down_until[r]:
+                if r in self.stopped:
+                    if self.t >= self.start_at.get(r, self.t + 1):
+                        self.stopped.discard(r)
+                        del self.start_at[r]
+                        self._start(r)
+                elif not self.healed and self.t >= self.down_until[r]:
                     self._start(r)
                 continue
             rep.tick(self.t * 10)
@@ -488,6 +832,8 @@ class Simulation:
         for c in self.clients:
             self._client_tick(c)
         if not self.healed:
+            if self.mem:
+                self._membership_events()
             self._faults()
 
     def run(self) -> "Result":
@@ -501,15 +847,20 @@ class Simulation:
                 if self._settled():
                     return Result(self.seed, self.p, True, None, self._summary())
             stateless = [r for r in range(self.p.n) if self.replicas[r].status == "recovering"]
-            if len(stateless) > self.policy.max_faults:
-                # More than f replicas hold no durable state (lost disks, or crashed before their
-                # first recovery ended): they cannot tell a new cluster from lost votes, so they
-                # wait, by design. Outside the fault model: safety was checked, liveness is not owed.
-                self.beyond_fault_model = f"{len(stateless)} replicas without durable state: {stateless}"
+            over = self._over_fault_model(stateless)
+            if over:
+                # More than f voters of a membership in force hold no durable state (lost disks,
+                # or crashed before their first recovery ended): they cannot tell a new cluster
+                # from lost votes, so they wait, by design. Outside the fault model: safety was
+                # checked, liveness is not owed.
+                self.beyond_fault_model = (f"{len(stateless)} replicas without durable state: {stateless}, "
+                                           f"voters {sorted(over[0].voters)}")
                 return Result(self.seed, self.p, True, None, self._summary())
             stuck = {c.client_id: sorted(c.outstanding) for c in self.clients if c.outstanding}
             raise Violation(f"liveness: after healing, {self.p.liveness_ticks} ticks did not complete "
-                            f"requests {stuck}; replicas {[r.describe() for r in self.replicas]}")
+                            f"requests {stuck}, membership {self.history[-1].describe()} misses "
+                            f"{self._unmet_intents()}; "
+                            f"replicas {[r.describe() for r in self.replicas]}")
         except Violation as v:
             return Result(self.seed, self.p, False, f"t={self.t}: {v}", self._summary())
 
@@ -517,13 +868,28 @@ class Simulation:
         if any(c.outstanding for c in self.clients):
             return False
         applied = {rep.applied for rep in self.replicas}
-        return len(applied) == 1 and self.ref_applied == next(iter(applied))
+        if len(applied) != 1 or self.ref_applied != next(iter(applied)):
+            return False
+        return not self._unmet_intents()
+
+    def _unmet_intents(self):
+        """Replicas meant to be voters that are not, and replicas that left but are members."""
+        cfg = self.history[-1]
+        return {r: want for r, want in self.intent.items()
+                if ((r not in cfg.voters) if want == "join" else (r in cfg.members))}
 
     def _summary(self):
         live = [r for r in self.replicas if r is not None]
-        return {"ticks": self.t, "decided": len(self.decided), "beyond_fault_model": self.beyond_fault_model,
-                "completed": sum(c.completed for c in self.clients),
-                "views": max((r.view for r in live), default=0), "delivered": self.delivered}
+        summary = {"ticks": self.t, "decided": len(self.decided), "beyond_fault_model": self.beyond_fault_model,
+                   "completed": sum(c.completed for c in self.clients),
+                   "views": max((r.view for r in live), default=0), "delivered": self.delivered}
+        if self.mem:
+            cfg = self.history[-1]
+            summary["membership"] = {
+                "changes": len(self.history) - 1, "voters": sorted(cfg.voters), "learners": sorted(cfg.learners),
+                "leaves": self.leaves, "rejoins": self.rejoins, "operator": dict(self.admin.answers),
+                "operator_sent": len(self.admin.sent)}
+        return summary
 
 
 @dataclass
