@@ -18,6 +18,7 @@ import signal
 import tempfile
 import time
 from collections import defaultdict, deque
+from pathlib import Path
 
 import psutil
 
@@ -46,6 +47,9 @@ STATUS_REPLY = m.STATUS_REPLY
 EXECUTE_CHUNK = 512
 # A replica further behind than this (instances) reports itself not ready.
 READY_MAX_LAG = 64
+# In the data directory while a replica that started with an empty disk has not finished its
+# recovery (docs/PROTOCOL.md, "Recovery"): a crash in between must not pass for a normal restart.
+RECOVERY_MARK = "recovering"
 
 
 class _TakeCheckpoint:
@@ -72,6 +76,25 @@ _VOTE_RECORDS = (AcceptRecord, CommitRecord)
 
 # How often closed log segments are looked at for compression.
 COMPRESS_EVERY_S = 5.0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_touch(path: Path) -> None:
+    with open(path, "wb") as f:
+        os.fsync(f.fileno())
+    _fsync_dir(path.parent)
+
+
+def _durable_unlink(path: Path) -> None:
+    path.unlink()
+    _fsync_dir(path.parent)
 
 
 def bind_endpoint(host: str, port: int) -> str:
@@ -150,8 +173,16 @@ class Server:
         nonce = None if s.new_cluster else int.from_bytes(os.urandom(8), "little")
         # voters: the bootstrap membership, used only until the replicated state (the log, a
         # checkpoint) says otherwise; auto_join: ask to become a voter when not one.
+        # A recovery that began and never ended (the mark is still on disk) is resumed: what the
+        # log holds then are decided values it caught up, not the votes it lost with its disk.
+        self._recovery_mark = Path(data_dir) / RECOVERY_MARK
         self.replica = Replica(self.id, CrashFaultPolicy(self.n), self.options, self.sessions,
-                               durable, recovery_nonce=nonce, voters=s.voters, auto_join=s.auto_join)
+                               durable, recovery_nonce=nonce, voters=s.voters, auto_join=s.auto_join,
+                               resume_recovery=self._recovery_mark.exists())
+        self._marked = self._recovery_mark.exists()
+        if self.replica.status == RECOVERING and not self._marked and self._recovery_mark.parent.is_dir():
+            _durable_touch(self._recovery_mark)  # before the first record this replica writes
+            self._marked = True
         me = hosts.replica(self.id)
         self.channels = Channels(hwm=s.hwm, security=config.security)
         self.peer_router = self.channels.bind_router(bind_endpoint(me.host, me.peer_port), replicas_only=True)
@@ -308,6 +339,9 @@ class Server:
                 batch.append(rd)
             if must_sync:
                 self.wal.sync()
+            if self._marked and rep.status != RECOVERING:
+                _durable_unlink(self._recovery_mark)  # the record that ended recovery is durable
+                self._marked = False
             for rd in batch:
                 self._output(rd)
         except StorageError as e:

@@ -92,10 +92,14 @@ class _Pending:
 class Replica:
     def __init__(self, replica_id: int, policy=None, options: Options = None,
                  sessions: Sessions = None, durable=None, n: int = None, recovery_nonce=None,
-                 voters=None, auto_join: bool = False):
+                 voters=None, auto_join: bool = False, resume_recovery: bool = False):
         """`n` (or the policy's n) is the number of replica ids in hosts.conf; `voters` the
         bootstrap membership (default: all of them), used until the replicated state says
-        otherwise. With `auto_join` a replica that is not a voter asks to become one."""
+        otherwise. With `auto_join` a replica that is not a voter asks to become one.
+        `resume_recovery`: the driver's durable mark says a recovery began and never ended (the
+        mark is made before the first record of a replica that starts empty, and removed once the
+        record that ends the recovery is durable): what is on disk are decided values it caught
+        up, not its votes, so it recovers again."""
         self.policy = policy if policy is not None else CrashFaultPolicy(n)
         self.n = self.policy.n
         if not 0 <= replica_id < self.n:
@@ -169,6 +173,9 @@ class Replica:
         self.contact = {}          # replica id -> tick of its last message (leader's quorum contact)
         self.lost_leader_of = -1   # the view whose leader's connection was seen to drop
         if durable is not None and durable.records:
+            if resume_recovery and recovery_nonce is not None and self.n > 1:
+                self.status = RECOVERING
+                self.recovery_nonce = recovery_nonce
             self._restore(durable)
         elif recovery_nonce is not None and self.n > 1:
             # Nothing on disk, not even the record written when a recovery ends: a new cluster,
@@ -462,6 +469,8 @@ class Replica:
         # who votes. Deciding on a view change with the bootstrap (or checkpoint) membership
         # could complete one with a quorum of voters that were replaced long ago.
         self._advance_commit()
+        if self.status == RECOVERING:
+            return  # an unfinished recovery goes on: nothing of its own to lead or promise
         if self.status == NORMAL and self.leader == self.id and (self.view > 0 or self.top > 0):
             # Whatever this replica proposed as leader before the crash is forgotten; leading the
             # same view again could propose a second value for an instance. Move on instead.

@@ -176,6 +176,9 @@ class Simulation:
         self.healed = False
         n = self.p.n
         self.durable = [[] for _ in range(n)]
+        # The daemon's recovery mark (smrd/server.py): made on disk when a replica starts empty,
+        # removed once the record that ends its recovery is durable.
+        self.recovery_mark = [False] * n
         # Checkpoint "files" per replica: instance -> (app data, session table bytes, digest).
         self.stored = [{} for _ in range(n)]
         self.transfers = 0
@@ -249,7 +252,10 @@ class Simulation:
         rep = self.replica_class(
             r, self.policy, p.options, sessions, durable,
             recovery_nonce=None if new_cluster else self.incarnations,
-            voters=self.boot_voters, auto_join=self.intent.get(r) == "join")
+            voters=self.boot_voters, auto_join=self.intent.get(r) == "join",
+            resume_recovery=self.recovery_mark[r])
+        if rep.status == "recovering":
+            self.recovery_mark[r] = True
         if self.intent.get(r) == "leave":
             rep.request_leave()
         self.replicas[r] = rep
@@ -308,6 +314,8 @@ class Simulation:
                 self._crash(r, f"mid-ready: {keep}/{len(rd.persist)} records durable, {sent} sent")
                 return
             self._persist(r, rd.persist)
+            if self.recovery_mark[r] and rep.status != "recovering":
+                self.recovery_mark[r] = False  # the Ready that ended the recovery is durable
             for dst, msg in rd.messages:
                 if type(msg) is m.Accepted:
                     self._votes_sent(r, msg)
@@ -747,6 +755,7 @@ class Simulation:
         if any(v in c.voters for c in self._memberships_in_force()):
             self.wiped.add(v)  # it held votes: it counts against f until it recovers
         self.durable[v] = []
+        self.recovery_mark[v] = False
         self.stored[v] = {}
         self.disk_lost.add(v)
 

@@ -6,7 +6,10 @@ import os
 import random
 from pathlib import Path
 
+from smrd import core
 from smrd.apps.kvclient import KVClient, parse_get
+from smrd.protocol.records import CommitRecord, DecideRecord
+from smrd.storage import WriteAheadLog
 
 from .test_faults import KEYS, Load, wait_caught_up, wait_converged
 
@@ -163,6 +166,46 @@ def test_memory_stays_bounded_old_values_are_served_from_the_log_files(make_clus
         cluster.start_app(app_of)
         cluster.servers[app_of].wait_for("event=app_restart_detected", 20)
         load.wait_progress(50)
+    finally:
+        load.finish()
+    assert_nothing_lost(cluster, load)
+
+
+def test_a_recovery_cut_short_by_a_crash_is_resumed_after_the_restart(make_cluster):
+    # A replica that lost its disk writes the decided values it catches up while it recovers;
+    # if it crashes before recovery ends, those records must not pass for its votes on restart.
+    import shutil
+    cluster = make_cluster(replicas=3, gateways=1, framing="line", durability="fsync").start()
+    load = Load(cluster, clients=3).start()
+    try:
+        load.wait_progress(80)
+        victim = next(i for i in range(3) if i != cluster.leader())
+        others = [i for i in range(3) if i != victim]
+        cluster.kill_replica(victim)
+        shutil.rmtree(cluster.dir / f"replica-{victim}")
+        load.wait_progress(40)
+        mark = cluster.dir / f"replica-{victim}" / "recovering"
+        # Alone (the others stopped), it can only ask: it stays in recovery, marked on disk.
+        for i in others:
+            cluster.kill_replica(i)
+        cluster.start_replica(victim)
+        cluster.servers[victim].wait_for("event=recovering", 20)
+        assert mark.exists()
+        cluster.kill_replica(victim)                 # the crash in the middle of the recovery
+        # ... after it had caught up (and written) a decided value, as a recovering replica does:
+        wal = WriteAheadLog(str(cluster.dir / f"replica-{victim}"))
+        wal.open()
+        wal.append([DecideRecord(1, core.pack_batch((), timestamp=0)), CommitRecord(1)])
+        wal.sync()
+        wal.close()
+        cluster.start_replica(victim)
+        cluster.servers[victim].wait_for("event=recovering", 20)   # resumed, not a normal start
+        for i in others:
+            cluster.start_replica(i)
+        cluster.servers[victim].wait_for("event=recovered", 30)
+        wait_caught_up(cluster, victim)
+        assert not mark.exists()
+        load.wait_progress(40)
     finally:
         load.finish()
     assert_nothing_lost(cluster, load)

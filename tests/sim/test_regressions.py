@@ -72,12 +72,6 @@ def test_pinned_membership_heavy_seed(seed):
     assert result.ok, f"{PINNED_MEMBERSHIP_HEAVY[seed]} — regressed: {result.violation}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: a replica that lost its disk persists the decided values it catches up while recovering; "
-    "if it crashes before recovery ends, its log is no longer empty and it restarts as if it had "
-    "its votes. Soak seeds reach that state now and then (274 and 485 among the first 1000; seed "
-    "1780 once broke agreement through it). Telling an unfinished recovery apart needs a durable "
-    "mark written when recovery ends (records.py, the WAL)."))
 def test_a_crash_during_recovery_restarts_in_recovery():
     # Replica 0 lost its disk: it asks, learns that replica 1 leads view 1 with commit 3, and
     # catches up instances 1-2 from replica 2 before it crashes.
@@ -88,9 +82,14 @@ def test_a_crash_during_recovery_restarts_in_recovery():
     rep.step(2, CatchupReply(1, 2, ((1, noop), (2, noop))))
     persisted = rep.ready().persist
     assert rep.status == "recovering" and persisted  # values it holds now, not votes it cast
+    # The driver's mark (made when it started empty, removed once recovery ended durably) is
+    # still there: the replica recovers again, keeping the decided values it already holds.
     restarted = Replica(0, n=3, sessions=Sessions(4, 10 ** 9), durable=DurableState.fold(persisted),
-                        recovery_nonce=8)
-    assert restarted.status == "recovering"
+                        recovery_nonce=8, resume_recovery=True)
+    assert restarted.status == "recovering" and restarted.commit == 2
+    restarted.step(1, RecoveryResponse(1, 8, 2, True, False, ((3, noop),)))  # the leader moved on
+    restarted.step(2, RecoveryResponse(1, 8, 2, False, False, ()))
+    assert restarted.status == "normal" and restarted.view == 1 and restarted.top == 3
 
 
 def test_a_seed_replays_identically():
