@@ -1274,13 +1274,7 @@ class Replica:
         # Requests decided inside the transferred range will never be applied here; holding them
         # would make this replica forward them and then suspect a leader that already ordered them.
         for key in [k for k in self.pending if sessions.classify(*k) != EXECUTE]:
-            req = self.pending.pop(key)
-            if req.origin is not None:
-                left = self.pending_by_origin.get(req.origin, 1) - 1
-                if left > 0:
-                    self.pending_by_origin[req.origin] = left
-                else:
-                    self.pending_by_origin.pop(req.origin, None)
+            self._release_origin(self.pending.pop(key))
         self._after_input()
         return True
 

@@ -6,13 +6,15 @@ import pytest
 from smrd.local import LocalCluster
 
 
-def free_base_port(span=1000):
-    """A base port whose whole range (replicas, apps, gateways) is free right now."""
+def free_base_port(replicas=3, gateways=2, span=1000):
+    """A base port whose ports (LocalCluster's layout) for `replicas` replicas and `gateways`
+    gateways are all free right now."""
     for base in range(20000, 60000, span):
+        ports = [base + 10 * i + k for i in range(replicas) for k in range(4)]
+        ports += [base + 900 + g for g in range(gateways)] + [base + 950 + g for g in range(gateways)]
         socks = []
         try:
-            for port in (base, base + 1, base + 2, base + 10, base + 11, base + 12, base + 20,
-                         base + 21, base + 22, base + 900, base + 901):
+            for port in ports:
                 s = socket.socket()
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", port))
@@ -31,7 +33,7 @@ def make_cluster(tmp_path):
     clusters = []
 
     def make(**kw):
-        kw.setdefault("base_port", free_base_port())
+        kw.setdefault("base_port", free_base_port(kw.get("replicas", 3), max(2, kw.get("gateways", 1))))
         kw.setdefault("data_dir", tmp_path / f"cluster{len(clusters)}")
         cluster = LocalCluster(**kw)
         clusters.append(cluster)

@@ -6,7 +6,6 @@
 # their histories must be linearizable, no client may see an error (only retries inside the
 # gateway), every acknowledged write must be readable, and the members' apps must end equal.
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from smrd.apps.kvclient import KVClient, parse_get
 from smrd.local import LocalCluster
 from smrd.status import agreed_membership
 
+from .conftest import free_base_port
 from .test_faults import KEYS, Load
 
 # Snapshot hooks with frequent checkpoints: joining replicas and the wiped one get a checkpoint
@@ -26,30 +26,9 @@ SETTINGS = {"voters": [0, 1, 2], "snapshot_request": "SNAPSHOT", "restore_reques
 AUTO_JOIN = ["--auto-join", "true"]
 
 
-def free_base_port(replicas=5, gateways=2, span=1000):
-    """A base port whose ports for `replicas` replicas and `gateways` gateways are all free."""
-    for base in range(40000, 60000, span):
-        ports = [base + 10 * i + k for i in range(replicas) for k in range(4)]
-        ports += [base + 900 + g for g in range(gateways)] + [base + 950 + g for g in range(gateways)]
-        socks = []
-        try:
-            for port in ports:
-                s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 @pytest.fixture
 def cluster(tmp_path):
-    c = LocalCluster(replicas=5, gateways=2, framing="line", base_port=free_base_port(),
+    c = LocalCluster(replicas=5, gateways=2, framing="line", base_port=free_base_port(replicas=5),
                      data_dir=tmp_path / "cluster", settings=SETTINGS,
                      replica_args={3: AUTO_JOIN, 4: AUTO_JOIN})
     yield c
