@@ -938,6 +938,10 @@ class Server:
         return True, "ready"
 
     def status(self) -> dict:
+        if self.replica.membership is not self._last_membership:
+            # A change applied earlier in this burst of messages: act on it (auto_join after a
+            # removal) before describing it, as the end of the burst would.
+            self._on_membership()
         d = self.replica.describe()  # "role": voter | learner | none; "membership": the applied one
         d.update(process="server", auto_join=self.replica.auto_join, executed=self.executed, pid=os.getpid(),
                  app_ready=self.adapter._state is not False and self.halted is None, halted=self.halted,
