@@ -260,7 +260,7 @@ def leave(cluster, rid, timeout_s, out=None) -> int:
         if left <= 0:
             raise SmrdError(f"replica {rid} is still a {_role(cfg, rid)} after {timeout_s:g} s "
                             f"({_describe(cfg)}); is a quorum of the voters up?")
-        # A leader asked to remove itself hands leadership off first; the next leader orders it.
+        # The leader orders even its own removal; once applied, every replica moves to the next view.
         _apply(cluster, REMOVE, rid, cfg, min(ATTEMPT_S, left), out)
         rows = cluster.statuses()
         cfg = agreed_membership(rows) or cfg

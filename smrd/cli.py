@@ -154,8 +154,8 @@ core's answer is printed. See docs/membership.md.
       it to voter. Idempotent: a learner is only promoted, a voter is left as it is.
   smrd admin leave ID -c hosts.conf [--timeout S]
   smrd admin leave --self [--if-scaled-down] -c hosts.conf
-      remove replica ID (a leader hands leadership off first) and wait until the agreed
-      membership no longer has it; stop it afterwards. --self: this replica (SMRD_ID).
+      remove replica ID and wait until the agreed membership no longer has it; stop it
+      afterwards (removing the leader moves the group to the next view at once). --self: this replica (SMRD_ID).
       --if-scaled-down (the Kubernetes preStop hook): only if the pod's StatefulSet now has
       fewer replicas than this pod's ordinal + 1; otherwise do nothing and exit 0.
 
@@ -195,7 +195,8 @@ def _add_admin_parser(sub) -> None:
 
     leave = commands.add_parser(
         "leave", prog="smrd admin leave", allow_abbrev=False, help="remove a replica from the group",
-        description="Remove replica ID from the membership (a leader hands leadership off first) "
+        description="Remove replica ID from the membership (removing the leader moves every replica to "
+        "the next view at once, with no election timeout) "
         "and wait until the agreed membership no longer has it. Stop the replica afterwards. A "
         "removal that would leave the voters without a quorum of running replicas is refused.")
     leave.add_argument("replica", type=_replica_id, nargs="?", default=None, metavar="ID",

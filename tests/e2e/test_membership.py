@@ -124,7 +124,7 @@ def test_grow_to_five_shrink_to_three_and_replace_a_wiped_replica_under_load(clu
         assert cfg["index"] == 4 and cfg["quorum"] == 3           # learner, promote, learner, promote
         load.wait_progress(100)
 
-        # Removing the leader: it hands leadership off first, then the next leader removes it.
+        # Removing the leader: it orders its own removal; as it applies, the group moves to the next view.
         leader = cluster.leader()
         out = admin(cluster, "leave", leader)
         assert out.returncode == 0, out.stderr
