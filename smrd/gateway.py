@@ -15,13 +15,13 @@ import json
 import logging
 import os
 import signal
-import time
 from collections import OrderedDict
 
 from . import core
 from .errors import ProtocolError
 from .observability import Observability
-from .framing import FramingError, MessageReader, MessageTooLarge, error_reply, split_idempotency, write_message
+from .client_connection import ClientConnection
+from .framing import FramingError, error_reply, split_idempotency
 from .protocol import messages as m
 from .protocol.sessions import TOO_OLD, UNKNOWN_SESSION
 from .transport import Channels, gateway_identity
@@ -273,11 +273,14 @@ class Gateway:
             if first is not None and first != reply:
                 self._divergence(key, replica)
             return
-        for other, seen in call.replies.items():
+        replies = call.replies
+        matching = 1
+        for other, seen in replies.items():
             if seen != reply:
                 self._divergence(key, replica, other)
-        call.replies[replica] = reply
-        matching = sum(1 for r in call.replies.values() if r == reply)
+            elif other != replica:  # the same replica again (a retransmission's answer) counts once
+                matching += 1
+        replies[replica] = reply
         if matching >= self.reply_quorum:
             self.stats["replies"] += 1
             self.obs.observe_request_latency(self.loop.time() - call.first_sent)
@@ -336,39 +339,8 @@ class Gateway:
 
     # ------------------------------------------------------------------ outside clients
 
-    async def _serve(self, reader, writer):
-        self.stats["connections"] += 1
-        mode = self.mode
-        messages = MessageReader(reader, mode, self.settings.max_request_bytes, "request")
-        replies = asyncio.Queue()
-        writer_task = asyncio.create_task(self._write_replies(writer, replies))
-        try:
-            while True:
-                try:
-                    request = await messages.next()
-                except FramingError as e:
-                    what = "request too large" if isinstance(e, MessageTooLarge) else "malformed request"
-                    self.stats["errors"] += 1
-                    await replies.put(error_reply(mode, f"{what}: {e}", status=getattr(e, "status", 400), close=True))
-                    break
-                if request is not None:
-                    replies.put_nowait(self._reply_for(request))
-                if request is None or self.stopping.is_set():
-                    break
-                if mode == "close" or messages.wants_close:
-                    break
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            await replies.put(None)
-            try:
-                await writer_task
-            except Exception:
-                pass
-            writer.close()
-
-    def _reply_for(self, request):
-        """What the connection's writer waits on: bytes, or a future of the reply."""
+    def reply_for(self, request):
+        """What a client connection writes for one request: bytes, or the future of the reply."""
         mode = self.mode
         try:
             key, payload = split_idempotency(mode, request)
@@ -379,26 +351,6 @@ class Gateway:
             future = asyncio.ensure_future(self.submit(payload, key))
         return future
 
-    async def _write_replies(self, writer, replies):
-        # Replies leave in request order (pipelined clients rely on it), each as soon as it and
-        # all before it are ready.
-        while True:
-            item = await replies.get()
-            if item is None:
-                return
-            if isinstance(item, asyncio.Future):
-                try:
-                    reply = await asyncio.shield(item) if not item.done() else item.result()
-                except ClusterUnavailable as e:
-                    reply = error_reply(self.mode, str(e), status=503)
-            else:
-                reply = item
-            try:
-                await write_message(writer, self.mode, reply)
-            except (ConnectionError, FramingError) as e:
-                log.debug("client connection ended while writing: %s", e)
-                return
-
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> int:
@@ -408,7 +360,7 @@ class Gateway:
         me = self.config.gateway
         self.channels.start(self.loop, self._on_message, lambda: None)
         try:
-            self.server = await asyncio.start_server(self._serve, me.host, me.port, limit=1 << 20)
+            self.server = await self.loop.create_server(lambda: ClientConnection(self), me.host, me.port)
         except OSError as e:
             log.error("cannot listen on %s:%d: %s", me.host, me.port, e.strerror or e)
             self.channels.close()

@@ -37,6 +37,14 @@ _HANDSHAKE_FAILURES = {
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its CURVE handshake failed (it expects another server key)",
 }
 
+# Plain ints: pyzmq's option and flag constants are enums, and `events & zmq.POLLIN` builds an
+# enum member on every call (a few µs each, several times per message on the hot path).
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+
 PEER_PREFIX = b"r"
 GATEWAY_PREFIX = b"g"
 
@@ -129,7 +137,7 @@ class Channels:
             self._loop.add_reader(mon.getsockopt(zmq.FD), self._serve_watch, mon)
 
     def _serve_watch(self, mon) -> None:
-        while not mon.closed and mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while not mon.closed and mon.get(_EVENTS) & _POLLIN:
             try:
                 parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
@@ -155,7 +163,7 @@ class Channels:
     def _serve_zap(self) -> None:
         zap = self._zap
         # Edge-triggered FD (see _kick): read until EVENTS says empty, after our own sends too.
-        while not zap.closed and zap.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while not zap.closed and zap.get(_EVENTS) & _POLLIN:
             try:
                 frames = zap.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -173,7 +181,7 @@ class Channels:
                              f"{port} port: {why}")
 
     def _serve_monitor(self, mon) -> None:
-        while not mon.closed and mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while not mon.closed and mon.get(_EVENTS) & _POLLIN:
             try:
                 event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
@@ -226,7 +234,12 @@ class Channels:
 
     def send(self, sock, parts) -> bool:
         try:
-            sock.send_multipart(parts, flags=zmq.NOBLOCK)
+            # send_multipart, without its per-part enum arithmetic (2-3x its cost here). A part
+            # after the first never fails with EAGAIN: ZeroMQ admits or refuses a message whole.
+            send = sock.send
+            for part in parts[:-1]:
+                send(part, _MORE_NOBLOCK)
+            send(parts[-1], _NOBLOCK)
             self.sent += 1
             return True
         except zmq.Again:
@@ -272,11 +285,14 @@ class Channels:
             for s in self.sockets:
                 if s.closed:
                     continue
-                while handled < budget and s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                get, recv = s.get, s.recv
+                while handled < budget and get(_EVENTS) & _POLLIN:
                     try:
-                        parts = s.recv_multipart(zmq.NOBLOCK, copy=True)
+                        parts = [recv(_NOBLOCK)]  # recv_multipart, without enum arithmetic
                     except zmq.Again:
                         break
+                    while get(_RCVMORE):
+                        parts.append(recv(_NOBLOCK))
                     handled += 1
                     more = True
                     self._on_message(s, parts)

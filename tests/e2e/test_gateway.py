@@ -76,3 +76,40 @@ def test_http_mode_round_trip_idempotency_and_503(make_cluster):
     finally:
         for i in (0, 1):
             cluster.servers[i].signal(signal.SIGCONT)
+
+
+def _read_lines(sock, count):
+    f = sock.makefile("rb")
+    return [f.readline() for _ in range(count)], f
+
+
+def test_one_connection_pipelined_half_closed_and_not_reading_gets_every_reply_in_order(make_cluster):
+    cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
+    port = cluster.gateway_port(0)
+    # Pipelined: 300 requests in one write; replies come back in request order.
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"".join(b"PUT p%d v%d\nGET p%d\n" % (i, i, i) for i in range(150)))
+        replies, _ = _read_lines(s, 300)
+    assert replies == [r for i in range(150) for r in (b"OK\n", b"VALUE v%d\n" % i)]
+    # Half-closed after its requests: still answered, then the gateway closes.
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"".join(b"GET p%d\n" % i for i in range(40)))
+        s.shutdown(socket.SHUT_WR)
+        replies, f = _read_lines(s, 40)
+        assert f.read() == b""
+    assert replies == [b"VALUE v%d\n" % i for i in range(40)]
+    # Good requests, then an oversized one: the good ones are answered, then the error, then EOF.
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"GET p1\nGET p2\nPUT big " + b"x" * (2 << 20) + b"\n")
+        replies, f = _read_lines(s, 3)
+        assert f.read() == b""
+    assert replies[:2] == [b"VALUE v1\n", b"VALUE v2\n"]
+    assert replies[2].startswith(b"ERR smrd: request too large")
+    # A client that writes far more than it reads (replies pile up at the gateway, which stops
+    # reading it) still gets every reply in order once it reads.
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        big = b"PUT fat " + b"y" * 4000 + b"\n"
+        s.sendall(big + b"GET fat\n" * 3000)
+        replies, _ = _read_lines(s, 3001)
+    assert replies[0] == b"OK\n" and set(replies[1:]) == {b"VALUE " + b"y" * 4000 + b"\n"}

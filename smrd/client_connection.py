@@ -1,0 +1,183 @@
+# One outside client's TCP connection to the gateway, as an asyncio Protocol.
+#
+# Owns: decoding the client's requests, handing each to the gateway, and writing the replies back
+# in request order (pipelined clients rely on it), each as soon as it and every reply before it
+# are ready; ending the connection the way its framing says (close mode: the reply, then a
+# half-close; after a malformed request: an error reply, then close); back-pressure (a client
+# that does not read its replies stops being read).
+# Never: orders or retries anything (the gateway does), or writes a reply out of order.
+#
+# Why a Protocol and not streams: this is the gateway's per-request path. A StreamReader, a
+# writer task per connection and an awaited drain per reply cost about a third of the gateway's
+# CPU per request; here a request is one data_received call and a reply one done-callback.
+import asyncio
+import logging
+from collections import deque
+
+from .framing import FramingError, MessageTooLarge, encode, error_reply, make_decoder
+
+log = logging.getLogger(__name__)
+
+# How long a connection we have finished answering waits for the client to close its side.
+LINGER_S = 2.0
+
+
+class ClientConnection(asyncio.Protocol):
+    """Created by the gateway's server for each accepted connection (``gateway.connection()``)."""
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+        self.mode = gateway.mode
+        self.decoder = make_decoder(self.mode, gateway.settings.max_request_bytes, "request")
+        self.transport = None
+        # Replies in request order: bytes, or the future of the reply (a Future or a Task).
+        self.pending = deque()
+        self.ending = False       # no further request is read; close once pending is written
+        self.closed = False
+        self.peer_done = False    # the client half-closed (EOF received)
+        self._write_paused = False
+        self._linger = None       # the timer that closes a half-closed connection
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.gateway.stats["connections"] += 1
+
+    def data_received(self, data):
+        if self.ending:
+            return
+        decoder = self.decoder
+        try:
+            requests = decoder.feed(data)
+        except FramingError as e:
+            self._malformed(e)
+            return
+        self._take(requests)
+        if not self.ending:
+            if decoder.error is not None:
+                self._malformed(decoder.error)  # deferred behind the good requests above
+            elif decoder.finished:
+                self._end()
+
+    def eof_received(self):
+        self.peer_done = True
+        if self._linger is not None:
+            self.transport.close()  # we were only waiting for the client to finish
+            return True
+        if not self.ending:
+            try:
+                self._take(self.decoder.eof())
+            except FramingError as e:
+                self._malformed(e)
+                return True
+            self._end()
+        return True  # keep our side open: replies still owed are written before we close
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if self._linger is not None:
+            self._linger.cancel()
+        self.pending.clear()  # nobody to answer; the requests themselves complete regardless
+
+    def pause_writing(self):
+        # The client does not read its replies: stop reading its requests until it does.
+        self._write_paused = True
+        if not self.ending and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self):
+        self._write_paused = False
+        if (not self.ending or self._linger is not None) and not self.closed:
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ requests in
+
+    def _take(self, requests):
+        gateway = self.gateway
+        for request in requests:
+            if gateway.stopping.is_set():
+                # Draining: what is in flight is answered, nothing new is taken. This request
+                # was never ordered, so the client may safely send it to another gateway.
+                self._end()
+                break
+            item = gateway.reply_for(request)
+            self.pending.append(item)
+            if not isinstance(item, bytes):
+                item.add_done_callback(self._reply_ready)
+            if self.mode == "close" or self.decoder.wants_close:
+                self._end()
+                break
+        head = self.pending[0] if self.pending else None
+        if head is not None and (isinstance(head, bytes) or head.done()):
+            self._write_ready()  # else the head's done-callback writes, when it completes
+
+    def _malformed(self, e):
+        what = "request too large" if isinstance(e, MessageTooLarge) else "malformed request"
+        self.gateway.stats["errors"] += 1
+        self.pending.append(error_reply(self.mode, f"{what}: {e}", status=getattr(e, "status", 400),
+                                        close=True))
+        self._end()
+        self._write_ready()
+
+    def _end(self):
+        if not self.ending:
+            self.ending = True
+            if not self.closed:
+                self.transport.pause_reading()
+            self._write_ready()
+
+    # ------------------------------------------------------------------ replies out
+
+    def _reply_ready(self, _future):
+        self._write_ready()
+
+    def _write_ready(self):
+        if self.closed:
+            return
+        pending = self.pending
+        transport = self.transport
+        mode = self.mode
+        out = []
+        while pending:
+            head = pending[0]
+            if isinstance(head, bytes):
+                reply = head
+            elif not head.done():
+                break
+            elif head.cancelled():
+                reply = error_reply(mode, "gateway shutting down", status=503)
+            else:
+                e = head.exception()
+                if e is None:
+                    reply = head.result()
+                else:
+                    reply = error_reply(mode, str(e), status=503)
+            pending.popleft()
+            try:
+                out.append(encode(mode, reply))
+            except FramingError as e:
+                # A reply this framing cannot carry (a newline in line mode): the stream cannot
+                # go on in order, so the connection ends here.
+                log.debug("client connection ended: reply cannot be framed: %s", e)
+                pending.clear()
+                self.ending = True
+                break
+        if out:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self.ending and not pending and self._linger is None:
+            self._finish()
+
+    def _finish(self):
+        # Everything owed is written. Half-close, so the client reads all of it and then EOF,
+        # and close once the client closes too. A client still sending (a request cut off as too
+        # large, or pipelined past an error) is read and ignored meanwhile: closing with its
+        # bytes unread would send a reset, which can destroy the replies before it reads them.
+        transport = self.transport
+        if self.peer_done or not transport.can_write_eof():
+            transport.close()
+            self.closed = True
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
