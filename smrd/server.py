@@ -521,9 +521,13 @@ class Server:
         """replies: (identity or None, client_id, seq, status, bytes); one message per gateway."""
         ok = defaultdict(list)
         errors = defaultdict(list)
+        routes = self.routes
+        last_client = last_identity = None  # a gateway's requests come in runs of one client id
         for identity, client_id, seq, status, reply in replies:
             if identity is None:
-                identity = self.routes.get(client_id)
+                if client_id != last_client:
+                    last_client, last_identity = client_id, routes.get(client_id)
+                identity = last_identity
                 if identity is None:
                     continue  # its gateway never wrote to us; it retransmits and gets the cache
             if status == EXECUTE or status == DUPLICATE or status == SYSTEM:
@@ -591,10 +595,8 @@ class Server:
             while queue and len(payloads) < EXECUTE_CHUNK and type(queue[0]) is tuple:
                 instance, _, batch_plan = queue.popleft()
                 last_instance = instance
-                for client_id, seq, status, payload in batch_plan:
-                    plan.append((client_id, seq, status, payload))
-                    if status == EXECUTE:
-                        payloads.append(bytes(payload))
+                plan += batch_plan
+                payloads += [bytes(entry[3]) for entry in batch_plan if entry[2] == EXECUTE]
             try:
                 results = await self.adapter.execute(payloads) if payloads else []
             except AppRestarted as e:
@@ -610,16 +612,21 @@ class Server:
                 self._halt(f"app failed mid-request: {e}")
                 return
             replies = []
+            append = replies.append
             it = iter(results)
             images = self.open_images
+            finish = sessions.finish
             system = 0
             for client_id, seq, status, payload in plan:
                 if status == EXECUTE:
                     reply = next(it)
-                    sessions.finish(client_id, seq, reply)
-                    for image in images:
-                        image.fill(client_id, seq, reply)
-                elif status == DUPLICATE:
+                    finish(client_id, seq, reply)
+                    if images:
+                        for image in images:
+                            image.fill(client_id, seq, reply)
+                    append((None, client_id, seq, status, reply))
+                    continue
+                if status == DUPLICATE:
                     reply = payload if payload is not None else sessions.take_reply(client_id, seq)
                 elif status == SYSTEM:
                     # A membership change: the core applied it; never the app's business, not in

@@ -203,14 +203,26 @@ def plan_batch(sessions: Sessions, value) -> list:
     being executed is recognised as a duplicate, not queued again)."""
     batch = core.Batch(value)
     sessions.advance(batch.timestamp)
-    begin = sessions.begin
+    cache = sessions.cache
+    check, put = cache.check, cache.put
+    k, clock = sessions.k, sessions.clock_ms
+    new, duplicate = core.NEW, core.DUPLICATE
     plan = []
     for client_id, seq, payload in batch:
         if client_id == SYSTEM_CLIENT:
             plan.append((client_id, seq, SYSTEM, payload))  # the core executes it and fills in
             continue                                          # its answer (Replica._apply_change)
-        status = begin(client_id, seq)
-        if status == DUPLICATE:
+        # Sessions.begin(), inlined: this loop runs for every request at every replica.
+        if client_id in cache:
+            found = check(client_id, seq)
+            status = EXECUTE if found == new else DUPLICATE if found == duplicate else TOO_OLD
+        else:
+            status = EXECUTE if seq <= k else UNKNOWN_SESSION
+        if status == EXECUTE:
+            put(client_id, seq, None, clock)
+            if check(client_id, seq) != duplicate:
+                status = TOO_OLD  # fell out of the window at once (see Sessions.begin)
+        elif status == DUPLICATE:
             # A duplicate carries its answer in the plan (payload is not needed): the cached
             # reply now, or None = take it from the original when that has run.
             payload = sessions.cache.get(client_id, seq)
