@@ -148,6 +148,7 @@ class Replica:
         # twice the election timeout to reach it: peers reconnect to a new process with back-off.
         self.last_heard = self.opt.election_ticks
         self.last_sent = 0         # leader: tick of the last message to followers
+        self._answered_at = -1     # follower: tick of its last ACCEPTED or ACK to the leader
         self.vc_started = 0
         self.vc_last_sent = 0
         self.vc_attempt = 0
@@ -614,6 +615,7 @@ class Replica:
         if slot is None or not slot.decided:
             self._accept(i, msg.view, msg.value)
         self._send(sender, m.Accepted(self.view, i, 1))
+        self._answered_at = self.now
         self._learn_leader_commit(msg.commit)
 
     def _on_accepted(self, sender, msg) -> None:
@@ -626,7 +628,12 @@ class Replica:
     def _on_commit(self, sender, msg) -> None:
         if self._from_current_leader(sender, msg.view):
             self._learn_leader_commit(msg.commit)
-            self._send(sender, m.Ack(self.view, self.commit))
+            # An Ack only shows the leader that we are alive (step() counts any message as
+            # contact). Under load our ACCEPTEDs already do; an Ack for every COMMIT would double
+            # the messages of every instance. One per tick at most, none after an ACCEPTED.
+            if self._answered_at != self.now:
+                self._answered_at = self.now
+                self._send(sender, m.Ack(self.view, self.commit))
 
     def _on_ack(self, sender, msg) -> None:
         pass  # step() recorded the contact; that is all an Ack is for
