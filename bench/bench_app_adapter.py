@@ -8,12 +8,15 @@ line framing and once in close framing, then times the same GET/PUT workload fou
   close adapter  execute() in batches of --batch, --close-requests requests (a connection each)
   close raw      asyncio streams: connect, write, write_eof, read to EOF, per request
 
-plus "line adapter, one call" (all --requests in a single execute(), sliding window). Each case
-runs --repeat times; the best and the median are printed and written as JSON to --out, with the
-client process's CPU time per request (the app runs in its own process, so that is what the
-client side costs, whatever the app's speed).
+plus "line adapter, one call" (all --requests in a single execute(), sliding window) and "close
+adapter, 1 per call" (execute() of one request at a time: close mode's exchanges run in a worker
+thread, one hop to it per call, so this is its worst case). Each case runs --repeat times; the
+best and the median are printed and written as JSON to --out, with the client process's CPU time
+per request (all its threads; the app runs in its own process, so that is what the client side
+costs, whatever the app's speed). --only close (or line) runs one mode's cases.
 
     python bench/bench_app_adapter.py --out /tmp/bench_app_adapter.json
+    python bench/bench_app_adapter.py --only close --close-requests 4000 --repeat 5
 """
 import argparse
 import asyncio
@@ -100,6 +103,10 @@ async def close_adapter(port, requests, batch):
     return elapsed
 
 
+async def close_adapter_single(port, requests, batch):
+    return await close_adapter(port, requests, 1)
+
+
 async def close_raw(port, requests, batch):
     start = time.perf_counter()
     for request in requests:
@@ -118,6 +125,7 @@ CASES = [
     ("line", "raw", line_raw, "requests"),
     ("line", "adapter, one call", line_adapter_one_call, "requests"),
     ("close", "adapter", close_adapter, "close_requests"),
+    ("close", "adapter, 1 per call", close_adapter_single, "close_requests"),
     ("close", "raw", close_raw, "close_requests"),
 ]
 
@@ -125,6 +133,8 @@ CASES = [
 async def bench(args, ports):
     results = []
     for mode, client, func, count in CASES:
+        if args.only and mode != args.only:
+            continue
         n = getattr(args, count)
         times, cpu = [], []
         await func(ports[mode], workload(min(n, 200), b"warm"), args.batch)  # warm-up
@@ -137,7 +147,8 @@ async def bench(args, ports):
         # The app runs in its own process: client CPU per request is what the client costs.
         cpu_us = statistics.median(cpu) / n * 1e6
         results.append({
-            "mode": mode, "client": client, "requests": n, "batch": args.batch,
+            "mode": mode, "client": client, "requests": n,
+            "batch": 1 if func is close_adapter_single else args.batch,
             "seconds": times, "best_ops_per_s": round(n / best),
             "median_ops_per_s": round(n / median),
             "client_cpu_us_per_request": round(cpu_us, 2),
@@ -153,11 +164,14 @@ def main(argv=None):
     parser.add_argument("--close-requests", type=int, default=2_000, help="close-mode requests")
     parser.add_argument("--batch", type=int, default=64, help="requests per execute() / window")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", choices=("line", "close"), help="run one mode's cases")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     procs, ports = [], {}
     try:
         for mode in ("line", "close"):
+            if args.only and mode != args.only:
+                continue
             proc, ports[mode] = start_app(mode)
             procs.append(proc)
         results = asyncio.run(bench(args, ports))

@@ -2,7 +2,8 @@
 # (DESIGN.md §2 "app adapter", §3 the app contract; wire rules in docs/framing.md).
 #
 # Owns: the TCP connection(s) to the app, framing requests out and replies in, the reply
-# time-out, reconnecting with back-off, and the app's readiness as the replica reports it.
+# time-out, reconnecting with back-off, the app's readiness as the replica reports it, and close
+# mode's worker thread (its exchanges run there; see "close mode's worker thread" below).
 # Rules, most important first:
 #   1. Never reorder. Requests reach the app in the order given, replies come back in that order;
 #      close mode runs one connection at a time, because the app serves connections concurrently.
@@ -14,10 +15,17 @@
 #   3. Never guess what the app holds. Whether the app restarted (and lost its state) is the
 #      replica's call; the adapter reports connection trouble (on_state_change, stats) and no more.
 # Never: log above debug (the replica logs the state changes it is told about), sleep without a
-# bound, or leave a connection in use after an exchange ended abnormally (its late replies would
-# be taken for the next requests' replies).
+# bound, leave a connection in use after an exchange ended abnormally (its late replies would
+# be taken for the next requests' replies), or call on_state_change or touch stats from the
+# worker thread (the replica's callback touches asyncio objects).
 import asyncio
 import logging
+import queue
+import socket
+import struct
+import threading
+import time
+import weakref
 from typing import Callable, List, Optional, Sequence
 
 from .errors import SmrdError
@@ -35,6 +43,9 @@ BACKOFF_INITIAL_S = 0.02
 BACKOFF_MAX_S = 1.0
 BACKOFF_FIRST_MAX_S = 0.1
 BACKOFF_GROWTH = 1.5
+
+# Close mode reads a reply in reads of up to this: one for any usual reply, few for a snapshot.
+RECV_BYTES = 1 << 16
 
 StateCallback = Callable[[bool, str], None]
 
@@ -189,14 +200,177 @@ def _resolve(waiter: asyncio.Future) -> None:
         waiter.set_result(False)
 
 
+# -- close mode's worker thread ----------------------------------------------------------------
+#
+# Close mode runs its exchanges on plain blocking sockets in one worker thread per adapter, a
+# whole execute() call per hop to it. Driven by the event loop (transport, protocol, futures, a
+# loop iteration per step) a connection cost about twice the kernel's own work for it again in
+# Python; in the thread it costs little beyond the system calls, and the hop between threads
+# (two wake-ups) is paid once per call, not per request. A bare thread fed by a SimpleQueue, not
+# a ThreadPoolExecutor: its futures, locks and conditions made each hop cost about twice as much.
+# The thread decides nothing: it reports what happened in a _CloseRun and the event loop acts on
+# it (state callbacks, stats, the back-off sleeps, the errors), so those stay on the loop and the
+# back-off stays cancellable.
+#
+# The sockets are blocking with kernel time-outs (SO_SNDTIMEO bounds connect on Linux and send,
+# SO_RCVTIMEO bounds recv), not Python's: a socket with a Python time-out polls before each call.
+# Each call that blocks releases the GIL and must take it back, which can wait up to
+# sys.getswitchinterval() while the event loop runs Python: fewer calls per exchange keep the
+# thread moving beside a busy loop.
+
+
+class _CloseRun:
+    """One hop of close-mode exchanges to the worker thread. The thread fills in what happened;
+    the event loop reads it once the hop is over, or sets ``stop`` when it stops waiting."""
+
+    __slots__ = ("stop", "connections", "timed_out", "failed", "lost", "raised")
+
+    def __init__(self) -> None:
+        self.stop = False         # set on the event loop: start no further exchange
+        self.connections = 0      # connects that succeeded
+        self.timed_out = False    # the outcome below was a time-out (stats["timeouts"])
+        self.failed: Optional[str] = None  # the connect for request len(replies) failed
+        self.lost = None          # (AppError class, reason): request len(replies) is in doubt
+        self.raised: Optional[BaseException] = None  # what on_connect raised
+
+
+def _worker_loop(jobs: "queue.SimpleQueue") -> None:
+    """The worker thread: runs jobs in order and hands each outcome to its event loop."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        loop, future, func, args = job
+        job = None
+        try:
+            outcome = (func(*args), None)
+        except BaseException as exc:  # a bug: it belongs to the awaiting coroutine
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, future, outcome)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting
+        loop = future = func = args = outcome = None
+
+
+def _settle(future: asyncio.Future, outcome) -> None:
+    if not future.done():  # cancelled: the caller stopped waiting
+        result, exc = outcome
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+
+
+def _addresses(host: str, port: int):
+    """Addresses to try, or why there are none. A numeric host needs no lookup; a name is looked
+    up once per hop (getaddrinfo costs tens of microseconds even for a literal)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return [(family, (host, port))]
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+def _timeval(seconds: float) -> bytes:
+    micros = max(1, round(seconds * 1e6))  # a zero timeval would mean "no time-out"
+    return struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
+
+
+def _open(addresses, timeval: bytes):
+    """(a socket connected to the first address that accepts, None), or (None, why none did:
+    the last error, None when that was a time-out)."""
+    why: Optional[str] = None
+    for family, sockaddr in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.connect(sockaddr)
+        except BlockingIOError:  # EINPROGRESS: SO_SNDTIMEO ran out
+            sock.close()
+            why = None
+        except OSError as exc:
+            sock.close()
+            why = exc.strerror or str(exc)
+        else:
+            return sock, None
+    return None, why
+
+
+def _closed_at_once(sock: socket.socket) -> bool:
+    """Has the app already closed (or reset) a connection we have written nothing on?"""
+    try:
+        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _exchange_close(sock: socket.socket, request: bytes, mode: str, max_reply: int,
+                    timeout: float, run: _CloseRun) -> Optional[bytes]:
+    """Writes the request, half-closes, reads the reply to EOF; None with run.lost set if the
+    request is in doubt. Writing and the whole reply must take no more than timeout, as on the
+    event loop: an app cannot stay alive by reading or answering a byte at a time."""
+    decoder = make_decoder(mode, max_reply, "response")
+    try:
+        deadline = time.monotonic() + timeout
+        sent = sock.send(request)
+        if sent < len(request):  # larger than the socket's buffer: a partial send
+            view = memoryview(request)
+            while sent < len(request):
+                _time_left(sock, socket.SO_SNDTIMEO, deadline)
+                sent += sock.send(view[sent:])
+            _time_left(sock, socket.SO_RCVTIMEO, deadline)
+        sock.shutdown(socket.SHUT_WR)  # the half-close is what ends the request
+        while True:
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                break
+            decoder.feed(data)
+            _time_left(sock, socket.SO_RCVTIMEO, deadline)
+        replies = decoder.eof()
+    except BlockingIOError:  # EAGAIN: SO_SNDTIMEO / SO_RCVTIMEO ran out
+        run.timed_out = True
+        run.lost = (AppConnectionLost, f"no reply from the app within {timeout:g} s")
+        return None
+    except FramingError as exc:
+        run.lost = (AppProtocolError, f"bad reply from the app: {exc}")
+        return None
+    except OSError as exc:
+        run.lost = (AppConnectionLost, f"connection to the app lost: {exc}")
+        return None
+    if len(replies) != 1:
+        run.lost = (AppProtocolError, f"the app sent {len(replies)} replies to 1 requests")
+        return None
+    return replies[0]
+
+
+def _time_left(sock: socket.socket, option: int, deadline: float) -> None:
+    """Bounds the socket's next blocking call by what is left until deadline."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise BlockingIOError
+    sock.setsockopt(socket.SOL_SOCKET, option, _timeval(left))
+
+
 class AppAdapter:
     """Executes requests on the local app, in order, and returns its replies.
 
     ``execute`` is not reentrant: the caller owns the order, so a second concurrent call is a bug
     and raises RuntimeError. ``timeout_s`` bounds a connect and the wait for the next reply (not
-    a whole window: a pipelined app must answer something every timeout_s). ``ready`` is True
-    while the app answered the last attempt; ``on_state_change(ready, reason)`` is called once
-    per change (the first outcome counts as one).
+    a whole window: a pipelined app must answer something every timeout_s; in close mode, the
+    writing of a request and its whole reply). ``ready`` is True while the app answered the last
+    attempt; ``on_state_change(ready, reason)`` is called once per change (the first outcome
+    counts as one). ``close()`` during an execute() in close mode lets the exchange under way
+    finish, writes nothing more, and that execute() raises RuntimeError.
     """
 
     def __init__(self, host: str, port: int, mode: str, timeout_s: float = 5.0,
@@ -217,7 +391,9 @@ class AppAdapter:
         self.pipeline = pipeline
         self.on_state_change = on_state_change
         # Called after every new connection, before anything is written on it; the replica uses
-        # it to check that the app is still the process it has been feeding.
+        # it to check that the app is still the process it has been feeding. What it raises
+        # comes out of execute() as it is. In close mode it runs in the worker thread: it must
+        # not touch the event loop or anything the loop may change meanwhile.
         self.on_connect: Optional[Callable[[], None]] = None
         self.stats = {"requests": 0, "connections": 0, "reconnects": 0, "retries": 0,
                       "timeouts": 0, "errors": 0}
@@ -225,6 +401,8 @@ class AppAdapter:
         self._conn: Optional[_Connection] = None
         self._busy = False
         self._closed = False
+        self._jobs: Optional[queue.SimpleQueue] = None  # close mode's worker thread takes these
+        self._run: Optional[_CloseRun] = None  # the latest hop to it
 
     @property
     def ready(self) -> bool:
@@ -260,6 +438,10 @@ class AppAdapter:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        if self._run is not None:
+            self._run.stop = True  # the worker ends the exchange it is in, within timeout_s
+        if self._jobs is not None:
+            self._jobs.put(None)  # then it ends
 
     async def __aenter__(self) -> "AppAdapter":
         return self
@@ -358,43 +540,108 @@ class AppAdapter:
     # -- close mode: one connection per request, strictly one at a time -------------------------
 
     async def _execute_close(self, encoded: List[bytes]) -> List[bytes]:
+        loop = asyncio.get_running_loop()
+        jobs = self._jobs
+        if jobs is None:
+            jobs = self._jobs = queue.SimpleQueue()
+            # A daemon: exiting never waits for an app that does not answer (an exchange under
+            # way is abandoned then, as in a crash).
+            threading.Thread(target=_worker_loop, args=(jobs,), name="smrd-app-close",
+                             daemon=True).start()
+            weakref.finalize(self, jobs.put, None)  # the thread ends with an adapter not closed
         replies: List[bytes] = []
-        for i, request in enumerate(encoded):
-            conn = await self._connect()
+        delay = BACKOFF_INITIAL_S
+        while True:
+            if self._closed:  # close() during a back-off: the worker is gone
+                raise RuntimeError("AppAdapter.close() during execute()")
+            run = self._run = _CloseRun()
+            before = len(replies)
+            done = loop.create_future()
+            # One worker, so a hop still finishing the exchange it was in when its caller was
+            # cancelled is over before this one starts: never two connections at once.
+            jobs.put((loop, done, self._close_run, (encoded, replies, run)))
             try:
-                if self.on_connect is not None:
-                    self.on_connect()  # may raise before this request is written
-                conn.replies = replies
-                conn.outstanding = 1
-                conn.transport.write(request)
-                conn.transport.write_eof()  # the half-close is what ends the request
-                while len(replies) == i:
-                    if conn.protocol_error is not None:
-                        self._fail_state(conn.protocol_error)
-                        raise self._error(AppProtocolError, conn.protocol_error, encoded,
-                                          replies, i + 1)
-                    if conn.ended:
-                        self._fail_state(conn.lost_reason)
-                        raise self._error(AppConnectionLost, conn.lost_reason, encoded, replies,
-                                          i + 1)
-                    await conn.wait(self.timeout_s)
-                    if len(replies) == i and not conn.ended and conn.protocol_error is None:
-                        self.stats["timeouts"] += 1
-                        reason = f"no reply from the app within {self.timeout_s:g} s"
-                        self._fail_state(reason)
-                        raise self._error(AppConnectionLost, reason, encoded, replies, i + 1)
+                await done
+            except BaseException:
+                run.stop = True  # cancelled: the thread writes nothing more
+                raise
             finally:
-                conn.close()
-            if self._state is not True:
-                self._set_state(True, "the app answered")
-        return replies
+                self.stats["connections"] += run.connections
+                if len(replies) > before and self._state is not True:
+                    self._set_state(True, "the app answered")
+            if run.raised is not None:
+                exc, run.raised = run.raised, None
+                raise exc  # on_connect's, as it raised it: nothing written on that connection
+            if run.timed_out:
+                self.stats["timeouts"] += 1
+            if run.lost is not None:
+                cls, reason = run.lost
+                self._fail_state(reason)
+                raise self._error(cls, reason, encoded, replies, len(replies) + 1)
+            if run.failed is None:
+                if len(replies) < len(encoded):  # stopped by close()
+                    raise RuntimeError("AppAdapter.close() during execute()")
+                return replies
+            if len(replies) > before:
+                delay = BACKOFF_INITIAL_S  # the first failed connect of a new request
+            self._fail_state(run.failed, count=False)
+            self.stats["retries"] += 1
+            log.debug("app not reachable (%s); retrying in %.2f s", run.failed, delay)
+            await _sleep(delay)
+            cap = BACKOFF_MAX_S if self.stats["connections"] else BACKOFF_FIRST_MAX_S
+            delay = min(delay * BACKOFF_GROWTH, cap)
+
+    def _close_run(self, encoded: List[bytes], replies: List[bytes], run: _CloseRun) -> None:
+        """Worker thread: exchanges from request len(replies) on, appending the replies, until all
+        are answered or one cannot be (connect failed, on_connect raised, reply lost) or
+        run.stop. Reads the adapter's settings, writes nothing of it."""
+        host, port, timeout = self.host, self.port, self.timeout_s
+        mode, max_reply = self.mode, self.max_reply_bytes
+        on_connect = self.on_connect
+        timeval = _timeval(timeout)
+        addresses = None
+        while len(replies) < len(encoded):
+            if run.stop:
+                return
+            if addresses is None:
+                addresses = _addresses(host, port)
+                if isinstance(addresses, str):
+                    run.failed = f"cannot connect to {host}:{port}: {addresses}"
+                    return
+            sock, why = _open(addresses, timeval)
+            if sock is None:
+                run.timed_out = why is None
+                run.failed = (f"connect to {host}:{port} timed out after {timeout:g} s"
+                              if why is None else f"cannot connect to {host}:{port}: {why}")
+                return
+            try:
+                run.connections += 1
+                if on_connect is not None:
+                    try:
+                        on_connect()
+                    except BaseException as exc:  # the coroutine raises it, as it is
+                        run.raised = exc
+                        return
+                if _closed_at_once(sock):
+                    # Accepted and closed before we wrote a byte: nothing can have run.
+                    run.failed = f"{host}:{port} closed the connection at once"
+                    return
+                if run.stop:
+                    return
+                reply = _exchange_close(sock, encoded[len(replies)], mode, max_reply, timeout,
+                                        run)
+            finally:
+                sock.close()  # never linger: a late reply must not reach anyone
+            if reply is None:
+                return
+            replies.append(reply)
 
     # -- connecting, state, errors ----------------------------------------------------------------
 
     async def _connect(self) -> _Connection:
-        """A fresh connection, retrying with back-off for as long as it takes (or until the
-        caller cancels). Safe to retry: nothing has been written on a connection that failed
-        here."""
+        """Persistent modes: a fresh connection, retrying with back-off for as long as it takes
+        (or until the caller cancels). Safe to retry: nothing has been written on a connection
+        that failed here."""
         loop = asyncio.get_running_loop()
         delay = BACKOFF_INITIAL_S
         while True:

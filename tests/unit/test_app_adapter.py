@@ -6,6 +6,7 @@ synchronised on the adapter's on_state_change callback or on the test servers' o
 on guessed sleeps; the only clocks are the adapter's short reply time-outs under test.
 """
 import asyncio
+import gc
 import os
 import random
 import signal
@@ -13,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -709,3 +711,408 @@ def test_errors_share_one_base():
     err = AppConnectionLost("gone", executed_unknown=range(2, 4), replies_so_far=[b"a", b"b"])
     assert err.executed_unknown == [2, 3] and err.replies_so_far == [b"a", b"b"]
     assert "gone" in str(err) and "2..3" in str(err)
+
+
+# -- close mode's worker thread: every exit from a hop ---------------------------------------
+
+def close_workers():
+    """Close mode's worker threads now alive (one per adapter that ran close mode)."""
+    return {t for t in threading.enumerate() if t.name == "smrd-app-close"}
+
+
+def test_close_mode_reset_without_a_reply_and_an_empty_reply():
+    """A reset is a lost reply (in doubt, never resent); a plain close with no bytes is the
+    app's empty reply (docs/framing.md), not a loss."""
+    async def handler(app, reader, writer):
+        request = await reader.read()
+        app.seen.append(request)
+        if request == b"reset":
+            reset(writer)
+        elif request != b"empty":
+            writer.write(b"R:" + request)
+
+    async def main():
+        app = await App(handler).start()
+        states = []
+        adapter = AppAdapter(HOST, app.port, "close",
+                             on_state_change=lambda r, why: states.append(r))
+        with pytest.raises(AppConnectionLost) as info:
+            await adapter.execute([b"a", b"empty", b"reset", b"b", b"c"])
+        err = info.value
+        assert err.replies_so_far == [b"R:a", b""]
+        assert err.executed_unknown == [2] and err.not_written == [3, 4]
+        assert "connection to the app lost" in err.reason
+        assert states == [True, False] and adapter.stats["errors"] == 1
+        assert adapter.stats["connections"] == 3 and adapter.stats["requests"] == 0
+        assert await adapter.execute([b"b"]) == [b"R:b"]
+        assert app.seen == [b"a", b"empty", b"reset", b"b"]
+        await adapter.close()
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_reply_deadline_covers_the_whole_reply():
+    """A hung app that trickles bytes does not keep the exchange alive: timeout_s bounds the
+    whole reply, as the event loop's wait did."""
+    async def handler(app, reader, writer):
+        request = await reader.read()
+        app.seen.append(request)
+        if request == b"trickle":
+            while True:
+                writer.write(b".")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        writer.write(b"R:" + request)
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "close", timeout_s=0.2)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(AppConnectionLost) as info:
+            await adapter.execute([b"a", b"trickle", b"c"])
+        assert loop.time() - start < 2  # not kept alive by the bytes
+        err = info.value
+        assert err.reason == "no reply from the app within 0.2 s"
+        assert err.replies_so_far == [b"R:a"]
+        assert err.executed_unknown == [1] and err.not_written == [2]
+        assert adapter.stats["timeouts"] == 1 and adapter.stats["errors"] == 1
+        assert app.seen == [b"a", b"trickle"]
+        await adapter.close()
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_app_not_reading_a_large_request_times_out():
+    """Writing counts against timeout_s too: an app that stops reading cannot stall the adapter
+    for longer (the request is in doubt: part of it was written)."""
+    async def handler(app, reader, writer):
+        await reader.readexactly(1000)
+        app.seen.append(b"started")
+        await asyncio.Event().wait()  # never reads the rest
+
+    async def main():
+        app = await App(handler).start()
+        adapter = AppAdapter(HOST, app.port, "close", timeout_s=0.2)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(AppConnectionLost) as info:
+            await adapter.execute([b"x" * (64 << 20), b"next"])
+        assert loop.time() - start < 2
+        assert info.value.reason == "no reply from the app within 0.2 s"
+        assert info.value.executed_unknown == [0] and info.value.not_written == [1]
+        assert app.seen == [b"started"] and adapter.stats["timeouts"] == 1
+        await adapter.close()
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_app_gone_mid_batch_then_back_resumes_where_it_stopped(monkeypatch):
+    """Refused at request 2 after two replies: nothing is resent, the back-off starts afresh at
+    20 ms for the new request, and the batch resumes at request 2 once the app listens again."""
+    delays = []
+    app = None
+
+    async def fake_sleep(delay):
+        delays.append(delay)
+        if len(delays) == 2:
+            await app.start(app.port)  # back on the same port
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(app_adapter, "_sleep", fake_sleep)
+
+    async def handler(app, reader, writer):
+        request = await reader.read()
+        app.seen.append(request)
+        if request == b"1":
+            app.server.close()  # stop listening before answering: request 2 is refused
+        writer.write(b"R:" + request)
+
+    async def main():
+        nonlocal app
+        app = await App(handler).start()
+        states = []
+        adapter = AppAdapter(HOST, app.port, "close",
+                             on_state_change=lambda r, why: states.append((r, why)))
+        replies = await adapter.execute([b"0", b"1", b"2", b"3"])
+        assert replies == [b"R:0", b"R:1", b"R:2", b"R:3"]
+        assert app.seen == [b"0", b"1", b"2", b"3"]
+        assert delays == pytest.approx([0.02, 0.03])
+        assert [r for r, _ in states] == [True, False, True]
+        assert "cannot connect" in states[1][1]
+        assert adapter.stats["retries"] == 2 and adapter.stats["errors"] == 0
+        assert adapter.stats["connections"] == 4 and adapter.stats["requests"] == 4
+        await adapter.close()
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_backoff_and_cancel_during_it(monkeypatch):
+    delays = []
+
+    async def fake_sleep(delay):
+        delays.append(delay)
+        if len(delays) == 7:
+            raise asyncio.CancelledError  # as a replica shutting down would
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(app_adapter, "_sleep", fake_sleep)
+
+    async def main():
+        adapter = AppAdapter(HOST, free_port(), "close")
+        with pytest.raises(asyncio.CancelledError):
+            await adapter.execute([b"x", b"y"])
+        assert delays == pytest.approx([0.02, 0.03, 0.045, 0.0675, 0.1, 0.1, 0.1])
+        assert adapter.stats["retries"] == 7 and adapter.stats["connections"] == 0
+        assert not adapter.ready
+        await adapter.close()
+    run(main())
+
+
+def test_close_mode_close_during_back_off_ends_execute(monkeypatch):
+    adapter = None
+
+    async def fake_sleep(delay):
+        await adapter.close()  # the caller closed without cancelling first: a caller's bug
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(app_adapter, "_sleep", fake_sleep)
+
+    async def main():
+        nonlocal adapter
+        adapter = AppAdapter(HOST, free_port(), "close")
+        with pytest.raises(RuntimeError, match="close"):
+            await adapter.execute([b"x"])
+        assert adapter.stats["retries"] == 1 and adapter.stats["connections"] == 0
+    run(main())
+
+
+def test_close_mode_unresolvable_host_is_retried(monkeypatch):
+    reasons, delays = [], []
+
+    async def fake_sleep(delay):
+        delays.append(delay)
+        if len(delays) == 2:
+            raise asyncio.CancelledError
+        await asyncio.sleep(0)
+
+    def no_such_host(host, *args, **kw):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(app_adapter, "_sleep", fake_sleep)
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)  # no resolver needed
+
+    async def main():
+        adapter = AppAdapter("app.invalid", 7000, "close",
+                             on_state_change=lambda r, why: reasons.append(why))
+        with pytest.raises(asyncio.CancelledError):
+            await adapter.execute([b"x"])
+        assert reasons == ["cannot connect to app.invalid:7000: Name or service not known"]
+        assert adapter.stats["retries"] == 2 and adapter.stats["connections"] == 0
+        await adapter.close()
+    run(main())
+
+
+def test_close_mode_host_name_is_resolved():
+    async def main():
+        app = await App(echo_close).start()
+        async with AppAdapter("localhost", app.port, "close") as adapter:
+            try:
+                replies = await adapter.execute([b"a", b"b"])
+            except AppError:
+                pytest.skip("localhost does not resolve to 127.0.0.1 here")
+        assert replies == [b"R:a", b"R:b"]
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_connect_timeout_is_retried(monkeypatch):
+    """A listener whose accept queue is full drops the SYN: connect times out (timeout_s)."""
+    delays = []
+
+    async def fake_sleep(delay):
+        delays.append(delay)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(app_adapter, "_sleep", fake_sleep)
+
+    async def main():
+        with socket.socket() as listener, socket.socket() as queued:
+            listener.bind((HOST, 0))
+            listener.listen(0)
+            queued.connect(listener.getsockname())  # fills the queue; nobody ever accepts
+            states = []
+            adapter = AppAdapter(HOST, listener.getsockname()[1], "close", timeout_s=0.2,
+                                 on_state_change=lambda r, why: states.append(why))
+            with pytest.raises(asyncio.CancelledError):
+                await adapter.execute([b"x"])
+            assert states == [f"connect to {HOST}:{adapter.port} timed out after 0.2 s"]
+            assert adapter.stats["timeouts"] == 1 and adapter.stats["retries"] == 1
+            assert adapter.stats["connections"] == 0 and delays == [0.02]
+            await adapter.close()
+    run(main())
+
+
+def test_close_mode_connection_closed_before_anything_was_written_is_retried():
+    """Accepted, then closed by the app before a byte was written: nothing can have run, so the
+    request goes again on a new connection. on_connect (in the worker thread) holds the write back
+    until the app's FIN is in, so that the adapter sees it every time."""
+    closed = threading.Event()
+
+    async def handler(app, reader, writer):
+        if app.connections == 1:
+            writer.close()
+            await writer.wait_closed()
+            closed.set()
+            return
+        await echo_close(app, reader, writer)
+
+    def on_connect():
+        if not closed.is_set():
+            assert closed.wait(5)
+
+    async def main():
+        app = await App(handler).start()
+        states = []
+        adapter = AppAdapter(HOST, app.port, "close",
+                             on_state_change=lambda r, why: states.append(why))
+        adapter.on_connect = on_connect
+        assert await adapter.execute([b"a", b"b"]) == [b"R:a", b"R:b"]
+        assert states[0] == f"{HOST}:{app.port} closed the connection at once"
+        assert len(states) == 2
+        assert app.seen == [b"a", b"b"] and app.connections == 3
+        assert adapter.stats["connections"] == 3 and adapter.stats["retries"] == 1
+        assert adapter.stats["errors"] == 0
+        await adapter.close()
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_on_connect_raising_writes_nothing_more():
+    class Restarted(AppError):
+        pass
+
+    calls = []
+    raised = Restarted("the app's process changed")
+
+    def on_connect():
+        calls.append(1)
+        if len(calls) == 3:
+            raise raised
+
+    async def main():
+        app = await App(echo_close).start()
+        states = []
+        adapter = AppAdapter(HOST, app.port, "close",
+                             on_state_change=lambda r, why: states.append(r))
+        adapter.on_connect = on_connect
+        with pytest.raises(Restarted) as info:
+            await adapter.execute([b"a", b"b", b"c", b"d"])
+        assert info.value is raised  # crossed from the worker thread as it was raised
+        assert app.seen == [b"a", b"b"]
+        assert adapter.stats["connections"] == 3 and adapter.stats["errors"] == 0
+        assert states == [True]
+        adapter.on_connect = None
+        assert await adapter.execute([b"e"]) == [b"R:e"]
+        # The third connection was closed with nothing written on it: the app read b"".
+        assert app.seen == [b"a", b"b", b"", b"e"]
+        await adapter.close()
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_cancel_mid_batch_writes_no_further_request():
+    """Cancelled while the worker waits for a reply: that exchange ends on its own, nothing after
+    it is written, and the next call starts only once it has ended (one connection at a time)."""
+    async def handler(app, reader, writer):
+        request = await reader.read()
+        app.seen.append(request)
+        if request == b"slow":
+            app.event.set()
+            await app.release.wait()
+        writer.write(b"R:" + request)
+
+    async def main():
+        app = await App(handler).start()
+        app.release = asyncio.Event()
+        adapter = AppAdapter(HOST, app.port, "close")
+        task = asyncio.create_task(adapter.execute([b"a", b"slow", b"c", b"d"]))
+        await app.event.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        later = asyncio.create_task(adapter.execute([b"e"]))
+        await asyncio.sleep(0.05)  # not a synchronisation: a chance to misbehave, if it could
+        assert not later.done() and app.seen == [b"a", b"slow"]  # queued behind "slow"
+        app.release.set()
+        assert await later == [b"R:e"]
+        assert app.seen == [b"a", b"slow", b"e"] and app.max_active == 1
+        await adapter.close()
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_close_during_execute_does_not_hang_and_ends_the_thread():
+    async def handler(app, reader, writer):
+        request = await reader.read()
+        app.seen.append(request)
+        if request == b"slow":
+            app.event.set()
+            await app.release.wait()
+        writer.write(b"R:" + request)
+
+    async def main():
+        app = await App(handler).start()
+        app.release = asyncio.Event()
+        before = close_workers()
+        adapter = AppAdapter(HOST, app.port, "close")
+        task = asyncio.create_task(adapter.execute([b"a", b"slow", b"c"]))
+        await app.event.wait()
+        (thread,) = close_workers() - before
+        await adapter.close()  # returns at once, with the worker mid-exchange
+        assert not task.done()
+        app.release.set()
+        with pytest.raises(RuntimeError, match="close"):
+            await task
+        thread.join(5)
+        assert not thread.is_alive()
+        assert app.seen == [b"a", b"slow"]  # the exchange under way finished; nothing after it
+        with pytest.raises(RuntimeError):
+            await adapter.execute([b"x"])
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_large_request_and_reply():
+    """Requests and replies larger than the socket buffers and than one read."""
+    async def handler(app, reader, writer):
+        request = await reader.read()
+        app.seen.append(len(request))
+        writer.write(request[::-1] * 2)
+        await writer.drain()
+
+    async def main():
+        app = await App(handler).start()
+        rng = random.Random(3)
+        big = rng.randbytes(1 << 20)
+        async with AppAdapter(HOST, app.port, "close") as adapter:
+            replies = await adapter.execute([big, b"x", big[:70_000]])
+        assert replies == [big[::-1] * 2, b"xx", big[:70_000][::-1] * 2]
+        assert app.seen == [1 << 20, 1, 70_000]
+        await app.stop()
+    run(main())
+
+
+def test_close_mode_thread_ends_with_an_adapter_never_closed():
+    async def main():
+        app = await App(echo_close).start()
+        before = close_workers()
+        adapter = AppAdapter(HOST, app.port, "close")
+        assert await adapter.execute([b"a"]) == [b"R:a"]
+        (thread,) = close_workers() - before
+        del adapter
+        gc.collect()
+        thread.join(5)
+        assert not thread.is_alive()
+        await app.stop()
+    run(main())
