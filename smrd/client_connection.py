@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 # How long a connection we have finished answering waits for the client to close its side.
 LINGER_S = 2.0
+# Requests one connection may have unanswered before we stop reading it: a client pipelining
+# without bound must not grow the gateway's memory (the gateway's own window bounds only what is
+# in flight to the replicas, not what waits for it).
+MAX_PIPELINED = 1024
 
 
 class ClientConnection(asyncio.Protocol):
@@ -36,6 +40,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.peer_done = False    # the client half-closed (EOF received)
         self._write_paused = False
+        self._pipeline_full = False
         self._linger = None       # the timer that closes a half-closed connection
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -88,7 +93,7 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self):
         self._write_paused = False
-        if (not self.ending or self._linger is not None) and not self.closed:
+        if (not self.ending or self._linger is not None) and not self.closed and not self._pipeline_full:
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------ requests in
@@ -108,6 +113,9 @@ class ClientConnection(asyncio.Protocol):
             if self.mode == "close" or self.decoder.wants_close:
                 self._end()
                 break
+        if len(self.pending) >= MAX_PIPELINED and not self.ending and not self._pipeline_full:
+            self._pipeline_full = True
+            self.transport.pause_reading()  # resumed by _write_ready once half are answered
         head = self.pending[0] if self.pending else None
         if head is not None and (isinstance(head, bytes) or head.done()):
             self._write_ready()  # else the head's done-callback writes, when it completes
@@ -165,6 +173,10 @@ class ClientConnection(asyncio.Protocol):
                 break
         if out:
             transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._pipeline_full and len(pending) <= MAX_PIPELINED // 2:
+            self._pipeline_full = False
+            if not self.ending and not self._write_paused:
+                transport.resume_reading()
         if self.ending and not pending and self._linger is None:
             self._finish()
 
