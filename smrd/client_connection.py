@@ -3,8 +3,9 @@
 # Owns: decoding the client's requests, handing each to the gateway, and writing the replies back
 # in request order (pipelined clients rely on it), each as soon as it and every reply before it
 # are ready; ending the connection the way its framing says (close mode: the reply, then a
-# half-close; after a malformed request: an error reply, then close); back-pressure (a client
-# that does not read its replies stops being read).
+# half-close; after a malformed request: an error reply, then a half-close, and the close once
+# the client closes or LINGER_S passes); back-pressure (a client that does not read its replies,
+# or has MAX_PIPELINED requests unanswered, stops being read).
 # Never: orders or retries anything (the gateway does), or writes a reply out of order.
 #
 # Why a Protocol and not streams: this is the gateway's per-request path. A StreamReader, a
@@ -27,7 +28,7 @@ MAX_PIPELINED = 1024
 
 
 class ClientConnection(asyncio.Protocol):
-    """Created by the gateway's server for each accepted connection (``gateway.connection()``)."""
+    """One per accepted connection; the gateway's server creates them (``Gateway.run``)."""
 
     def __init__(self, gateway):
         self.gateway = gateway
