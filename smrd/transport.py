@@ -39,6 +39,7 @@ _HANDSHAKE_FAILURES = {
 
 # Plain ints: pyzmq's option and flag constants are enums, and `events & zmq.POLLIN` builds an
 # enum member on every call (a few µs each, several times per message on the hot path).
+# (Socket.get still looks its option up in an enum; docs/benchmarks.md says what that costs.)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _RCVMORE = int(zmq.RCVMORE)
@@ -234,7 +235,7 @@ class Channels:
 
     def send(self, sock, parts) -> bool:
         try:
-            # send_multipart, without its per-part enum arithmetic (2-3x its cost here). A part
+            # send_multipart, without its per-part flag arithmetic (2-3x its cost here). A part
             # after the first never fails with EAGAIN: ZeroMQ admits or refuses a message whole.
             send = sock.send
             for part in parts[:-1]:
@@ -288,7 +289,7 @@ class Channels:
                 get, recv = s.get, s.recv
                 while handled < budget and get(_EVENTS) & _POLLIN:
                     try:
-                        parts = [recv(_NOBLOCK)]  # recv_multipart, without enum arithmetic
+                        parts = [recv(_NOBLOCK)]  # recv_multipart, without flag arithmetic
                     except zmq.Again:
                         break
                     while get(_RCVMORE):
