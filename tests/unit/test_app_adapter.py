@@ -396,16 +396,23 @@ def test_app_down_at_first_then_up(mode):
     run(main())
 
 
-def test_backoff_to_an_app_never_reached_grows_from_20_ms_to_100_ms(monkeypatch):
+
+def _back_off_cancelled_after(count, monkeypatch):
+    """Replaces the adapter's back-off sleep: records each delay and raises CancelledError on the
+    count-th, as a replica shutting down would. Returns the list the delays go into."""
     delays = []
 
     async def fake_sleep(delay):
         delays.append(delay)
-        if len(delays) == 12:
-            raise asyncio.CancelledError  # as a replica shutting down would
+        if len(delays) == count:
+            raise asyncio.CancelledError
         await asyncio.sleep(0)
 
     monkeypatch.setattr(app_adapter, "_sleep", fake_sleep)
+    return delays
+
+def test_backoff_to_an_app_never_reached_grows_from_20_ms_to_100_ms(monkeypatch):
+    delays = _back_off_cancelled_after(12, monkeypatch)
 
     async def main():
         adapter = AppAdapter(HOST, free_port(), "line")
@@ -848,15 +855,7 @@ def test_close_mode_app_gone_mid_batch_then_back_resumes_where_it_stopped(monkey
 
 
 def test_close_mode_backoff_and_cancel_during_it(monkeypatch):
-    delays = []
-
-    async def fake_sleep(delay):
-        delays.append(delay)
-        if len(delays) == 7:
-            raise asyncio.CancelledError  # as a replica shutting down would
-        await asyncio.sleep(0)
-
-    monkeypatch.setattr(app_adapter, "_sleep", fake_sleep)
+    delays = _back_off_cancelled_after(7, monkeypatch)
 
     async def main():
         adapter = AppAdapter(HOST, free_port(), "close")
@@ -888,18 +887,12 @@ def test_close_mode_close_during_back_off_ends_execute(monkeypatch):
 
 
 def test_close_mode_unresolvable_host_is_retried(monkeypatch):
-    reasons, delays = [], []
-
-    async def fake_sleep(delay):
-        delays.append(delay)
-        if len(delays) == 2:
-            raise asyncio.CancelledError
-        await asyncio.sleep(0)
+    reasons = []
+    _back_off_cancelled_after(2, monkeypatch)
 
     def no_such_host(host, *args, **kw):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    monkeypatch.setattr(app_adapter, "_sleep", fake_sleep)
     monkeypatch.setattr(socket, "getaddrinfo", no_such_host)  # no resolver needed
 
     async def main():
@@ -928,13 +921,7 @@ def test_close_mode_host_name_is_resolved():
 
 def test_close_mode_connect_timeout_is_retried(monkeypatch):
     """A listener whose accept queue is full drops the SYN: connect times out (timeout_s)."""
-    delays = []
-
-    async def fake_sleep(delay):
-        delays.append(delay)
-        raise asyncio.CancelledError
-
-    monkeypatch.setattr(app_adapter, "_sleep", fake_sleep)
+    delays = _back_off_cancelled_after(1, monkeypatch)
 
     async def main():
         with socket.socket() as listener, socket.socket() as queued:
