@@ -15,6 +15,10 @@ from .app_adapter import AppError
 log = logging.getLogger(__name__)
 
 
+ABSENT = "absent"   # nothing listens on the port
+HIDDEN = "hidden"   # something listens, but psutil cannot tell which process
+
+
 class AppRestarted(AppError):
     """The app's process changed since requests were last executed on it: its state is gone."""
 
@@ -31,31 +35,50 @@ class AppWatch:
 
     def find(self):
         """(pid, create_time) of the process listening on the port now, or None."""
+        found = self._listener()
+        return found if isinstance(found, tuple) else None
+
+    def _listener(self):
+        """(pid, create_time) of the listener; ABSENT if nothing listens on the port (an app
+        dying or not up yet); HIDDEN if something listens but its process cannot be seen."""
         try:
             conns = psutil.net_connections(kind="tcp")
         except (psutil.AccessDenied, PermissionError, OSError):
-            return None
+            return HIDDEN
+        hidden = False
         for c in conns:
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port and c.pid:
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port:
+                if not c.pid:
+                    hidden = True
+                    continue
                 try:
                     return (c.pid, psutil.Process(c.pid).create_time())
                 except psutil.Error:
-                    return None
-        return None
+                    hidden = True
+        return HIDDEN if hidden else ABSENT
 
     def adopt(self) -> bool:
-        """Take the current listener as the app being fed. False if it cannot be seen."""
-        found = self.find()
-        if found is None:
+        """Take the current listener as the app being fed. False if there is none (tried again
+        on the next connection) or it cannot be seen (given up: see check)."""
+        found = self._listener()
+        if found is ABSENT:
+            # We just connected, so the app that accepted is going away: not a reason to stop
+            # watching for good (a CI run once lost restart detection to this race).
+            return False
+        if found is HIDDEN:
             if self.visible:
                 self.visible = False
                 log.warning("cannot see the process listening on app port %d (different user or "
                             "PID namespace?): an app restart cannot be told from a dropped "
                             "connection, so execution stops on any doubt", self.port)
             return False
+        try:
+            proc = psutil.Process(found[0])
+        except psutil.Error:
+            return False  # gone since: as ABSENT
         self.visible = True
         self.identity = found
-        self._proc = psutil.Process(found[0])
+        self._proc = proc
         self._record(found)
         return True
 

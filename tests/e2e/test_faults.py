@@ -216,6 +216,9 @@ def test_app_restart_alone_is_detected_and_its_state_rebuilt(make_cluster, frami
     try:
         load.wait_progress(60)
         victim = next(i for i in range(3) if i != cluster.leader())
+        # The gateway needs only f+1 replies, so the victim may not have fed its app yet; an
+        # app killed before that holds nothing and its successor needs no rebuild.
+        wait_caught_up(cluster, victim)
         cluster.apps[victim].kill()                 # the app container restarts; smrd does not
         cluster.start_app(victim)                   # ... and comes back empty
         cluster.servers[victim].wait_for("app restart detected", 30)
