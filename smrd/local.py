@@ -33,11 +33,13 @@ class Child:
         self.log_path = Path(log_path)
         self.env = env
         self.proc = None
+        self.terminated = False   # SIGTERM sent to the current process
         self.lines = []
         self._cond = threading.Condition()
 
     def start(self):
         self.lines = []
+        self.terminated = False
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=self.env, start_new_session=True)
@@ -84,11 +86,17 @@ class Child:
         if self.alive:
             self.proc.send_signal(sig)
 
+    def terminate(self):
+        """SIGTERM, once: a second one tells smrd to give up its drain (exit at once)."""
+        if self.alive and not self.terminated:
+            self.terminated = True
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout=10.0):
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -232,8 +240,7 @@ class LocalCluster:
         # the apps: SIGTERM to a whole tier at once, then wait for it.
         for tier in (self.gateways, self.servers, self.apps):
             for child in tier:
-                if child.alive:
-                    child.proc.send_signal(signal.SIGTERM)
+                child.terminate()
             for child in tier:
                 child.stop()
 

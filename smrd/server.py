@@ -195,6 +195,7 @@ class Server:
             self.channels.watch_disconnect(sock, lambda r=r: self._peer_lost(r))
         self.adapter = AppAdapter(s.app_host, s.app_port, s.framing, s.app_timeout_ms / 1000,
                                   on_state_change=self._app_state)
+        self._app_was_down = False  # for the log only: "reachable" vs "reachable again"
         self.watch = AppWatch(s.app_port, None if s.durability == "memory"
                               else os.path.join(data_dir, "app-identity.json"))
         self.adapter.on_connect = self.watch.check
@@ -886,8 +887,11 @@ class Server:
 
     def _app_state(self, ready, reason):
         if ready:
-            log.info("app at %s:%d is reachable again", self.settings.app_host, self.settings.app_port)
+            log.info("app at %s:%d is reachable%s", self.settings.app_host, self.settings.app_port,
+                     " again" if self._app_was_down else "")
+            self._app_was_down = False
         else:
+            self._app_was_down = True
             log.warning("app at %s:%d is not answering (%s); requests wait, nothing is skipped",
                         self.settings.app_host, self.settings.app_port, reason)
 
