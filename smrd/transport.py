@@ -101,7 +101,13 @@ class Channels:
         s.setsockopt(zmq.HEARTBEAT_IVL, 1000)     # detects dead TCP peers, then reconnects
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         if kind == zmq.ROUTER:
-            s.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer reuses its identity at once
+            # No ROUTER_HANDOVER: with it, any connection that merely claims a connected peer's
+            # identity takes over its routing id, and the real peer's messages are then dropped
+            # in silence until the heartbeat times out (~4 s; a forged frame on a peer port
+            # moved the view that way in CI). Without it a duplicate is refused. A restarted
+            # peer is not held up: its old connection closed when its process died; only after
+            # a silent host death does it wait for HEARTBEAT_TIMEOUT to drop the old one.
+            s.setsockopt(zmq.ROUTER_HANDOVER, 0)
         if identity is not None:
             s.setsockopt(zmq.IDENTITY, identity)
         self.sockets.append(s)
