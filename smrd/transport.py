@@ -105,8 +105,9 @@ class Channels:
             # identity takes over its routing id, and the real peer's messages are then dropped
             # in silence until the heartbeat times out (~4 s; a forged frame on a peer port
             # moved the view that way in CI). Without it a duplicate is refused. A restarted
-            # peer is not held up: its old connection closed when its process died; only after
-            # a silent host death does it wait for HEARTBEAT_TIMEOUT to drop the old one.
+            # peer is not held up: its old connection closed when its process died, and the
+            # router noticed long before a new process connects. Only after a silent host death
+            # (no FIN) does it wait for HEARTBEAT_TIMEOUT to drop the old connection first.
             s.setsockopt(zmq.ROUTER_HANDOVER, 0)
         if identity is not None:
             s.setsockopt(zmq.IDENTITY, identity)

@@ -51,10 +51,16 @@ def test_a_restarted_peer_gets_its_identity_back_at_once():
     try:
         router = channels.bind_router("tcp://127.0.0.1:*")
         endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        gone = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         old = channels.connect_dealer(endpoint, b"r1")
         old.send(b"before")
         assert _receive(router, b"before", 10) == (b"r1", b"before")
-        old.close(0)  # the process died: its connection closes
+        old.close(0)  # the process died: its connection closes ...
+        # ... and the router notices within milliseconds, well before a restarted process (a
+        # third of a second to start, at the least) connects again. Connecting in the same
+        # instant would race that: the duplicate is refused, its connection stays up unused,
+        # and it recovers only when its heartbeat times out (about 4 s).
+        assert gone.poll(10_000), "the router never saw the old connection go"
         new = channels.connect_dealer(endpoint, b"r1")
         new.send(b"again")
         assert _receive(router, b"again", 2) == (b"r1", b"again")
