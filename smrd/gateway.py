@@ -77,6 +77,7 @@ class Gateway:
             sock = self.channels.connect_dealer(addr.client_endpoint, self.identity, replica=r)
             self.replica_socks[r] = sock
             self.sock_replica[sock] = r
+            self.channels.watch_disconnect(sock, lambda r=r: self._connection_lost(r))
         self._new_session()
         self.calls = {}                 # (client_id, seq) -> _Call
         self.session_calls = OrderedDict()  # seq -> _Call of the current session, oldest first
@@ -94,6 +95,13 @@ class Gateway:
         # hosts.conf with 3 replicas up) cost nothing. None: not known yet, send to every replica.
         self.membership = None          # {"index", "voters", "learners", ...} with the highest index
         self.targets = tuple(self.replica_socks)  # replica ids requests go to
+        # The replica the members' status answers name as leader (of the highest view heard of,
+        # status normal), or None. With reply_quorum 1, new requests go to it alone: the
+        # followers learn them from its proposals and neither receive nor answer them, which
+        # saves every process CPU on each request. Retransmissions, and everything in flight
+        # when its connection drops, go to every target, as all requests do while it is None.
+        self.leader = None
+        self.leader_view = -1
         self.drained = asyncio.Event()  # set whenever no request is in flight
         self.obs = Observability("client", config.settings.id or 0, self._snapshot, self.ready)
 
@@ -149,22 +157,44 @@ class Gateway:
         calls, self.to_send = self.to_send, []
         self._send(calls)
 
-    def _send(self, calls):
+    def _send(self, calls, everyone=False):
         if not calls:
             return
+        leader = self.leader
+        directed = (not everyone and leader is not None and self.reply_quorum == 1
+                    and leader in self.targets)
         limit = self.settings.batch_max_bytes
         frames = []
         entries, size = [], 0
         for call in calls:
             if entries and size + len(call.payload) > limit:
-                frames.append(m.encode(0, m.Requests(core.pack_batch(entries))))
+                frames.append(m.encode(0, m.Requests(core.pack_batch(entries), directed)))
                 entries, size = [], 0
             entries.append((call.key[0], call.key[1], call.payload))
             size += len(call.payload) + core.ENTRY_HEADER_SIZE
-        frames.append(m.encode(0, m.Requests(core.pack_batch(entries))))
+        frames.append(m.encode(0, m.Requests(core.pack_batch(entries), directed)))
         socks = self.replica_socks
+        if directed:
+            self.channels.send(socks[leader], frames)
+            return
         for r in self.targets:
             self.channels.send(socks[r], frames)
+
+    def _connection_lost(self, replica):
+        # A hint (the connection may come back), but the requests sent to it alone may be lost
+        # with it: send everything in flight to every target now rather than at retransmit_s.
+        if replica != self.leader or self.stopping.is_set():
+            return
+        log.info("event=gateway_leader leader=none view=%d reason='connection to replica %d dropped'",
+                 self.leader_view, replica)
+        self.leader = None
+        self.leader_view = -1  # whoever answers next as a normal leader (a cluster restarted anew starts at view 0)
+        now = self.loop.time()
+        calls = list(self.calls.values())
+        for call in calls:
+            call.last_sent = now
+        self._send(calls, everyone=True)
+        self.loop.call_soon(self._probe_once)
 
     def _complete(self, call, reply=None, error=None):
         key = call.key
@@ -214,11 +244,14 @@ class Gateway:
         # to every replica of hosts.conf: the group may have moved on without this gateway.
         if self.stopping.is_set():
             return
+        self._probe_once()
+        self.loop.call_later(PROBE_S, self._probe)
+
+    def _probe_once(self):
         self._retarget()
         frame = [core.encode_frame(m.STATUS_REQUEST, 0, 0, 0)]
         for r in self.targets:
             self.channels.send(self.replica_socks[r], frame)
-        self.loop.call_later(PROBE_S, self._probe)
 
     def _retarget(self):
         every = tuple(self.replica_socks)
@@ -235,23 +268,41 @@ class Gateway:
                      cfg["index"] if cfg else "unknown")
             self.targets = targets
 
-    def _on_status(self, frame):
+    def _on_status(self, replica, frame):
         try:
             _, _, _, _, _, payload = core.decode_frame(frame)
-            cfg = json.loads(bytes(payload)).get("membership")
+            status = json.loads(bytes(payload))
+            cfg = status.get("membership")
             index, voters, learners = cfg["index"], cfg["voters"], cfg["learners"]
         except (ProtocolError, ValueError, TypeError, KeyError, AttributeError):
             return  # a replica without memberships, or garbage: ignore
         if self.membership is None or index > self.membership["index"]:
             self.membership = {"index": index, "voters": list(voters), "learners": list(learners)}
             self._retarget()
+        self._leader_hint(replica, status)
+
+    def _leader_hint(self, replica, status):
+        view, leader, state = status.get("view"), status.get("leader"), status.get("status")
+        if type(view) is not int or type(leader) is not int:
+            return
+        if state == "normal" and leader in self.replica_socks and (
+                view > self.leader_view or (view == self.leader_view and self.leader is None)):
+            new = leader
+        elif replica == self.leader and (state != "normal" or leader != replica):
+            new = None  # the one we send to says it is not leading (now): send to everyone
+        else:
+            return
+        self.leader_view = max(self.leader_view, view)
+        if new != self.leader:
+            log.info("event=gateway_leader leader=%s view=%d", "none" if new is None else new, view)
+            self.leader = new
 
     def _on_message(self, sock, parts):
         replica = self.sock_replica.get(sock)
         self.heard_from[replica] = self.loop.time()
         for frame in parts:
             if len(frame) > 3 and frame[3] == m.STATUS_REPLY:
-                self._on_status(frame)  # an answer to _probe: the membership, and a sign of life
+                self._on_status(replica, frame)  # an answer to _probe: membership, leader, a sign of life
                 continue
             try:
                 _, msg = m.decode(frame)
@@ -334,7 +385,7 @@ class Gateway:
                 resend.append(call)
         if resend:
             self.stats["retransmits"] += len(resend)
-            self._send(resend)
+            self._send(resend, everyone=True)
         self.loop.call_later(min(self.retransmit_s, self.deadline_s) / 4, self._timer)
 
     # ------------------------------------------------------------------ outside clients

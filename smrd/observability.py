@@ -72,6 +72,8 @@ SERVER_SERIES = (
     Series("requests_dropped", "smrd_requests_dropped", C,
            "Requests dropped because the pending queue was full (the gateway retransmits)."),
     Series("requests_forwarded", "smrd_requests_forwarded", C, "Requests forwarded to the leader."),
+    Series("requests_relayed", "smrd_requests_relayed", C,
+           "Requests a gateway sent to this follower alone (taking it for the leader), passed on to the leader."),
     Series("bad_messages", "smrd_bad_messages", C, "Malformed or unauthorised frames dropped."),
     Series("stale_messages", "smrd_stale_messages", C, "Protocol messages ignored as belonging to an old view."),
     Series("view_changes", "smrd_view_changes", C, "View changes this replica started or joined."),

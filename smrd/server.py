@@ -200,7 +200,10 @@ class Server:
                               else os.path.join(data_dir, "app-identity.json"))
         self.adapter.on_connect = self.watch.check
         self.max_payload = max(64 << 20, s.batch_max_bytes * 2)
-        self.routes = {}            # client_id -> gateway identity that last sent it
+        # client_id -> (identity of the gateway that last sent it, highest seq it sent us). We
+        # answer only requests up to that seq: a gateway that sends to the leader alone wants no
+        # answer from us, and one that sent us a request (or its retransmission) wants one.
+        self.routes = {}
         self.open_images = []       # checkpoint images still waiting for replies (executor fills)
         self.checkpoint_lock = asyncio.Lock()
         self.transfer = StateTransfer(
@@ -298,11 +301,10 @@ class Server:
             return
         batch = core.Batch(msg.batch)
         routes = self.routes
-        last = None
-        for client_id, _, _ in batch:
-            if client_id != last:
-                routes[client_id] = identity
-                last = client_id
+        for client_id, seq, _ in batch:
+            route = routes.get(client_id)
+            if route is None or route[1] < seq or route[0] != identity:
+                routes[client_id] = (identity, seq)
         self.stats["requests_received"] += len(batch)
         self.replica.step(identity, msg)
 
@@ -523,14 +525,14 @@ class Server:
         ok = defaultdict(list)
         errors = defaultdict(list)
         routes = self.routes
-        last_client = last_identity = None  # a gateway's requests come in runs of one client id
+        last_client = route = None  # a gateway's requests come in runs of one client id
         for identity, client_id, seq, status, reply in replies:
             if identity is None:
                 if client_id != last_client:
-                    last_client, last_identity = client_id, routes.get(client_id)
-                identity = last_identity
-                if identity is None:
-                    continue  # its gateway never wrote to us; it retransmits and gets the cache
+                    last_client, route = client_id, routes.get(client_id)
+                if route is None or seq > route[1]:
+                    continue  # its gateway did not send it to us: it retransmits if it must
+                identity = route[0]
             if status == EXECUTE or status == DUPLICATE or status == SYSTEM:
                 # A membership change's answer ("OK ..." or "REFUSED ...") is an ordinary reply.
                 ok[identity].append((client_id, seq, reply))

@@ -46,6 +46,9 @@ class Message:
 @dataclass(frozen=True, slots=True)
 class Requests(Message):
     batch: bytes
+    # Sent to this replica alone because the gateway takes it for the leader (the frame's view
+    # field is 1): a follower passes such requests on to its leader at once.
+    directed: bool = False
     TYPE = REQUESTS
 
 
@@ -212,7 +215,9 @@ def _unpack_entries(payload, with_view: bool):
 def encode(sender: int, msg: Message) -> bytes:
     """One frame for `msg` sent by `sender`."""
     t = msg.TYPE
-    if t in (REQUESTS, FORWARD, REPLIES, REPLY_ERRORS):
+    if t == REQUESTS:
+        return core.encode_frame(t, sender, 1 if msg.directed else 0, 0, msg.batch)
+    if t in (FORWARD, REPLIES, REPLY_ERRORS):
         return core.encode_frame(t, sender, 0, 0, msg.batch)
     if t == PROPOSE:
         return core.encode_frame(t, sender, msg.view, msg.instance,
@@ -259,7 +264,9 @@ def decode(frame, max_payload: int = core.DEFAULT_MAX_PAYLOAD) -> Tuple[int, Mes
     t, sender, _flags, view, instance, payload = core.decode_frame(frame, max_payload)
     if t in (REQUESTS, FORWARD, REPLIES, REPLY_ERRORS):
         core.Batch(payload)  # validate now: a bad batch is the sender's fault, not the reader's
-        cls = {REQUESTS: Requests, FORWARD: Forward, REPLIES: Replies, REPLY_ERRORS: ReplyErrors}[t]
+        if t == REQUESTS:
+            return sender, Requests(bytes(payload), view == 1)
+        cls = {FORWARD: Forward, REPLIES: Replies, REPLY_ERRORS: ReplyErrors}[t]
         return sender, cls(bytes(payload))
     if t == PROPOSE:
         if len(payload) < 8:

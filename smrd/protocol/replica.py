@@ -166,7 +166,7 @@ class Replica:
         self.transfer_from = None  # (peer, instance) while a state transfer is wanted
         self.view_change_reason = ""
         self.stats = {"view_changes": 0, "requests_dropped": 0, "requests_forwarded": 0,
-                      "catchup_requests": 0, "stale_messages": 0}
+                      "requests_relayed": 0, "catchup_requests": 0, "stale_messages": 0}
 
         self.recovery_nonce = None
         self.recovery_responses = {}
@@ -483,6 +483,11 @@ class Replica:
         sessions = self.sessions
         pending = self.pending
         now = self.now
+        # A gateway sent these to us alone, taking us for the leader: pass them on to the leader
+        # now rather than after request_ticks (they are held here too, for the request timer).
+        relay = (type(msg) is m.Requests and msg.directed and self.status == NORMAL
+                 and self.leader != self.id and self.leader in self._peers)
+        held = 0
         limit = self.opt.max_pending
         per_origin = self.opt.max_pending_per_origin
         by_origin = self.pending_by_origin
@@ -515,10 +520,17 @@ class Replica:
                 # the gateway retransmits.
                 self.stats["requests_dropped"] += 1
                 continue
-            pending[key] = _Pending(payload, now, origin)
+            req = pending[key] = _Pending(payload, now, origin)
             self.queue.append(key)
             if origin is not None:
                 by_origin[origin] = by_origin.get(origin, 0) + 1
+            if relay:
+                req.forwarded = True
+                held += 1
+        if held:
+            # The whole batch, as it came: the leader drops what it holds already or has ordered.
+            self.stats["requests_relayed"] += held
+            self._send(self.leader, m.Forward(msg.batch))
         if self.is_leader:
             self._propose()
 

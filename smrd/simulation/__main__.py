@@ -2,15 +2,22 @@
 #   python -m smrd.simulation --seeds 100000 --jobs 2      # long soak
 #   python -m smrd.simulation --seed 1234 --trace          # replay one run, printing every event
 import argparse
+import functools
 import multiprocessing
 import sys
 import time
+from dataclasses import replace
 
-from .cluster import Simulation, run_seed
+from .cluster import Params, Simulation, run_seed
 
 
-def _run(seed):
-    r = run_seed(seed)
+def _params(seed, directed):
+    p = Params.swarm(seed)
+    return replace(p, directed=directed) if directed else p
+
+
+def _run(seed, directed=0.0):
+    r = run_seed(seed, params=_params(seed, directed))
     return seed, r.ok, r.violation, r.summary
 
 
@@ -22,10 +29,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=500, help="how many seeds to run (default 500)")
     ap.add_argument("--start", type=int, default=0, help="first seed (default 0)")
     ap.add_argument("--jobs", type=int, default=multiprocessing.cpu_count(), help="worker processes")
+    ap.add_argument("--directed", type=float, default=0.0, metavar="P",
+                    help="chance that a client sends a request to one random replica alone, as a "
+                         "gateway with a (possibly stale) leader hint does (default 0)")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.directed <= 1.0:
+        ap.error(f"--directed must be between 0 and 1, not {args.directed:g}")
+    directed = f" --directed {args.directed:g}" if args.directed else ""
 
     if args.seed is not None:
-        sim = Simulation(args.seed, trace=print if args.trace else None)
+        sim = Simulation(args.seed, _params(args.seed, args.directed), trace=print if args.trace else None)
         print(f"seed {args.seed}: {sim.p}")
         r = sim.run()
         print(f"seed {args.seed}: {'ok' if r.ok else 'FAILED'} {r.summary}")
@@ -39,7 +52,7 @@ def main(argv=None) -> int:
     membership_seeds = changed = changes = 0
     began = time.monotonic()
     with multiprocessing.Pool(args.jobs) as pool:
-        for done, (seed, ok, violation, summary) in enumerate(pool.imap_unordered(_run, seeds, chunksize=4), 1):
+        for done, (seed, ok, violation, summary) in enumerate(pool.imap_unordered(functools.partial(_run, directed=args.directed), seeds, chunksize=4), 1):
             if summary.get("beyond_fault_model"):
                 beyond.append(seed)
             if "membership" in summary:
@@ -48,7 +61,7 @@ def main(argv=None) -> int:
                 changes += summary["membership"]["changes"]
             if not ok:
                 failed.append(seed)
-                print(f"\nseed {seed} FAILED: {violation}\n  replay: python -m smrd.simulation --seed {seed} --trace",
+                print(f"\nseed {seed} FAILED: {violation}\n  replay: python -m smrd.simulation --seed {seed}{directed} --trace",
                       flush=True)
             if done % 50 == 0 or done == len(seeds):
                 rate = done / (time.monotonic() - began)

@@ -51,6 +51,8 @@ class Params:
     liveness_ticks: int = 3000   # after healing, every request must complete within this
     encode: bool = False         # push every message through the wire codec
     evict_keep: int = -1         # >= 0: values more than this far below applied leave memory
+    directed: float = 0.0        # chance that a client's first send of a request goes to one random
+                                 # replica alone, marked directed (a gateway's leader hint, often stale)
     # Membership (all off: the n replicas are the voters for good, as before membership changes).
     voters: tuple = None         # the bootstrap voters; None: all n
     joiners: tuple = ()          # (replica, tick): a replica outside `voters` starts at that tick as
@@ -168,6 +170,7 @@ class Simulation:
         # Membership events draw from their own generator: the fault schedule of a run without
         # them is exactly what it was before they existed.
         self.mrng = random.Random(seed * 6007 + 1)
+        self.drng = random.Random(seed * 7793 + 3)  # directed sends: their own draws, likewise
         self.replica_class = replica_class
         self.policy = policy_class(self.p.n)
         self.trace = trace            # callable(str) or None
@@ -589,6 +592,11 @@ class Simulation:
         targets = range(self.p.n)
         if not everyone and self.rng.random() < 0.3:
             targets = self.rng.sample(range(self.p.n), self.rng.randint(1, self.p.n))
+        if not everyone and self.p.directed and self.drng.random() < self.p.directed:
+            # As a gateway with a leader hint sends: to one replica alone, which passes the
+            # request on if it does not lead; a retransmission (everyone) reaches them all.
+            self._send(("c", c.index), self.drng.randrange(self.p.n), m.Requests(batch, True))
+            return
         for r in targets:
             self._send(("c", c.index), r, m.Requests(batch))
 
@@ -910,7 +918,8 @@ class Result:
     summary: dict
 
     def replay_command(self):
-        return f"python -m smrd.simulation --seed {self.seed} --trace"
+        directed = f" --directed {self.params.directed:g}" if self.params.directed else ""
+        return f"python -m smrd.simulation --seed {self.seed}{directed} --trace"
 
 
 def run_seed(seed: int, **kw) -> Result:

@@ -25,7 +25,7 @@ def run(coro, timeout=10):
 def server_snapshot(**over):
     snap = {
         "requests_received": 100, "requests_executed": 90, "requests_deduplicated": 7,
-        "requests_dropped": 1, "requests_forwarded": 3, "bad_messages": 2, "stale_messages": 4,
+        "requests_dropped": 1, "requests_forwarded": 3, "requests_relayed": 2, "bad_messages": 2, "stale_messages": 4,
         "view_changes": 5, "catchup_requests": 6, "app_errors": 8, "app_timeouts": 9,
         "app_reconnects": 10, "app_retries": 11, "app_ready": True, "halted": None,
         "view": 12, "leader": 0, "status": "normal", "commit": 13, "known_commit": 14,

@@ -15,7 +15,8 @@ batch = st.lists(st.tuples(u64, u64, st.binary(max_size=40)), max_size=5).map(co
 sender = st.integers(0, 63)
 
 MESSAGES = st.one_of(
-    batch.map(m.Requests), batch.map(m.Forward), batch.map(m.Replies), batch.map(m.ReplyErrors),
+    st.builds(m.Requests, batch, st.booleans()), batch.map(m.Forward), batch.map(m.Replies),
+    batch.map(m.ReplyErrors),
     st.builds(m.Propose, small, small, batch, small),
     st.builds(m.Accepted, small, small, st.integers(1, 1000)),
     st.builds(m.Commit, small, small),

@@ -206,3 +206,38 @@ def test_a_leader_heard_again_after_its_connection_dropped_is_not_suspected():
         r.tick()
         r.step(0, m.Commit(0, 0))        # it reconnected and keeps sending heartbeats
     assert r.status == "normal" and r.view == 0
+
+
+def test_requests_directed_at_a_follower_reach_the_leader_at_once():
+    # A gateway whose leader hint is stale sends to a follower alone: the follower passes the
+    # requests on now, so they are ordered without waiting for its request timer.
+    c = Cluster()
+    batch = core.pack_batch([(1, 1, b"PUT a 1"), (1, 2, b"GET a")])
+    c.inbox.append(("gw", 1, Requests(batch, True)))
+    c.flush()
+    assert c.replicas[1].stats["requests_relayed"] == 2
+    assert c.replicas[0].commit == 1 and c.replicas[0].pending == {}  # one batch, one instance
+    c.tick(1)  # the commit point reaches the followers with the next heartbeat
+    assert c.applied[0] == c.applied[1] == c.applied[2]
+    assert [(cid, seq) for cid, seq, _ in core.Batch(c.applied[1][0][1])] == [(1, 1), (1, 2)]
+    assert not c.replicas[1].pending, "the relaying follower still holds what was ordered"
+
+
+def test_requests_sent_to_a_follower_without_the_mark_wait_for_the_request_timer():
+    # Sent to every replica (or a retransmission), the leader has its own copy: the followers
+    # hold theirs only to suspect a leader that does not order them, and pass nothing on.
+    c = Cluster()
+    c.request(1, 1, b"PUT a 1", to=[1])
+    assert c.replicas[1].stats["requests_relayed"] == 0
+    assert c.replicas[0].commit == 0
+    c.tick(OPTS.request_ticks + 1)  # ... until the request timer: then it forwards
+    assert c.replicas[1].stats["requests_forwarded"] == 1
+    assert c.replicas[0].commit == 1
+
+
+def test_the_leader_orders_requests_directed_at_it():
+    c = Cluster()
+    c.inbox.append(("gw", 0, Requests(core.pack_batch([(1, 1, b"PUT a 1")]), True)))
+    c.flush()
+    assert c.replicas[0].commit == 1
+    assert all(rep.stats["requests_relayed"] == 0 for rep in c.replicas)

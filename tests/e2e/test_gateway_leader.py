@@ -1,0 +1,61 @@
+# The gateway sends new requests to the replica it takes for the leader, alone (reply_quorum 1):
+# the followers learn them from the leader's proposals and neither receive nor answer them. When
+# its hint goes stale the requests still complete: a follower passes directed requests on to its
+# leader, retransmissions go to every replica, and the next status answers move the hint.
+import signal
+
+from .test_faults import Load, wait_converged
+
+
+def _received(cluster):
+    return [cluster.status(i)["requests_received"] for i in range(cluster.n)]
+
+
+def _gateway_leader_lines(cluster):
+    return [line for line in cluster.gateways[0].lines if "event=gateway_leader" in line]
+
+
+def test_followers_receive_no_requests_while_the_gateway_knows_the_leader(make_cluster):
+    cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
+    load = Load(cluster, clients=4, framing="line").start()
+    try:
+        load.wait_progress(50)
+        leader = cluster.leader()
+        cluster.gateways[0].wait_for(f"event=gateway_leader leader={leader} ", 10)
+        before = _received(cluster)
+        load.wait_progress(300)
+        after = _received(cluster)
+    finally:
+        load.finish()
+    assert load.history.check().ok
+    got = [a - b for a, b in zip(after, before)]
+    assert got[leader] >= 300, got
+    followers = [got[i] for i in range(3) if i != leader]
+    # Retransmissions (a reply later than gateway_retransmit_ms on a loaded machine) reach
+    # everyone; nothing else does.
+    assert max(followers) <= got[leader] // 10, f"followers received requests: {got}"
+    wait_converged(cluster)
+
+
+def test_requests_complete_when_the_hinted_leader_stops_and_the_hint_moves(make_cluster):
+    cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
+    load = Load(cluster, clients=4, framing="line").start()
+    try:
+        load.wait_progress(50)
+        old = cluster.leader()
+        cluster.gateways[0].wait_for(f"event=gateway_leader leader={old} ", 10)
+        # Stopped, not killed: its connections stay up, so only silence tells the others (and
+        # the gateway's retransmissions) that it no longer leads.
+        cluster.servers[old].signal(signal.SIGSTOP)
+        load.wait_progress(100)
+        new = cluster.leader()
+        assert new != old
+        cluster.gateways[0].wait_for(f"event=gateway_leader leader={new} ", 10)
+        cluster.servers[old].signal(signal.SIGCONT)
+        load.wait_progress(100)
+    finally:
+        cluster.servers[old].signal(signal.SIGCONT)
+        load.finish()
+    assert load.history.check().ok
+    assert load.errors == 0, load.reasons
+    wait_converged(cluster)
