@@ -102,6 +102,7 @@ class Gateway:
         # when its connection drops, go to every target, as all requests do while it is None.
         self.leader = None
         self.leader_view = -1
+        self.disconnected = set()       # replicas whose connection dropped and who were not heard since
         self.drained = asyncio.Event()  # set whenever no request is in flight
         self.obs = Observability("client", config.settings.id or 0, self._snapshot, self.ready)
 
@@ -183,12 +184,16 @@ class Gateway:
     def _connection_lost(self, replica):
         # A hint (the connection may come back), but the requests sent to it alone may be lost
         # with it: send everything in flight to every target now rather than at retransmit_s.
+        # Until it is heard from again it is not taken for the leader: the others still name it
+        # until their view change ends.
+        self.disconnected.add(replica)
+        if len(self.disconnected) == len(self.replica_socks):
+            self.leader_view = -1  # all gone: a cluster started anew begins at view 0 again
         if replica != self.leader or self.stopping.is_set():
             return
         log.info("event=gateway_leader leader=none view=%d reason='connection to replica %d dropped'",
                  self.leader_view, replica)
         self.leader = None
-        self.leader_view = -1  # whoever answers next as a normal leader (a cluster restarted anew starts at view 0)
         now = self.loop.time()
         calls = list(self.calls.values())
         for call in calls:
@@ -285,7 +290,7 @@ class Gateway:
         view, leader, state = status.get("view"), status.get("leader"), status.get("status")
         if type(view) is not int or type(leader) is not int:
             return
-        if state == "normal" and leader in self.replica_socks and (
+        if state == "normal" and leader in self.replica_socks and leader not in self.disconnected and (
                 view > self.leader_view or (view == self.leader_view and self.leader is None)):
             new = leader
         elif replica == self.leader and (state != "normal" or leader != replica):
@@ -300,6 +305,8 @@ class Gateway:
     def _on_message(self, sock, parts):
         replica = self.sock_replica.get(sock)
         self.heard_from[replica] = self.loop.time()
+        if self.disconnected:
+            self.disconnected.discard(replica)
         for frame in parts:
             if len(frame) > 3 and frame[3] == m.STATUS_REPLY:
                 self._on_status(replica, frame)  # an answer to _probe: membership, leader, a sign of life

@@ -11,10 +11,6 @@ def _received(cluster):
     return [cluster.status(i)["requests_received"] for i in range(cluster.n)]
 
 
-def _gateway_leader_lines(cluster):
-    return [line for line in cluster.gateways[0].lines if "event=gateway_leader" in line]
-
-
 def test_followers_receive_no_requests_while_the_gateway_knows_the_leader(make_cluster):
     cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
     load = Load(cluster, clients=4, framing="line").start()
@@ -59,3 +55,27 @@ def test_requests_complete_when_the_hinted_leader_stops_and_the_hint_moves(make_
     assert load.history.check().ok
     assert load.errors == 0, load.reasons
     wait_converged(cluster)
+
+
+def test_a_killed_leader_is_not_taken_for_the_leader_again(make_cluster):
+    # Right after the kill the followers still name it (their view change takes ~100 ms): the
+    # gateway must not believe them while its connection to it is down, or it sends new
+    # requests into the void until its retransmit timer.
+    cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
+    load = Load(cluster, clients=4, framing="line").start()
+    try:
+        load.wait_progress(50)
+        old = cluster.leader()
+        gateway = cluster.gateways[0]
+        gateway.wait_for(f"event=gateway_leader leader={old} ", 10)
+        seen = len(gateway.lines)
+        cluster.kill_replica(old)
+        gateway.wait_for("event=gateway_leader leader=none", 10)
+        load.wait_progress(100)
+        new = cluster.leader()
+        gateway.wait_for(f"event=gateway_leader leader={new} ", 10)
+        after = [line for line in gateway.lines[seen:] if "event=gateway_leader" in line]
+    finally:
+        load.finish()
+    assert not [line for line in after if f"leader={old} " in line], after
+    assert load.history.check().ok
