@@ -41,6 +41,7 @@ from .transport import Channels, parse_replica_identity, replica_identity
 log = logging.getLogger(__name__)
 
 STATUS_REQUEST = m.STATUS_REQUEST
+ROUTES_MIN = 4096  # routes kept before pruning those of sessions the table no longer holds
 STATUS_REPLY = m.STATUS_REPLY
 
 # How many requests the executor hands the app in one go (one pipelined round trip).
@@ -204,6 +205,7 @@ class Server:
         # answer only requests up to that seq: a gateway that sends to the leader alone wants no
         # answer from us, and one that sent us a request (or its retransmission) wants one.
         self.routes = {}
+        self._routes_limit = ROUTES_MIN
         self.open_images = []       # checkpoint images still waiting for replies (executor fills)
         self.checkpoint_lock = asyncio.Lock()
         self.transfer = StateTransfer(
@@ -520,6 +522,15 @@ class Server:
         for dest, frames in by_dest.items():
             self.channels.send(self.peer_out[dest], frames)
 
+    def _prune_routes(self):
+        # One route per client id ever seen: without this, every Idempotency-Key (a client id of
+        # its own) would stay here for good. Keep those the session table still knows; a request
+        # whose session is not in it yet loses its route at worst, and its gateway's
+        # retransmission brings it back.
+        cache = self.sessions.cache
+        self.routes = {cid: route for cid, route in self.routes.items() if cid in cache}
+        self._routes_limit = max(ROUTES_MIN, 2 * len(self.routes))
+
     def _send_replies(self, replies):
         """replies: (identity or None, client_id, seq, status, bytes); one message per gateway."""
         ok = defaultdict(list)
@@ -548,6 +559,8 @@ class Server:
             return
         self.replica.tick(int(time.time() * 1000))
         self._flush()
+        if len(self.routes) > self._routes_limit:
+            self._prune_routes()
         now = self.loop.time()
         if not self._compressing and now >= self._next_compress:
             self._next_compress = now + COMPRESS_EVERY_S
