@@ -111,7 +111,8 @@ class Settings:
         group="consensus", unit="ms", min=1, max=600_000)
     # --- sessions and exactly-once -------------------------------------------------------------
     reply_quorum: int = setting(
-        1, "Matching replies the gateway waits for before answering (crash mode: 1; at most n).",
+        1, "Matching replies the gateway waits for before answering (crash mode: 1; at most n). "
+        "With 1 the gateway sends new requests to the leader alone; with more, to every replica.",
         group="sessions", unit="replies", min=1, max=64)
     reply_cache_size: int = setting(
         1024, "Replies kept per client session (k) to answer retransmissions exactly once.",
