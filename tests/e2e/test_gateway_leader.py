@@ -11,13 +11,23 @@ def _received(cluster):
     return [cluster.status(i)["requests_received"] for i in range(cluster.n)]
 
 
-def test_followers_receive_no_requests_while_the_gateway_knows_the_leader(make_cluster):
+def _loaded(make_cluster):
+    """3 replicas under load, their gateway sending to the leader alone: (cluster, load, leader)."""
     cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
     load = Load(cluster, clients=4, framing="line").start()
     try:
         load.wait_progress(50)
         leader = cluster.leader()
         cluster.gateways[0].wait_for(f"event=gateway_leader leader={leader} ", 10)
+    except BaseException:
+        load.finish()
+        raise
+    return cluster, load, leader
+
+
+def test_followers_receive_no_requests_while_the_gateway_knows_the_leader(make_cluster):
+    cluster, load, leader = _loaded(make_cluster)
+    try:
         before = _received(cluster)
         load.wait_progress(300)
         after = _received(cluster)
@@ -34,12 +44,8 @@ def test_followers_receive_no_requests_while_the_gateway_knows_the_leader(make_c
 
 
 def test_requests_complete_when_the_hinted_leader_stops_and_the_hint_moves(make_cluster):
-    cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
-    load = Load(cluster, clients=4, framing="line").start()
+    cluster, load, old = _loaded(make_cluster)
     try:
-        load.wait_progress(50)
-        old = cluster.leader()
-        cluster.gateways[0].wait_for(f"event=gateway_leader leader={old} ", 10)
         # Stopped, not killed: its connections stay up, so only silence tells the others (and
         # the gateway's retransmissions) that it no longer leads.
         cluster.servers[old].signal(signal.SIGSTOP)
@@ -61,13 +67,9 @@ def test_a_killed_leader_is_not_taken_for_the_leader_again(make_cluster):
     # Right after the kill the followers still name it (their view change takes ~100 ms): the
     # gateway must not believe them while its connection to it is down, or it sends new
     # requests into the void until its retransmit timer.
-    cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
-    load = Load(cluster, clients=4, framing="line").start()
+    cluster, load, old = _loaded(make_cluster)
+    gateway = cluster.gateways[0]
     try:
-        load.wait_progress(50)
-        old = cluster.leader()
-        gateway = cluster.gateways[0]
-        gateway.wait_for(f"event=gateway_leader leader={old} ", 10)
         seen = len(gateway.lines)
         cluster.kill_replica(old)
         gateway.wait_for("event=gateway_leader leader=none", 10)

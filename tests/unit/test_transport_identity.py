@@ -31,14 +31,20 @@ def _receive(router, want, timeout_s):
     return None
 
 
+def _connected(channels, identity):
+    """A bound router and a peer whose first message got through: (router, endpoint, peer)."""
+    router = channels.bind_router("tcp://127.0.0.1:*")
+    endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+    peer = channels.connect_dealer(endpoint, identity)
+    peer.send(b"hello")
+    assert _receive(router, b"hello", 10) == (identity, b"hello")
+    return router, endpoint, peer
+
+
 def test_a_forged_duplicate_identity_is_refused_and_the_real_peer_keeps_its_link():
     channels = Channels()
     try:
-        router = channels.bind_router("tcp://127.0.0.1:*")
-        endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
-        real = channels.connect_dealer(endpoint, b"r0")
-        real.send(b"hello")
-        assert _receive(router, b"hello", 10) == (b"r0", b"hello")
+        router, endpoint, real = _connected(channels, b"r0")
 
         forger = channels.connect_dealer(endpoint, b"r0")
         forger.send(b"forged")
@@ -64,11 +70,7 @@ def test_a_restarted_peer_gets_its_identity_back_at_once():
     # the duplicate would be refused and its connection would idle until its heartbeat timed out.
     channels = Channels()
     try:
-        router = channels.bind_router("tcp://127.0.0.1:*")
-        endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
-        old = channels.connect_dealer(endpoint, b"r1")
-        old.send(b"before")
-        assert _receive(router, b"before", 10) == (b"r1", b"before")
+        router, endpoint, old = _connected(channels, b"r1")
         old.close(0)  # the process died: its connection closes
         restarted = subprocess.Popen([sys.executable, "-c", RESTARTED, endpoint])
         try:
