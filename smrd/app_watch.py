@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 ABSENT = "absent"   # nothing listens on the port
 HIDDEN = "hidden"   # something listens, but psutil cannot tell which process
+# Connections that succeed while no listener is seen: once is an app dying as we connected; this
+# many in a row means we cannot see its socket at all (another network namespace), and looking
+# again on every connection (every request, in close mode) would cost a scan of all sockets each.
+ABSENT_LIMIT = 3
 
 
 class AppRestarted(AppError):
@@ -32,6 +36,7 @@ class AppWatch:
         self.identity = None     # (pid, create_time) of the app we have been feeding
         self._proc = None
         self.visible = True      # False once we learned psutil cannot see the app's process
+        self._absent = 0         # connections in a row that found nothing listening
 
     def find(self):
         """(pid, create_time) of the process listening on the port now, or None."""
@@ -64,12 +69,15 @@ class AppWatch:
         if found is ABSENT:
             # We just connected, so the app that accepted is going away: not a reason to stop
             # watching for good (a CI run once lost restart detection to this race).
-            return False
+            self._absent += 1
+            if self._absent < ABSENT_LIMIT:
+                return False
+            found = HIDDEN
         if found is HIDDEN:
             if self.visible:
                 self.visible = False
-                log.warning("cannot see the process listening on app port %d (different user or "
-                            "PID namespace?): an app restart cannot be told from a dropped "
+                log.warning("cannot see the process listening on app port %d (different user, PID "
+                            "or network namespace?): an app restart cannot be told from a dropped "
                             "connection, so execution stops on any doubt", self.port)
             return False
         try:
@@ -77,6 +85,7 @@ class AppWatch:
         except psutil.Error:
             return False  # gone since: as ABSENT
         self.visible = True
+        self._absent = 0
         self.identity = found
         self._proc = proc
         self._record(found)

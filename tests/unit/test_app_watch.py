@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from smrd import app_watch
-from smrd.app_watch import AppRestarted, AppWatch
+from smrd.app_watch import ABSENT_LIMIT, AppRestarted, AppWatch
 
 LISTENER = ("import socket, sys\n"
             "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
@@ -55,6 +55,17 @@ def test_nothing_listening_is_retried_and_a_later_listener_is_adopted():
         watch.check()
         assert watch.identity == (app.proc.pid, psutil.Process(app.proc.pid).create_time())
         watch.check()                    # same process: nothing to say
+
+
+def test_a_listener_never_seen_while_connections_succeed_stops_the_watching():
+    # The app's socket lives where psutil cannot see it (another network namespace): scanning
+    # every socket again on every connection would be paid per request in close mode.
+    watch = AppWatch(free_port())
+    for _ in range(ABSENT_LIMIT - 1):
+        watch.check()
+        assert watch.visible
+    watch.check()
+    assert not watch.visible and watch.identity is None
 
 
 def test_a_replaced_app_is_reported_as_restarted():
