@@ -1008,19 +1008,21 @@ def test_close_mode_on_connect_raising_writes_nothing_more():
     run(main())
 
 
+async def _held_at_slow(app, reader, writer):
+    """Close mode: answers each request at once, except b"slow": held until app.release is set."""
+    request = await reader.read()
+    app.seen.append(request)
+    if request == b"slow":
+        app.event.set()
+        await app.release.wait()
+    writer.write(b"R:" + request)
+
+
 def test_close_mode_cancel_mid_batch_writes_no_further_request():
     """Cancelled while the worker waits for a reply: that exchange ends on its own, nothing after
     it is written, and the next call starts only once it has ended (one connection at a time)."""
-    async def handler(app, reader, writer):
-        request = await reader.read()
-        app.seen.append(request)
-        if request == b"slow":
-            app.event.set()
-            await app.release.wait()
-        writer.write(b"R:" + request)
-
     async def main():
-        app = await App(handler).start()
+        app = await App(_held_at_slow).start()
         app.release = asyncio.Event()
         adapter = AppAdapter(HOST, app.port, "close")
         task = asyncio.create_task(adapter.execute([b"a", b"slow", b"c", b"d"]))
@@ -1040,16 +1042,8 @@ def test_close_mode_cancel_mid_batch_writes_no_further_request():
 
 
 def test_close_mode_close_during_execute_does_not_hang_and_ends_the_thread():
-    async def handler(app, reader, writer):
-        request = await reader.read()
-        app.seen.append(request)
-        if request == b"slow":
-            app.event.set()
-            await app.release.wait()
-        writer.write(b"R:" + request)
-
     async def main():
-        app = await App(handler).start()
+        app = await App(_held_at_slow).start()
         app.release = asyncio.Event()
         before = close_workers()
         adapter = AppAdapter(HOST, app.port, "close")
