@@ -8,12 +8,17 @@ SEEDS ?= 100000
 
 CHECKOV_VENV ?= .venv-checkov
 
-install:  ## install smrd, compiling the smrd._core extension
+install:  ## install smrd, compiling the smrd._core extension and its bytecode
 	$(PY) -m pip install $(PIP_FLAGS) -e .
+	@# An editable install leaves bytecode to the first import, and with PYTHONDONTWRITEBYTECODE
+	@# set every process start compiles smrd's modules again (~0.1 s of CPU each); pip compiles
+	@# a wheel's at install time, which this does for the checkout.
+	$(PY) -m compileall -q smrd
 
 install-test:  ## install smrd and everything the tests need
 	bash scripts/install-system-tools.sh
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]'
+	$(PY) -m compileall -q smrd
 	@# checkov pins an older `packaging`: it lives in its own venv, used by the chart tests.
 	@test -x $(CHECKOV_VENV)/bin/checkov || { $(PY) -m venv $(CHECKOV_VENV) && \
 		$(CHECKOV_VENV)/bin/pip install $(PIP_FLAGS) checkov==3.3.30; }

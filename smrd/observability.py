@@ -19,14 +19,30 @@ import logging
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import psutil
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
-from prometheus_client.utils import floatToGoString
 
 from .__version__ import __version__
 
 log = logging.getLogger(__name__)
+
+# prometheus_client (with http.server, email and wsgiref under it) is a fifth of an smrd
+# process's import time, and nothing of it is needed before the first scrape: it is imported
+# then, by _load_prometheus, which binds these names.
+CONTENT_TYPE_LATEST = CollectorRegistry = generate_latest = None
+CounterMetricFamily = GaugeMetricFamily = HistogramMetricFamily = floatToGoString = None
+
+
+def _load_prometheus() -> None:
+    global CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    global CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, floatToGoString
+    if CollectorRegistry is not None:
+        return
+    import prometheus_client as pc
+    import prometheus_client.core as core
+    import prometheus_client.utils as utils
+    CONTENT_TYPE_LATEST, generate_latest = pc.CONTENT_TYPE_LATEST, pc.generate_latest
+    CounterMetricFamily, GaugeMetricFamily = core.CounterMetricFamily, core.GaugeMetricFamily
+    HistogramMetricFamily, floatToGoString = core.HistogramMetricFamily, utils.floatToGoString
+    CollectorRegistry = pc.CollectorRegistry  # last: it marks the names as bound
 
 ROLES = {"server": "replica", "client": "gateway"}  # role -> name of its id label
 REPLICA_STATUSES = ("normal", "view-change")        # smrd.protocol.replica NORMAL, VIEW_CHANGE
@@ -165,7 +181,7 @@ class Histogram:
         self.counts[_bisect(self.bounds, value)] += 1
         self.sum += value
 
-    def family(self, label_names, label_values) -> HistogramMetricFamily:
+    def family(self, label_names, label_values):
         buckets, total = [], 0
         for bound, count in zip(self.bounds, self.counts):
             total += count
@@ -237,8 +253,7 @@ class Observability:
                 LATENCY_BUCKETS)
             self.observe_request_latency = self.request_latency.observe
 
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
+        self._registry = None  # created at the first scrape (see _load_prometheus)
 
         self.port: Optional[int] = None
         self._server: Optional[asyncio.base_events.Server] = None
@@ -260,9 +275,18 @@ class Observability:
 
     # ------------------------------------------------------------------ metrics
 
+    @property
+    def registry(self):
+        if self._registry is None:
+            _load_prometheus()
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(_Collector(self))
+        return self._registry
+
     def render(self) -> bytes:
         """The /metrics body (Prometheus text format)."""
-        return generate_latest(self.registry)
+        registry = self.registry  # first: it binds generate_latest at the first scrape
+        return generate_latest(registry)
 
     def _collect(self):
         names, values = self.label_names, self.label_values

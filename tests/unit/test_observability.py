@@ -6,6 +6,8 @@ returns whatever the test sets. The only clock is the server's short request tim
 """
 import asyncio
 import logging
+import subprocess
+import sys
 
 import pytest
 from prometheus_client import REGISTRY, generate_latest
@@ -264,6 +266,17 @@ def test_histogram_matches_a_plain_count():
 
 
 # ---------------------------------------------------------------------------- registries
+
+
+def test_prometheus_client_is_imported_at_the_first_scrape_not_at_start():
+    # A fifth of an smrd process's import time; start-up to full speed is one of the targets.
+    code = ("import sys, smrd.server, smrd.gateway, smrd.cli\n"
+            "from smrd.observability import Observability\n"
+            "obs = Observability('server', 0, lambda: {}, lambda: (True, 'ready'))\n"
+            "assert 'prometheus_client' not in sys.modules, 'imported before a scrape'\n"
+            "assert b'smrd_ready' in obs.render()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_two_instances_in_one_process_do_not_clash():
