@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 IDEMPOTENT_BIT = 1 << 63
 # How often the gateway asks the members for their status (reachability, and the membership).
 PROBE_S = 1.0
+# For FAST_PROBES_S after start-up and after losing the leader, while none is known, ask every
+# PROBE_NO_LEADER_S: until a status answer names one, every new request goes to every replica
+# (each follower holds and answers it too). Not for longer: a DEALER queues what it sends to a
+# replica that is down, and that replica would answer the whole queue when it comes back.
+PROBE_NO_LEADER_S = 0.1
+FAST_PROBES_S = 3.0
 # A replica counts as reachable (and a known membership as current) this long after it answered.
 REACHABLE_S = 3.0
 
@@ -102,6 +108,8 @@ class Gateway:
         # when its connection drops, go to every target, as all requests do while it is None.
         self.leader = None
         self.leader_view = -1
+        self.fast_probes_until = 0.0  # set when the loop starts; see FAST_PROBES_S
+        self.probe_timer = None
         self.disconnected = set()       # replicas whose connection dropped and who were not heard since
         self.drained = asyncio.Event()  # set whenever no request is in flight
         self.obs = Observability("client", config.settings.id or 0, self._snapshot, self.ready)
@@ -193,13 +201,12 @@ class Gateway:
             return
         log.info("event=gateway_leader leader=none view=%d reason='connection to replica %d dropped'",
                  self.leader_view, replica)
-        self.leader = None
+        self._leader_lost()
         now = self.loop.time()
         calls = list(self.calls.values())
         for call in calls:
             call.last_sent = now
         self._send(calls, everyone=True)
-        self.loop.call_soon(self._probe_once)
 
     def _complete(self, call, reply=None, error=None):
         key = call.key
@@ -250,7 +257,16 @@ class Gateway:
         if self.stopping.is_set():
             return
         self._probe_once()
-        self.loop.call_later(PROBE_S, self._probe)
+        fast = self.leader is None and self.loop.time() < self.fast_probes_until
+        self.probe_timer = self.loop.call_later(PROBE_NO_LEADER_S if fast else PROBE_S, self._probe)
+
+    def _leader_lost(self):
+        """No leader known any more: probe at once, then often for a while (FAST_PROBES_S)."""
+        self.leader = None
+        self.fast_probes_until = self.loop.time() + FAST_PROBES_S
+        if self.probe_timer is not None:
+            self.probe_timer.cancel()
+        self.probe_timer = self.loop.call_soon(self._probe)
 
     def _probe_once(self):
         self._retarget()
@@ -300,7 +316,10 @@ class Gateway:
         self.leader_view = max(self.leader_view, view)
         if new != self.leader:
             log.info("event=gateway_leader leader=%s view=%d", "none" if new is None else new, view)
-            self.leader = new
+            if new is None:
+                self._leader_lost()
+            else:
+                self.leader = new
 
     def _on_message(self, sock, parts):
         replica = self.sock_replica.get(sock)
@@ -424,6 +443,7 @@ class Gateway:
             self.channels.close()
             return 1
         self.loop.call_soon(self._timer)
+        self.fast_probes_until = self.loop.time() + FAST_PROBES_S
         self.loop.call_soon(self._probe)
         if self.config.metrics_port:
             try:
