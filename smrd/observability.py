@@ -132,6 +132,11 @@ SERVER_SERIES = (
            "App restarts detected (its state was rebuilt by replaying the log)."),
     Series("connections_refused", "smrd_connections_refused", C,
            "Connections refused by CURVE authentication (unlisted or missing key)."),
+    Series("messages_sent", "smrd_messages_sent", C,
+           "ZeroMQ messages this replica sent (to peers and gateways; each costs a wake-up of "
+           "ZeroMQ's I/O thread, so messages per request is what batching is for).", optional=True),
+    Series("messages_received", "smrd_messages_received", C,
+           "ZeroMQ messages this replica received (from peers and gateways).", optional=True),
     Series("n", "smrd_cluster_replicas", G, "Replicas in the configuration."),
     Series("membership_index", "smrd_membership_index", G,
            "Membership changes applied since the bootstrap membership (its index).", optional=True),

@@ -972,7 +972,8 @@ class Server:
         d.update(process="server", auto_join=self.replica.auto_join, executed=self.executed, pid=os.getpid(),
                  app_ready=self.adapter._state is not False and self.halted is None, halted=self.halted,
                  rss_bytes=self.process.memory_info().rss, ready=self.ready()[0],
-                 connections_refused=self.channels.refused,
+                 connections_refused=self.channels.refused, messages_sent=self.channels.sent,
+                 messages_received=self.channels.received,
                  peer_contact_s={r: round((self.replica.now - t) * self.settings.tick_ms / 1000, 3)
                                  for r, t in self.replica.contact.items()}, uptime_s=round(time.time() - self.started, 3),
                  n=self.n, **{k: v for k, v in self.stats.items()}, **self.transfer.describe())

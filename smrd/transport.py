@@ -79,6 +79,7 @@ class Channels:
         self.sockets = []
         self.dropped = 0
         self.sent = 0
+        self.received = 0
         self.refused = 0  # incoming handshakes refused: key not allowed, or not CURVE at all
         self._loop = None
         self._on_message = None
@@ -305,6 +306,7 @@ class Channels:
                     more = True
                     self._on_message(s, parts)
         if handled:
+            self.received += handled
             self._on_idle()
         if handled >= budget:
             self._kick()  # let timers and other callbacks run, then continue
