@@ -29,6 +29,7 @@ import psutil
 
 import smrd
 from bench.measure import measure
+from bench.out_dir import make_out_dir
 from bench.systems import DirectApp, EtcdCluster, PortAllocator, SmrdSystem, SystemFailed, ensure_etcd
 from smrd import core
 
@@ -398,7 +399,7 @@ def main(argv=None):
         prof["seconds"] = args.seconds
     if args.repeats:
         prof["repeats"] = args.repeats
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(ap, args.out)
     groups = plan(prof, with_etcd=not args.no_etcd)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]

@@ -29,6 +29,7 @@ from pathlib import Path
 import smrd
 from smrd.local import LocalCluster
 
+from .out_dir import make_out_dir
 from .systems import smrd_base_port
 
 
@@ -105,7 +106,7 @@ def main(argv=None):
     ap.add_argument("--no-precompile", action="store_true",
                     help="do not compile smrd's bytecode first (see the header of bench/failover.py)")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(ap, args.out)
     if not args.no_precompile:
         compileall.compile_dir(Path(smrd.__file__).parent, quiet=1)
     # A fresh cluster every run: an earlier run's logs would be replayed at launch (and its

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.out_dir import make_out_dir
+
 SMRD_TCP_HOPS, SMRD_ZMQ_HOPS = 4, 4
 DIRECT_HOPS = 2    # client>app>client
 
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--round-trips", type=int, default=5000)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    if args.out:
+        make_out_dir(ap, args.out)  # before measuring: a bad path is told at once
     r = measure(args.round_trips)
     print(f"round trip between two Python processes ({r['bytes']} B, blocking calls): TCP p50 "
           f"{r['tcp_rtt_us']['p50']:.0f} µs (p99 {r['tcp_rtt_us']['p99']:.0f}), ZeroMQ DEALER-ROUTER p50 "
@@ -125,7 +129,6 @@ def main(argv=None) -> int:
           f"≈ {r['floor_us']['smrd_c1_p50']} µs; the app alone ({DIRECT_HOPS} TCP hops) "
           f"≈ {r['floor_us']['direct_c1_p50']} µs")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "hop_floor.json").write_text(json.dumps(r, indent=2) + "\n")
     return 0
 

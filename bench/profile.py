@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench import loadgen
 from bench.measure import Sampler
+from bench.out_dir import make_out_dir
 from bench.systems import PortAllocator, SmrdSystem
 
 AREAS = [  # (pattern on the leaf frame's file, area), first match wins
@@ -133,7 +134,7 @@ def main(argv=None):
     if not pyspy:
         print("bench.profile: py-spy is needed: pip install py-spy", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(ap, args.out)
     tmp = Path(tempfile.mkdtemp(prefix="smrd-profile-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     system = SmrdSystem(framing=args.framing, app=args.app, durability=args.durability,
                         data_dir=tmp / "cluster", log_dir=args.out / "logs", ports=PortAllocator())

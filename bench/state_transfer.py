@@ -27,6 +27,7 @@ import psutil
 
 from smrd.local import LocalCluster
 
+from .out_dir import make_out_dir
 from .systems import smrd_base_port
 
 PY = sys.executable
@@ -165,7 +166,7 @@ def main(argv=None):
                          "under the app adapter's 64 MiB reply limit)")
     ap.add_argument("--work", type=Path, help="where the clusters' data live (default OUT/_work, on disk)")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(ap, args.out)
     work = args.work or args.out / "_work"
     shutil.rmtree(work, ignore_errors=True)
     results = []
