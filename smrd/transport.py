@@ -97,7 +97,10 @@ class Channels:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, self.hwm)
         s.setsockopt(zmq.RCVHWM, self.hwm)
-        s.setsockopt(zmq.RECONNECT_IVL, 50)
+        # The first retries come soon: processes of a cluster start together, and a peer that
+        # was not listening yet at the first attempt is found 10-30 ms after it is, not after
+        # 50-150 ms (an empty replica's recovery waits for its peers). Backs off to the max.
+        s.setsockopt(zmq.RECONNECT_IVL, 10)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 250)  # a restarted peer is found within 250 ms
         s.setsockopt(zmq.HEARTBEAT_IVL, 1000)     # detects dead TCP peers, then reconnects
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
