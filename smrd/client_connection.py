@@ -35,7 +35,8 @@ class ClientConnection(asyncio.Protocol):
         self.mode = gateway.mode
         self.decoder = make_decoder(self.mode, gateway.settings.max_request_bytes, "request")
         self.transport = None
-        # Replies in request order: bytes, or the future of the reply (a Future or a Task).
+        # Replies in request order: bytes, or what completes with the reply (the gateway's
+        # future-like _Call, or a Task).
         self.pending = deque()
         self.ending = False       # no further request is read; close once pending is written
         self.closed = False

@@ -52,15 +52,75 @@ class ClusterUnavailable(Exception):
 
 
 class _Call:
-    __slots__ = ("key", "payload", "future", "first_sent", "last_sent", "replies")
+    """One request in flight, and what a client connection waits on for its reply.
 
-    def __init__(self, key, payload, future, now):
+    It answers the part of asyncio.Future's interface that ClientConnection uses (done, result,
+    exception, cancelled, add_done_callback), but runs its done-callbacks at once when it
+    completes instead of scheduling each with call_soon: a Future and its scheduled callback
+    cost the gateway 2.3 µs per request against 0.5 for this (timeit, this machine). A real
+    Future is made only for those that await the call (Gateway.submit), on demand."""
+
+    __slots__ = ("key", "payload", "first_sent", "last_sent", "replies", "_done", "_reply",
+                 "_error", "_callbacks", "_waiter")
+
+    def __init__(self, key, payload, now):
         self.key = key
         self.payload = payload
-        self.future = future
         self.first_sent = now
         self.last_sent = now
         self.replies = {}   # replica id -> reply
+        self._done = False
+        self._reply = self._error = self._waiter = None
+        self._callbacks = []
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False  # never cancelled: it completes with a reply or an error
+
+    def exception(self):
+        return self._error
+
+    def result(self) -> bytes:
+        if self._error is not None:
+            raise self._error
+        return self._reply
+
+    def add_done_callback(self, callback) -> None:
+        if self._done:
+            asyncio.get_running_loop().call_soon(callback, self)  # as a Future would
+        else:
+            self._callbacks.append(callback)
+
+    def future(self, loop) -> asyncio.Future:
+        """An asyncio Future of the reply, for awaiting (one per call, shared)."""
+        if self._waiter is None:
+            self._waiter = loop.create_future()
+            if self._done:
+                self._resolve_waiter()
+        return self._waiter
+
+    def _complete(self, reply, error) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._reply, self._error = reply, error
+        if self._waiter is not None:
+            self._resolve_waiter()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:  # one connection's bug must not stop the replies of the others
+                log.exception("a reply callback failed")
+
+    def _resolve_waiter(self) -> None:
+        if not self._waiter.done():
+            if self._error is not None:
+                self._waiter.set_exception(self._error)
+            else:
+                self._waiter.set_result(self._reply)
 
 
 class Gateway:
@@ -124,8 +184,9 @@ class Gateway:
     async def submit(self, payload: bytes, idempotency_key: str = None) -> bytes:
         """Order and execute one request; returns the reply or raises ClusterUnavailable."""
         while True:
-            future = self.try_submit(payload, idempotency_key)
-            if future is not None:
+            call = self.try_submit(payload, idempotency_key)
+            if call is not None:
+                future = call.future(self.loop)
                 return await (asyncio.shield(future) if idempotency_key is not None else future)
             # The replicas keep k replies per client: issuing further ahead could evict the
             # reply of a request still outstanding. Wait (back-pressure on outside clients).
@@ -137,20 +198,20 @@ class Gateway:
         return self.next_seq < oldest + self.k and len(self.session_calls) < self.max_inflight
 
     def try_submit(self, payload: bytes, idempotency_key: str = None):
-        """The future of the request's reply, or None while the window is full (no task, no
-        coroutine: this is the per-request path)."""
+        """The request's _Call (future-like: see _Call), or None while the window is full (no
+        task, no coroutine: this is the per-request path)."""
         loop = self.loop
         if idempotency_key is not None:
             key = (idempotent_client_id(idempotency_key), 1)
             call = self.calls.get(key)
             if call is not None:
-                return call.future
+                return call
         else:
             if not self._window_open():
                 return None
             key = (self.client_id, self.next_seq)
             self.next_seq += 1
-        call = _Call(key, payload, loop.create_future(), loop.time())
+        call = _Call(key, payload, loop.time())
         self.calls[key] = call
         if key[0] == self.client_id:
             self.session_calls[key[1]] = call
@@ -159,7 +220,7 @@ class Gateway:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return call.future
+        return call
 
     def _flush(self):
         self._flush_scheduled = False
@@ -216,11 +277,7 @@ class Gateway:
             self.window_open.set()
         if not self.calls:
             self.drained.set()
-        if not call.future.done():
-            if error is not None:
-                call.future.set_exception(error)
-            else:
-                call.future.set_result(reply)
+        call._complete(reply, error)
 
     # ------------------------------------------------------------------ replies
 
@@ -417,16 +474,17 @@ class Gateway:
     # ------------------------------------------------------------------ outside clients
 
     def reply_for(self, request):
-        """What a client connection writes for one request: bytes, or the future of the reply."""
+        """What a client connection writes for one request: bytes, or what completes with the
+        reply (a _Call, or the Task of a request that waits for the window: both future-like)."""
         mode = self.mode
         try:
             key, payload = split_idempotency(mode, request)
         except FramingError as e:
             return error_reply(mode, str(e), status=400)
-        future = self.try_submit(payload, key)
-        if future is None:  # window full: wait for it in a task (rare)
-            future = asyncio.ensure_future(self.submit(payload, key))
-        return future
+        call = self.try_submit(payload, key)
+        if call is None:  # window full: wait for it in a task (rare)
+            return asyncio.ensure_future(self.submit(payload, key))
+        return call
 
     # ------------------------------------------------------------------ lifecycle
 
