@@ -130,6 +130,11 @@ class Settings:
     max_inflight_per_gateway: int = setting(
         4096, "Requests one gateway keeps in flight; more wait (back-pressure).", group="gateway",
         unit="requests", min=1, max=1_000_000)
+    divergence_check_every: int = setting(
+        16, "With reply_quorum 1, one batch of new requests in this many goes to every replica "
+        "instead of the leader alone, so that their replies are compared and an app that is not "
+        "deterministic shows in smrd_divergences_total; 0: never (only retransmissions are compared).",
+        group="gateway", unit="batches", min=0, max=1_000_000)
     # --- the app -------------------------------------------------------------------------------
     app_host: str = setting(
         "127.0.0.1", "Address of the local app (same pod).", group="app", metavar="HOST",

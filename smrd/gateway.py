@@ -133,6 +133,8 @@ class Gateway:
         self.k = s.reply_cache_size
         self.max_inflight = min(s.max_inflight_per_gateway, self.k)
         self.reply_quorum = s.reply_quorum
+        self.check_every = s.divergence_check_every
+        self.directed_batches = 0
         self.retransmit_s = s.gateway_retransmit_ms / 1000
         self.deadline_s = s.gateway_request_deadline_ms / 1000
         self.channels = Channels(hwm=s.hwm, security=config.security)
@@ -233,6 +235,12 @@ class Gateway:
         leader = self.leader
         directed = (not everyone and leader is not None and self.reply_quorum == 1
                     and leader in self.targets)
+        if directed and self.check_every:
+            self.directed_batches += 1
+            if self.directed_batches % self.check_every == 0:
+                # To every replica: the followers answer too, and their replies are compared
+                # with the leader's (a divergence is otherwise seen only on retransmissions).
+                directed = False
         limit = self.settings.batch_max_bytes
         frames = []
         entries, size = [], 0

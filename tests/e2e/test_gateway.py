@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from smrd.apps.kvclient import KVClient
+from smrd.config import SETTINGS
 
 FAST = {"gateway_request_deadline_ms": 2000, "gateway_retransmit_ms": 200}
 
@@ -32,6 +33,19 @@ def test_divergent_replies_are_detected_and_logged(make_cluster):
         assert app2.request("PUT secret only-on-2") == b"OK"   # behind smrd's back
     with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as c:
         c.request("GET secret")
+    cluster.gateways[0].wait_for("divergence", 10)
+
+
+def test_divergence_is_detected_with_the_default_settings_too(make_cluster):
+    # reply_quorum 1: new requests go to the leader alone, except one batch in
+    # divergence_check_every, which goes to every replica so that their replies are compared.
+    cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
+    cluster.gateways[0].wait_for("event=gateway_leader leader=", 10)  # from now on: directed
+    with KVClient("127.0.0.1", cluster.app_port(2), "line") as app2:
+        assert app2.request("PUT secret only-on-2") == b"OK"   # behind smrd's back
+    with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as c:
+        for _ in range(2 * SETTINGS["divergence_check_every"].default):
+            c.request("GET secret")  # one at a time: a batch each
     cluster.gateways[0].wait_for("divergence", 10)
 
 

@@ -12,8 +12,11 @@ def _received(cluster):
 
 
 def _loaded(make_cluster):
-    """3 replicas under load, their gateway sending to the leader alone: (cluster, load, leader)."""
-    cluster = make_cluster(replicas=3, gateways=1, framing="line").start()
+    """3 replicas under load, their gateway sending to the leader alone: (cluster, load, leader).
+    Without the batches sent to every replica for divergence checks (test_gateway.py has them):
+    here the followers must receive nothing but retransmissions."""
+    cluster = make_cluster(replicas=3, gateways=1, framing="line",
+                           settings={"divergence_check_every": 0}).start()
     load = Load(cluster, clients=4, framing="line").start()
     try:
         load.wait_progress(50)
