@@ -315,9 +315,10 @@ class Gateway:
         return True, "ready"
 
     def _probe(self):
-        # Ask the members how they are, every second: an idle gateway hears nothing otherwise
-        # (readiness reflects reachability rather than traffic), and the answers carry the
-        # membership. While no member answered for REACHABLE_S (or none is known), ask and send
+        # Ask the members how they are, every second (more often while no leader is known, see
+        # FAST_PROBES_S): an idle gateway hears nothing otherwise (readiness reflects
+        # reachability rather than traffic), and the answers carry the membership and the
+        # leader. While no member answered for REACHABLE_S (or none is known), ask and send
         # to every replica of hosts.conf: the group may have moved on without this gateway.
         if self.stopping.is_set():
             return
