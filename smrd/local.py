@@ -3,11 +3,15 @@
 # processes running the same code paths as in production.
 #
 # Owns: choosing ports, writing the cluster's hosts.conf, starting and stopping the processes in
-# order (app, then its replica; gateways last), and waiting for each to say it is up (no sleeps).
+# order (app, then its replica; gateways last), waiting for each to say it is up (no sleeps), and,
+# with supervise=True (what `smrd local` uses), restarting any process that exits when it was not
+# asked to, with back-off: what a kubelet does for a pod's containers. A replica keeps its data
+# directory, an app starts empty.
 # The LocalCluster class is also the test suite's way to run clusters and inject process faults.
 # Never: starts anything outside 127.0.0.1, or leaves a child running when it exits.
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,6 +22,13 @@ from pathlib import Path
 from .status import query
 
 PY = sys.executable
+
+# Restart back-off of a supervised child: first after RESTART_FIRST_S, doubling to RESTART_MAX_S;
+# a child that stayed up RESTART_RESET_S starts again from the first delay (the kubelet's
+# CrashLoopBackOff, shorter).
+RESTART_FIRST_S = 0.25
+RESTART_MAX_S = 8.0
+RESTART_RESET_S = 30.0
 
 
 class ProcessFailed(RuntimeError):
@@ -34,16 +45,25 @@ class Child:
         self.env = env
         self.proc = None
         self.terminated = False   # SIGTERM sent to the current process
+        self.wanted = False       # it should be running: an exit now is a crash (supervision)
+        self.on_exit = None       # called (child, proc) from a thread when a process has exited
+        self.started_at = 0.0
+        self.restarts = 0
         self.lines = []
         self._cond = threading.Condition()
 
     def start(self):
-        self.lines = []
         self.terminated = False
+        self.wanted = True
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        self.started_at = time.monotonic()
+        proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=self.env, start_new_session=True)
+        with self._cond:
+            self.lines = []
+            self.proc = proc
+            self._cond.notify_all()
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
         return self
 
     def _pump(self, proc):
@@ -55,18 +75,26 @@ class Child:
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
+        proc.wait()  # its output ended: it exited (or is about to)
+        if self.on_exit is not None:
+            self.on_exit(self, proc)
 
     def wait_for(self, text, timeout=20.0):
-        """Block until a line containing `text` appears; ProcessFailed if the process dies first."""
+        """Block until a line containing `text` appears; ProcessFailed if the process dies first
+        (a supervised one that is to be restarted: its next process may still say it)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             seen = 0
+            proc = self.proc
             while True:
+                if proc is not self.proc:  # restarted: read the new process's lines
+                    proc, seen = self.proc, 0
                 for line in self.lines[seen:]:
                     if text in line:
                         return line
                 seen = len(self.lines)
-                if self.proc.poll() is not None and not self._more_output():
+                restarting = self.on_exit is not None and self.wanted
+                if self.proc.poll() is not None and not self._more_output() and not restarting:
                     raise ProcessFailed(f"{self.name} exited with {self.proc.returncode} before "
                                         f"saying {text!r}; last output:\n" + "\n".join(self.lines[-15:]))
                 left = deadline - time.monotonic()
@@ -88,11 +116,13 @@ class Child:
 
     def terminate(self):
         """SIGTERM, once: a second one tells smrd to give up its drain (exit at once)."""
+        self.wanted = False
         if self.alive and not self.terminated:
             self.terminated = True
             self.proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout=10.0):
+        self.wanted = False
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -105,6 +135,7 @@ class Child:
         return self.proc.returncode
 
     def kill(self):
+        """SIGKILL, as a crash: under supervision the process is started again."""
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.kill()
@@ -114,12 +145,17 @@ class Child:
 class LocalCluster:
     def __init__(self, replicas=3, gateways=1, framing="line", base_port=11000,
                  data_dir="./smrd-local", durability=None, extra_args=(), settings=None,
-                 app_command=None, replica_host=None, replica_args=None):
+                 app_command=None, replica_host=None, replica_args=None, supervise=False,
+                 report=None):
         # replicas: the replica lines of hosts.conf (the candidates); all of them are bootstrap
         # voters unless a `voters` setting says otherwise. replica_args: {id: [extra flags]} for
         # one replica only (e.g. --auto-join true), after the common ones.
         self.n = replicas
         self.framing = framing
+        # supervise: restart what exits unasked (see RESTART_*); report(text) says so.
+        self.supervise = supervise
+        self.report = report or (lambda text: None)
+        self._closing = False
         self.base = base_port
         self.dir = Path(data_dir).resolve()
         self.durability = durability
@@ -162,6 +198,9 @@ class LocalCluster:
             if self.settings_path:
                 argv += ["--settings", str(self.settings_path)]
             self.gateways.append(Child(f"gateway-{g}", argv, self.dir / f"gateway-{g}.log", env))
+        if supervise:
+            for child in self.apps + self.servers + self.gateways:
+                child.on_exit = self._exited
 
     # Port layout: replica i uses base+10i (peers), +1 (gateways), +2 (its app), +3 (metrics);
     # gateway g listens on base+900+g, metrics on base+950+g.
@@ -235,9 +274,39 @@ class LocalCluster:
                 return next(iter(normal))[1]
         raise ProcessFailed("no agreed leader within %s s" % timeout)
 
+    def _exited(self, child, proc):
+        # From the child's output thread: restart it later unless it was asked to stop.
+        if self._closing or not child.wanted or proc is not child.proc:
+            return
+        up = time.monotonic() - child.started_at
+        if up >= RESTART_RESET_S:
+            child.restarts = 0
+        delay = min(RESTART_FIRST_S * 2 ** child.restarts, RESTART_MAX_S)
+        delay *= 1 + random.random() / 4  # children that died together do not come back in step
+        child.restarts += 1
+        what = ("it keeps its data directory and recovers from its log" if child in self.servers
+                else "it starts empty; its replica rebuilds its state" if child in self.apps
+                else "clients reconnect")
+        self.report(f"{child.name} exited with {_exit_text(proc.returncode)} after {up:.1f} s; "
+                    f"restarting it in {delay:.1f} s ({what}); log: {child.log_path}")
+        timer = threading.Timer(delay, self._restart, (child, proc))
+        timer.daemon = True
+        timer.start()
+
+    def _restart(self, child, proc):
+        if self._closing or not child.wanted or proc is not child.proc:
+            return
+        try:
+            child.start()
+        except OSError as e:
+            self.report(f"cannot restart {child.name}: {e}")
+            return
+        self.report(f"{child.name} restarted (pid {child.proc.pid})")
+
     def stop(self):
         # Gateways first (they drain), then replicas together (only the leader hands off), then
         # the apps: SIGTERM to a whole tier at once, then wait for it.
+        self._closing = True
         for tier in (self.gateways, self.servers, self.apps):
             for child in tier:
                 child.terminate()
@@ -248,11 +317,23 @@ class LocalCluster:
 DEMO_HOOKS = {"snapshot_request": "SNAPSHOT", "restore_request": "RESTORE {state}"}
 
 
+def _exit_text(code) -> str:
+    if code is not None and code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            pass
+    return f"status {code}"
+
+
 def main(args) -> int:
     data_dir = Path(args.data_dir)
     # The demo app has snapshot hooks: checkpoints, log truncation and state transfer are on.
+    def report(text):
+        print(f"smrd local: {text}", file=sys.stderr, flush=True)
+
     cluster = LocalCluster(args.replicas, args.gateways, args.framing, args.base_port, data_dir,
-                           settings=DEMO_HOOKS)
+                           settings=DEMO_HOOKS, supervise=True, report=report)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -271,15 +352,10 @@ def main(args) -> int:
           f"try:   smrd kv --port {g0} --framing {args.framing} PUT greeting hello\n"
           f"       smrd kv --port {g0} --framing {args.framing} GET greeting\n"
           f"status: smrd status -c {cluster.hosts_path}\n"
+          f"A replica, app or gateway that exits is started again (try kill -9 on one).\n"
           f"Ctrl-C stops everything.", flush=True)
     try:
-        while not stop.wait(0.5):
-            for child in cluster.servers + cluster.gateways + cluster.apps:
-                if child.proc.poll() is not None:
-                    print(f"{child.name} exited with {child.proc.returncode}; see {child.log_path}",
-                          file=sys.stderr, flush=True)
-                    stop.set()
-                    break
+        stop.wait()
     finally:
         print("stopping...", flush=True)
         cluster.stop()

@@ -29,3 +29,33 @@ def test_a_restarted_child_can_be_terminated_again(tmp_path):
         child.start().wait_for("up", 10)
         assert child.stop(10) == 0
         assert child.wait_for("sigterms", 5).split() == ["sigterms", "1"]
+
+
+UP = "import sys, time\nprint('up', sys.argv[1], flush=True)\ntime.sleep(60)\n"
+
+
+def test_on_exit_reports_each_exit_and_wait_for_follows_a_restart(tmp_path):
+    # What LocalCluster's supervision builds on: the output thread reports the exit, and a
+    # supervised child's wait_for does not fail on a process that is to be started again.
+    import threading
+    exits = []
+    restarted, second_exit = threading.Event(), threading.Event()
+    child = Child("sleeper", [sys.executable, "-c", UP, "1"], tmp_path / "s.log")
+
+    def on_exit(c, proc):
+        exits.append(proc.returncode)
+        if len(exits) == 2:
+            second_exit.set()
+        if c.wanted and not restarted.is_set():
+            c.argv = [sys.executable, "-c", UP, "2"]
+            restarted.set()
+            c.start()
+
+    child.on_exit = on_exit
+    child.start().wait_for("up 1", 10)
+    child.kill()
+    assert child.wait_for("up 2", 10) == "up 2"  # across the restart, not "exited before saying"
+    assert exits == [-9]
+    assert child.stop(10) is not None
+    assert second_exit.wait(10) and not child.wanted  # stopped on purpose: no restart
+    assert len(exits) == 2
