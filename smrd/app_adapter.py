@@ -82,6 +82,12 @@ class AppConnectionLost(AppError):
     were written: those in ``executed_unknown`` are in doubt."""
 
 
+class AppUnverified(AppError):
+    """Raised by on_connect: the connection cannot be trusted (nothing can tell which process
+    accepted it). Nothing was written on it: execute() drops it and tries again with back-off,
+    as after a connect that failed."""
+
+
 class AppProtocolError(AppError):
     """The app broke the framing contract: a reply over max_reply_bytes, bytes the mode cannot
     parse, or more replies than requests. The connection is closed; requests in
@@ -470,7 +476,13 @@ class AppAdapter:
                     self._conn = None
                 conn = self._conn = await self._connect()
                 if self.on_connect is not None:
-                    self.on_connect()  # may raise (e.g. the app restarted): nothing written yet
+                    try:
+                        self.on_connect()  # may raise (the app restarted): nothing written yet
+                    except AppUnverified as exc:
+                        self._conn = None
+                        conn.close()
+                        await self._unverified(str(exc))
+                        continue
             try:
                 await self._exchange(conn, encoded, methods, replies)
             except BaseException:
@@ -619,6 +631,9 @@ class AppAdapter:
                 if on_connect is not None:
                     try:
                         on_connect()
+                    except AppUnverified as exc:  # as a failed connect: retried with back-off
+                        run.failed = str(exc)
+                        return
                     except BaseException as exc:  # the coroutine raises it, as it is
                         run.raised = exc
                         return
@@ -667,6 +682,13 @@ class AppAdapter:
             await _sleep(delay)
             cap = BACKOFF_MAX_S if self.stats["connections"] else BACKOFF_FIRST_MAX_S
             delay = min(delay * BACKOFF_GROWTH, cap)
+
+    async def _unverified(self, reason: str) -> None:
+        # One back-off step: the app that accepted is going away, a new one is not up yet.
+        self._fail_state(reason, count=False)
+        self.stats["retries"] += 1
+        log.debug("app connection not verified (%s); retrying in %.2f s", reason, BACKOFF_INITIAL_S)
+        await _sleep(BACKOFF_INITIAL_S)
 
     def _set_state(self, ready: bool, reason: str) -> None:
         if self._state is ready:

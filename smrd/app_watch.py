@@ -1,136 +1,209 @@
-# Which process is the app: the one listening on the app's port, identified by (pid, start
-# time) through psutil. In a Kubernetes pod with shareProcessNamespace: true the smrd container
-# sees the app container's processes; locally it sees everything its user may see.
-# Owns: noticing that the app was replaced by a new (empty) process. Never: touches the app,
-# or guesses: when it cannot see the app's process it says so (identity None) and the replica
-# falls back to stopping execution on any doubt.
+"""Which app a replica is feeding: the socket listening on the app's port, and the process that
+holds it.
+
+Owns: the app's identity and the rule for trusting a connection. The identity of "the app
+listening now" is the set of inodes of the sockets listening on the port (smrd.sockdiag asks the
+kernel), with the holder's (pid, start time) beside it where psutil can see it. It is never
+inferred from whether an old pid still exists: a killed app can stay a zombie for seconds (its
+parent reaps late), and psutil calls a zombie running, while its listening socket died with it.
+
+The rule (`check`, run on every new connection before anything is written on it):
+  - nothing listens any more, or the sockets cannot be read: AppUnverified (the adapter drops the
+    connection and tries again, as after a failed connect: nothing was written);
+  - the listener is not the adopted one: AppRestarted, carrying the new identity; the replica
+    decides what the app now holds;
+  - no app adopted yet: the listener is adopted (and recorded, so that a restarted smrd knows
+    the app it fed).
+Never: touches the app (smrd.app_reset ends it), or lets a connection through that it could not
+verify. The one exception is an app on another host (app_host not local), whose sockets this host
+cannot see: then nothing is checked, and the replica says so once at start.
+"""
+import ipaddress
 import json
 import logging
 import os
+import socket
+import threading
+from typing import NamedTuple, Optional
 
 import psutil
 
-from .app_adapter import AppError
+from .app_adapter import AppError, AppUnverified
+from .sockdiag import ListenerQuery
 
 log = logging.getLogger(__name__)
 
 
-ABSENT = "absent"   # nothing listens on the port
-HIDDEN = "hidden"   # something listens, but psutil cannot tell which process
-# Connections that succeed while no listener is seen: once is an app dying as we connected; this
-# many in a row means we cannot see its socket at all (another network namespace), and looking
-# again on every connection (every request, in close mode) would cost a scan of all sockets each.
-ABSENT_LIMIT = 3
+class AppIdentity(NamedTuple):
+    sockets: frozenset            # inodes of the sockets listening on the port
+    pid: Optional[int] = None     # the process holding them, when psutil can see it
+    create_time: Optional[float] = None
+
+    def describe(self) -> str:
+        inodes = ",".join(str(i) for i in sorted(self.sockets))
+        return f"pid {self.pid} (socket {inodes})" if self.pid else f"socket {inodes} (pid not visible)"
+
+    def same_process(self, other: "AppIdentity") -> bool:
+        """Known to be the same process (the same pid started at the same time)."""
+        return (self.pid is not None and self.pid == other.pid
+                and self.create_time == other.create_time)
 
 
 class AppRestarted(AppError):
-    """The app's process changed since requests were last executed on it: its state is gone."""
+    """Another socket listens on the app's port than the one requests were executed on."""
+
+    def __init__(self, reason: str, new: AppIdentity = None, old: AppIdentity = None):
+        super().__init__(reason)
+        self.new = new
+        self.old = old
+
+
+def is_local_host(host: str) -> bool:
+    """Can this host see the sockets of an app at `host`? (A loopback or local address.)"""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    local = set()
+    try:
+        for addrs in psutil.net_if_addrs().values():
+            local.update(a.address.split("%")[0] for a in addrs)
+    except OSError:
+        pass
+    for a in addresses:
+        try:
+            ip = ipaddress.ip_address(a.split("%")[0])
+        except ValueError:
+            return False
+        if not (ip.is_loopback or ip.is_unspecified or str(ip) in local):
+            return False
+    return bool(addresses)
 
 
 class AppWatch:
-    def __init__(self, port: int, record_path: str = None):
+    def __init__(self, port: int, record_path: str = None, host: str = "127.0.0.1"):
         self.port = port
-        # Where the identity of the app process we fed is kept across our own restarts: an app
-        # that outlived smrd (only the smrd container restarted) still holds its state.
+        # Where the identity of the app we fed is kept across our own restarts: an app that
+        # outlived smrd (only the smrd container restarted) still holds its state.
         self.record_path = record_path
-        self.identity = None     # (pid, create_time) of the app we have been feeding
-        self._proc = None
-        self.visible = True      # False once we learned psutil cannot see the app's process
-        self._absent = 0         # connections in a row that found nothing listening
+        self.enabled = is_local_host(host)
+        self.identity: Optional[AppIdentity] = None  # the app being fed, once verified
+        self._query = ListenerQuery()
+        # check() runs in close mode's worker thread, the rest on the event loop; they never
+        # overlap in practice (the executor awaits the adapter), the lock makes sure.
+        self._lock = threading.Lock()
 
-    def find(self):
-        """(pid, create_time) of the process listening on the port now, or None."""
-        found = self._listener()
-        return found if isinstance(found, tuple) else None
+    # ------------------------------------------------------------------ looking
 
-    def _listener(self):
-        """(pid, create_time) of the listener; ABSENT if nothing listens on the port (an app
-        dying or not up yet); HIDDEN if something listens but its process cannot be seen."""
+    def listening(self) -> Optional[frozenset]:
+        """Inodes of the sockets listening on the port now (empty: none), or None if this
+        process cannot read its sockets at all."""
+        with self._lock:
+            found = self._query.listeners(self.port)
+        return None if found is None else frozenset(found)
+
+    def current(self) -> Optional[AppIdentity]:
+        """The identity of the app listening now, or None if nothing does (or it cannot be seen)."""
+        sockets = self.listening()
+        return self._identify(sockets) if sockets else None
+
+    def _identify(self, sockets: frozenset) -> AppIdentity:
+        # The holder's pid: psutil scans every process's descriptors (milliseconds), so this runs
+        # once per new app, never per connection. A socket held by a process we may not inspect
+        # (another user) leaves the pid unknown: restarts are still seen, the app cannot be ended.
         try:
             conns = psutil.net_connections(kind="tcp")
-        except (psutil.AccessDenied, PermissionError, OSError):
-            return HIDDEN
-        hidden = False
+        except (psutil.Error, OSError):
+            return AppIdentity(sockets)
         for c in conns:
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port:
-                if not c.pid:
-                    hidden = True
+            if c.status != psutil.CONN_LISTEN or not c.laddr or c.laddr.port != self.port or not c.pid:
+                continue
+            try:
+                if os.stat(f"/proc/{c.pid}/fd/{c.fd}").st_ino not in sockets:
                     continue
-                try:
-                    return (c.pid, psutil.Process(c.pid).create_time())
-                except psutil.Error:
-                    hidden = True
-        return HIDDEN if hidden else ABSENT
+                return AppIdentity(sockets, c.pid, psutil.Process(c.pid).create_time())
+            except (OSError, psutil.Error):
+                continue
+        return AppIdentity(sockets)
 
-    def adopt(self) -> bool:
-        """Take the current listener as the app being fed. False if there is none (tried again
-        on the next connection) or it cannot be seen (given up: see check)."""
-        found = self._listener()
-        if found is ABSENT:
-            # We just connected, so the app that accepted is going away: not a reason to stop
-            # watching for good (a CI run once lost restart detection to this race).
-            self._absent += 1
-            if self._absent < ABSENT_LIMIT:
-                return False
-            found = HIDDEN
-        if found is HIDDEN:
-            if self.visible:
-                self.visible = False
-                log.warning("cannot see the process listening on app port %d (different user, PID "
-                            "or network namespace?): an app restart cannot be told from a dropped "
-                            "connection, so execution stops on any doubt", self.port)
-            return False
+    def processes(self, identity: AppIdentity) -> list:
+        """The app's process (if it is still the one of `identity`) and its descendants."""
+        if identity.pid is None:
+            return []
         try:
-            proc = psutil.Process(found[0])
+            proc = psutil.Process(identity.pid)
+            if proc.create_time() != identity.create_time:
+                return []
+            return [proc] + proc.children(recursive=True)
         except psutil.Error:
-            return False  # gone since: as ABSENT
-        self.visible = True
-        self._absent = 0
-        self.identity = found
-        self._proc = proc
-        self._record(found)
-        return True
+            return []
 
-    def _record(self, identity) -> None:
+    # ------------------------------------------------------------------ the rule
+
+    def check(self) -> None:
+        """Called on every new connection to the app, before anything is written on it."""
+        if not self.enabled:
+            return
+        sockets = self.listening()
+        if sockets is None:
+            raise AppUnverified(f"cannot read this host's sockets to tell which process listens on "
+                                f"app port {self.port}")
+        if not sockets:
+            raise AppUnverified(f"nothing listens on app port {self.port} any more (the app that "
+                                f"accepted the connection is going away)")
+        old = self.identity
+        if old is None:
+            self.adopt(self._identify(sockets))
+        elif sockets != old.sockets:
+            new = self._identify(sockets)
+            raise AppRestarted(f"another socket listens on app port {self.port}: {new.describe()}, "
+                               f"was {old.describe()}", new, old)
+
+    def adopt(self, identity: AppIdentity) -> None:
+        """From now on, `identity` is the app being fed."""
+        self.identity = identity
+        self._record(identity)
+        log.debug("feeding the app %s", identity.describe())
+
+    def forget(self) -> None:
+        """The next app to listen is taken as a new, empty one (after smrd ended the old one)."""
+        self.identity = None
+
+    # ------------------------------------------------------------------ across smrd restarts
+
+    def _record(self, identity: AppIdentity) -> None:
         if self.record_path is None:
             return
         tmp = self.record_path + ".tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump({"pid": identity[0], "create_time": identity[1]}, f)
+                json.dump({"sockets": sorted(identity.sockets), "pid": identity.pid,
+                           "create_time": identity.create_time}, f)
             os.replace(tmp, self.record_path)  # no fsync: a machine crash takes the app with it
         except OSError as e:
             log.warning("cannot record the app's identity in %s: %s", self.record_path, e)
 
-    def fed_before(self):
-        """(pid, create_time) if the app listening now is the very process an earlier smrd
-        incarnation fed requests to (so it is not empty), else None."""
-        if self.record_path is None:
+    def fed_before(self) -> Optional[AppIdentity]:
+        """The app listening now, if it is the one an earlier smrd process fed (so it is not
+        empty); else None."""
+        if self.record_path is None or not self.enabled:
             return None
         try:
             with open(self.record_path) as f:
                 rec = json.load(f)
-            recorded = (int(rec["pid"]), float(rec["create_time"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            sockets = frozenset(int(i) for i in rec.get("sockets", ()))
+            pid = rec.get("pid")
+            recorded = AppIdentity(sockets, None if pid is None else int(pid),
+                                   None if rec.get("create_time") is None else float(rec["create_time"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        found = self.find()
-        return found if found == recorded else None
+        now = self.current()
+        if now is None:
+            return None
+        if recorded.sockets:
+            return now if now.sockets == recorded.sockets else None
+        # A record from before sockets were recorded: the process's (pid, start time).
+        return now if now.same_process(recorded) else None
 
-    def same(self) -> bool:
-        """Is the app still the process we adopted? (True when we never could tell.)"""
-        if self.identity is None:
-            return True
-        # is_running() re-reads the process's start time and compares it with the one psutil
-        # cached at adopt(): one /proc read per new connection (close mode: per request).
-        try:
-            return self._proc.is_running()
-        except psutil.Error:
-            return False
-
-    def check(self) -> None:
-        """Called on every new connection to the app, before anything is written on it."""
-        if self.identity is None:
-            if self.visible:
-                self.adopt()
-        elif not self.same():
-            raise AppRestarted(f"the app's process changed (was pid {self.identity[0]})")
+    def close(self) -> None:
+        self._query.close()

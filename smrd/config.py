@@ -64,6 +64,20 @@ def _check_host(value: str) -> str | None:
     return check_host(value, listen=False)
 
 
+def data_paths(value: str) -> tuple[str, ...]:
+    """app_data_paths as a tuple of paths."""
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _check_data_paths(value: str) -> str | None:
+    for path in data_paths(value):
+        if not os.path.isabs(path):
+            return f"{path!r} is not an absolute path"
+        if os.path.normpath(path) == "/":
+            return "'/' would empty the whole file system"
+    return None
+
+
 def _not_empty(value: str) -> str | None:
     return "the value is empty" if not value.strip() else None
 
@@ -166,6 +180,20 @@ class Settings:
         "OK", "The restore hook's reply must start with this, or the restore counts as failed "
         "(the replica stops rather than serve from an app in an unknown state).", group="app",
         metavar="PREFIX")
+    app_data_paths: str = setting(
+        "", "Files or directories, comma-separated absolute paths, where the app keeps state of its "
+        "own (a database file, an append-only log). When smrd must reset an app whose state it cannot "
+        "account for and there are no snapshot hooks, it ends the app's process and empties these "
+        "(a directory keeps itself and loses its contents) before the app's supervisor starts it "
+        "again, so that the new app starts empty. An app that restarts by itself with such files "
+        "is reset the same way before anything is replayed into it. smrd needs write access to them "
+        "(in Kubernetes: mount the app's volume into the smrd container too). Empty: the app keeps "
+        "nothing on disk. See docs/app-contract.md.", group="app", metavar="PATHS",
+        check=lambda v: _check_data_paths(v), shown_default='"" (the app keeps no files)')
+    app_restart_timeout_s: int = setting(
+        30, "After smrd ended the app to reset it, how long it waits for the app's supervisor to start "
+        "a new one before it reports itself halted (it keeps waiting, and executes again as soon as "
+        "a new app listens).", group="app", unit="s", min=1, max=86_400)
     checkpoint_every: int = setting(
         100_000, "With snapshot hooks: requests between checkpoints (every replica checkpoints at "
         "the same instances; all must use the same value). Ignored without hooks.", group="app",

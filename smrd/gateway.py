@@ -23,7 +23,7 @@ from .observability import Observability
 from .client_connection import ClientConnection
 from .framing import FramingError, error_reply, split_idempotency
 from .protocol import messages as m
-from .protocol.sessions import TOO_OLD, UNKNOWN_SESSION
+from .protocol.sessions import NOT_EXECUTING, TOO_OLD, UNKNOWN_SESSION
 from .transport import Channels, gateway_identity
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,12 @@ class Gateway:
         self.fast_probes_until = 0.0  # set when the loop starts; see FAST_PROBES_S
         self.probe_timer = None
         self.disconnected = set()       # replicas whose connection dropped and who were not heard since
+        # Replicas that said they cannot execute now (halted, rebuilding their app, app down):
+        # they still order, but they would not answer. New requests then go to every target, not
+        # to such a leader alone. Learned from a NOT_EXECUTING answer (at once) or a status
+        # answer; forgotten when a status answer says it executes again.
+        self.not_executing = set()
+        self.notified = OrderedDict()   # (client_id, seq, replica) told it diverged, not to repeat
         self.drained = asyncio.Event()  # set whenever no request is in flight
         self.obs = Observability("client", config.settings.id or 0, self._snapshot, self.ready)
 
@@ -234,7 +240,7 @@ class Gateway:
             return
         leader = self.leader
         directed = (not everyone and leader is not None and self.reply_quorum == 1
-                    and leader in self.targets)
+                    and leader in self.targets and leader not in self.not_executing)
         if directed and self.check_every:
             self.directed_batches += 1
             if self.directed_batches % self.check_every == 0:
@@ -291,7 +297,8 @@ class Gateway:
 
     def _snapshot(self) -> dict:
         return dict(self.stats, inflight=len(self.calls), n=self.n,
-                    replicas_reachable=self._reachable())
+                    replicas_reachable=self._reachable(),
+                    replicas_not_executing=len(self.not_executing))
 
     def _reachable(self, among=None) -> int:
         now = self.loop.time()
@@ -308,10 +315,16 @@ class Gateway:
             reachable, quorum = self._reachable(voters), len(voters) // 2 + 1
             if reachable < quorum:
                 return False, f"{reachable} of {len(voters)} voters reachable, need {quorum}"
-            return True, "ready"
-        reachable, quorum = self._reachable(), self.n // 2 + 1
-        if reachable < quorum:
-            return False, f"{reachable} of {self.n} replicas reachable, need {quorum}"
+        else:
+            voters = None
+            reachable, quorum = self._reachable(), self.n // 2 + 1
+            if reachable < quorum:
+                return False, f"{reachable} of {self.n} replicas reachable, need {quorum}"
+        now = self.loop.time()
+        if not any(now - t <= REACHABLE_S and r not in self.not_executing
+                   and (voters is None or r in voters) for r, t in self.heard_from.items()):
+            return False, ("no reachable replica can execute (each is halted, rebuilding its app, "
+                           "or its app is down): see smrd status")
         return True, "ready"
 
     def _probe(self):
@@ -366,6 +379,10 @@ class Gateway:
         if self.membership is None or index > self.membership["index"]:
             self.membership = {"index": index, "voters": list(voters), "learners": list(learners)}
             self._retarget()
+        if status.get("can_execute", True):
+            self._executes(replica)
+        elif replica not in self.not_executing:
+            self._cannot_execute(replica, status.get("execution_reason") or "says so")
         self._leader_hint(replica, status)
 
     def _leader_hint(self, replica, status):
@@ -387,6 +404,16 @@ class Gateway:
             else:
                 self.leader = new
 
+    def _cannot_execute(self, replica, why):
+        self.not_executing.add(replica)
+        log.warning("event=replica_cannot_execute replica=%d leader=%s reason=%r (new requests go "
+                    "to every replica until it executes again)", replica, replica == self.leader, why)
+
+    def _executes(self, replica):
+        if replica in self.not_executing:
+            self.not_executing.discard(replica)
+            log.info("event=replica_executes replica=%d", replica)
+
     def _on_message(self, sock, parts):
         replica = self.sock_replica.get(sock)
         self.heard_from[replica] = self.loop.time()
@@ -406,31 +433,78 @@ class Gateway:
                 for client_id, seq, reply in core.Batch(msg.batch):
                     self._on_reply(replica, (client_id, seq), bytes(reply))
             elif isinstance(msg, m.ReplyErrors):
+                again = []
                 for client_id, seq, data in core.Batch(msg.batch):
-                    self._on_error(replica, (client_id, seq), data[0] if len(data) else 0, bytes(data[1:]))
+                    status = data[0] if len(data) else 0
+                    if status == NOT_EXECUTING:
+                        call = self.calls.get((client_id, seq))
+                        if call is not None and replica not in call.replies:
+                            again.append(call)
+                        continue
+                    self._on_error(replica, (client_id, seq), status, bytes(data[1:]))
+                if again:
+                    # It orders them but will not answer: the others will, once asked.
+                    if replica not in self.not_executing:
+                        self._cannot_execute(replica, "it answered a request with NOT_EXECUTING")
+                    now = self.loop.time()
+                    for call in again:
+                        call.last_sent = now
+                    self._send(again, everyone=True)
 
     def _on_reply(self, replica, key, reply):
         call = self.calls.get(key)
         if call is None:
-            first = self.recent.get(key)
-            if first is not None and first != reply:
-                self._divergence(key, replica)
+            replies = self.recent.get(key)
+            if replies is not None:
+                if any(seen != reply for seen in replies.values()):
+                    self._divergence(key, replica)
+                    replies[replica] = reply
+                    self._tell_minority(key, replies)
+                else:
+                    replies[replica] = reply
             return
         replies = call.replies
         matching = 1
+        diverged = False
         for other, seen in replies.items():
             if seen != reply:
                 self._divergence(key, replica, other)
+                diverged = True
             elif other != replica:  # the same replica again (a retransmission's answer) counts once
                 matching += 1
         replies[replica] = reply
+        if diverged:
+            self._tell_minority(key, replies)
         if matching >= self.reply_quorum:
             self.stats["replies"] += 1
             self.obs.observe_request_latency(self.loop.time() - call.first_sent)
-            self.recent[key] = reply
+            self.recent[key] = replies  # late replies are compared with these
             if len(self.recent) > 4096:
                 self.recent.popitem(last=False)
             self._complete(call, reply)
+
+    def _tell_minority(self, key, replies):
+        """Once a majority of the voters gave one reply, every replica that gave another is told:
+        its app's state is not the others', and it rebuilds it (smrd.executor)."""
+        voters = self.membership["voters"] if self.membership else range(self.n)
+        majority = len(voters) // 2 + 1
+        counts = {}
+        for seen in replies.values():
+            counts[seen] = counts.get(seen, 0) + 1
+        best, count = max(counts.items(), key=lambda item: item[1])
+        if count < majority:
+            return
+        digest = m.reply_digest(best) + bytes([min(count, 255)])
+        for r, seen in replies.items():
+            if seen == best or (key[0], key[1], r) in self.notified:
+                continue
+            self.notified[(key[0], key[1], r)] = True
+            if len(self.notified) > 4096:
+                self.notified.popitem(last=False)
+            log.error("event=divergence_minority client_id=%x seq=%d replica=%d majority=%d (told to "
+                      "rebuild its app)", key[0], key[1], r, count)
+            self.channels.send(self.replica_socks[r], [m.encode(0, m.Diverged(
+                core.pack_batch([(key[0], key[1], digest)])))])
 
     def _divergence(self, key, replica, other=None):
         self.stats["divergences"] += 1

@@ -101,8 +101,19 @@ SERVER_SERIES = (
     Series("app_ready", "smrd_app_up", G,
            "1 unless the last attempt to reach the local app failed, else 0.", convert=_flag),
     Series("halted", "smrd_execution_halted", G,
-           "1 once execution stopped because the app failed mid-request (restart replica and app).",
-           convert=_flag),
+           "1 while execution is halted: the app could not be reset (no permission to end it, no new "
+           "app within app_restart_timeout_s, resets failing in a row); the reason is in /readyz and "
+           "the log (event=execution_halted). smrd keeps retrying by itself.", convert=_flag),
+    Series("can_execute", "smrd_execution_ready", G,
+           "1 while this replica can execute (its app accounted for and answering); 0 while it "
+           "is halted, resets or rebuilds its app, or the app is down.", convert=_flag),
+    Series("app_resets", "smrd_app_resets", C,
+           "Resets of an app whose state smrd could not account for (smrd restarted while the app "
+           "kept running, a request failed midway, a hook failed, a divergence): restored from a "
+           "checkpoint, or ended and started again, then replayed."),
+    Series("execution_halts", "smrd_execution_halts", C, "Times execution halted (see smrd_execution_halted)."),
+    Series("divergences_reported", "smrd_divergences_reported", C,
+           "Gateway reports that this replica's reply disagreed with a majority's (each resets the app)."),
     Series("view", "smrd_view", G, "Current view (regency) number."),
     Series("leader", "smrd_leader_id", G, "Replica id of the current view's leader."),
     Series("commit", "smrd_commit_instance", G, "Highest consensus instance decided without gaps."),
@@ -163,6 +174,9 @@ GATEWAY_SERIES = (
     Series("inflight", "smrd_requests_inflight", G, "Requests sent to the replicas and not yet answered."),
     Series("bad_messages", "smrd_bad_messages", C, "Malformed frames from replicas dropped."),
     Series("replicas_reachable", "smrd_replicas_reachable", G, "Replicas that answered recently."),
+    Series("replicas_not_executing", "smrd_replicas_not_executing", G,
+           "Replicas that said they cannot execute now (new requests go to every replica then).",
+           optional=True),
     Series("n", "smrd_cluster_replicas", G, "Replicas in the configuration."),
 )
 

@@ -1,12 +1,12 @@
 # `smrd --role server`: one replica beside its app.
 #
-# Owns the loop: receive -> step -> persist -> send -> execute -> reply, in that order for every
-# Ready (persisting before sending is what makes a vote count; see smrd/protocol/ready.py), the
-# routing of replies back to the gateway that asked, and the replica's lifecycle (start from the
-# write-ahead log, replay the log into the app, stop on a signal).
-# Never: decides anything about order (the protocol core does), blocks the loop on the app (the
-# executor is its own task, fed in decided order), or answers a request it did not execute or
-# find in the reply cache.
+# Owns the loop: receive -> step -> persist -> send -> hand to the executor -> reply, in that order
+# for every Ready (persisting before sending is what makes a vote count; see
+# smrd/protocol/ready.py), the routing of replies back to the gateway that asked, and the
+# replica's lifecycle (start from the write-ahead log, stop on a signal).
+# Never: decides anything about order (the protocol core does), talks to the app (smrd.executor
+# does, in its own task, fed in decided order), or answers a request it did not execute or find
+# in the reply cache.
 import asyncio
 import glob
 import ipaddress
@@ -23,17 +23,17 @@ from pathlib import Path
 import psutil
 
 from . import core
-from .app_adapter import AppAdapter, AppConnectionLost, AppProtocolError
-from .app_watch import AppRestarted, AppWatch
+from .app_watch import is_local_host
 from .checkpoints import CheckpointError, CheckpointStore
-from .errors import ProtocolError
+from .errors import ProtocolError, SmrdError
+from .executor import Executor
 from .observability import Observability
 from .protocol import messages as m
 from .protocol.options import Options
 from .protocol.quorum import CrashFaultPolicy
 from .protocol.replica import NORMAL, RECOVERING, Replica
 from .protocol.records import AcceptRecord, CheckpointRecord, CommitRecord
-from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, SYSTEM, Sessions, plan_batch
+from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, NOT_EXECUTING, SYSTEM, Sessions
 from .state_transfer import StateTransfer
 from .storage import CORRUPT_MIDDLE, CORRUPT_SUFFIX, StorageError, WriteAheadLog
 from .transport import Channels, parse_replica_identity, replica_identity
@@ -44,32 +44,11 @@ STATUS_REQUEST = m.STATUS_REQUEST
 ROUTES_MIN = 4096  # routes kept before pruning those of sessions the table no longer holds
 STATUS_REPLY = m.STATUS_REPLY
 
-# How many requests the executor hands the app in one go (one pipelined round trip).
-EXECUTE_CHUNK = 512
 # A replica further behind than this (instances) reports itself not ready.
 READY_MAX_LAG = 64
 # In the data directory while a replica that started with an empty disk has not finished its
 # recovery (docs/PROTOCOL.md, "Recovery"): a crash in between must not pass for a normal restart.
 RECOVERY_MARK = "recovering"
-
-
-class _TakeCheckpoint:
-    # Apply-queue item: after executing `instance`, snapshot the app and store a checkpoint.
-    __slots__ = ("instance", "image")
-
-    def __init__(self, instance, image):
-        self.instance = instance
-        self.image = image
-
-
-class _RestoreApp:
-    # Apply-queue item: replace the app's state with a checkpoint's (at start, after a state
-    # transfer, after an app restart); execution continues after `instance`.
-    __slots__ = ("instance", "state")
-
-    def __init__(self, instance, state):
-        self.instance = instance
-        self.state = state
 
 
 # Records that are votes on values (or the commit hint), not promises about views.
@@ -123,7 +102,12 @@ class Server:
             batch_max_bytes=s.batch_max_bytes,
             max_pending_per_origin=s.max_inflight_per_gateway,
             checkpoint_every=s.checkpoint_every if self.hooks else 0)
-        self.sessions = self._sessions()
+        if not is_local_host(s.app_host):
+            raise SmrdError(
+                f"app_host {s.app_host!r} is not an address of this host: a replica runs beside its "
+                f"app (same host, or same pod), because telling an app that restarted from a dropped "
+                f"connection needs the app's listening socket in sight; use 127.0.0.1")
+        sessions = self._sessions()
         data_dir = s.data_dir.replace("<id>", str(s.id))
         self.wal = WriteAheadLog(data_dir, s.durability, segment_bytes=s.log_segment_bytes)
         durable, report = self.wal.open()
@@ -131,7 +115,8 @@ class Server:
         if s.durability == "memory":
             # Nothing of this replica survives it; checkpoints still need files to be served from.
             self._scratch = tempfile.mkdtemp(prefix=f"smrd-{s.id}-checkpoints-")
-        self.store = CheckpointStore(self._scratch or data_dir, fsync=s.durability == "fsync")
+        self.checkpoint_dir = self._scratch or data_dir
+        self.store = CheckpointStore(self.checkpoint_dir, fsync=s.durability == "fsync")
         corrupt = sorted(glob.glob(os.path.join(data_dir, "*" + CORRUPT_SUFFIX)))
         if corrupt or (report.damage is not None and report.damage.kind == CORRUPT_MIDDLE):
             # Records that were durable (and may have been votes) are unreadable: serving from
@@ -149,8 +134,8 @@ class Server:
             log.warning("write-ahead log damaged: %s in %s at offset %d (%s); %d bytes discarded, "
                         "%d valid records kept; what is missing is fetched from peers",
                         d.kind, d.segment, d.offset, d.reason, d.discarded, report.records)
-        self.apply_queue = deque()
         restored = durable.checkpoint if durable.records else None
+        app_state = None
         if restored is not None:
             if not self.hooks:
                 self.wal.close()
@@ -160,14 +145,13 @@ class Server:
                     f"that checkpoint; set snapshot_request/restore_request as when it was taken")
             try:
                 sessions_blob, app_state = self.store.read(restored.instance, restored.digest)
-                self.sessions = self._sessions(sessions_blob)
+                sessions = self._sessions(sessions_blob)
             except (CheckpointError, ValueError) as e:
                 self.wal.close()
                 raise StorageError(
                     f"cannot restore from the checkpoint at instance {restored.instance}: {e}; the log "
                     f"before it is gone, so this replica cannot serve. Move {data_dir} aside to rejoin "
                     f"with an empty disk (it then fetches the state from its peers).") from None
-            self.apply_queue.append(_RestoreApp(restored.instance, app_state))
             log.info("event=checkpoint_loaded instance=%d bytes=%d (the app is restored from it, then "
                      "the log after it is replayed)", restored.instance, len(app_state))
         # The nonce tells this incarnation's recovery answers from an earlier one's.
@@ -177,7 +161,7 @@ class Server:
         # A recovery that began and never ended (the mark is still on disk) is resumed: what the
         # log holds then are decided values it caught up, not the votes it lost with its disk.
         self._recovery_mark = Path(data_dir) / RECOVERY_MARK
-        self.replica = Replica(self.id, CrashFaultPolicy(self.n), self.options, self.sessions,
+        self.replica = Replica(self.id, CrashFaultPolicy(self.n), self.options, sessions,
                                durable, recovery_nonce=nonce, voters=s.voters, auto_join=s.auto_join,
                                resume_recovery=self._recovery_mark.exists())
         self._marked = self._recovery_mark.exists()
@@ -194,20 +178,12 @@ class Server:
         }
         for r, sock in self.peer_out.items():
             self.channels.watch_disconnect(sock, lambda r=r: self._peer_lost(r))
-        self.adapter = AppAdapter(s.app_host, s.app_port, s.framing, s.app_timeout_ms / 1000,
-                                  on_state_change=self._app_state)
-        self._app_was_down = False  # for the log only: "reachable" vs "reachable again"
-        self.watch = AppWatch(s.app_port, None if s.durability == "memory"
-                              else os.path.join(data_dir, "app-identity.json"))
-        self.adapter.on_connect = self.watch.check
         self.max_payload = max(64 << 20, s.batch_max_bytes * 2)
         # client_id -> (identity of the gateway that last sent it, highest seq it sent us). We
         # answer only requests up to that seq: a gateway that sends to the leader alone wants no
         # answer from us, and one that sent us a request (or its retransmission) wants one.
         self.routes = {}
         self._routes_limit = ROUTES_MIN
-        self.open_images = []       # checkpoint images still waiting for replies (executor fills)
-        self.checkpoint_lock = asyncio.Lock()
         self.transfer = StateTransfer(
             self.id, hosts.peers_of(self.id).keys(), self.replica.policy.max_faults + 1, self.store,
             self._send_state, s.state_transfer_rate_mb * 1_000_000, self._transfer_done,
@@ -218,16 +194,15 @@ class Server:
         self.mem_bytes = 0
         self.mem_budget = s.log_memory_bytes if s.durability != "memory" else None
         self._serving = set()       # peers whose catch-up is being read from the log files
-        self.apply_wakeup = asyncio.Event()
-        self.executed = 0           # last instance whose replies went out
-        self.halted = None          # why execution stopped, if it did
-        self._check_app_is_fresh(restored)
         self.proposed_at = {}       # leader: instance -> loop time of its first PROPOSE
-        self.stopping = asyncio.Event()
         self.exit_code = 0
         self.stats = defaultdict(int)
-        for key in ("requests_received", "requests_executed", "requests_deduplicated", "bad_messages", "app_restarts"):
+        for key in ("requests_received", "requests_executed", "requests_deduplicated", "bad_messages",
+                    "app_restarts", "app_resets", "execution_halts", "divergences_reported"):
             self.stats[key] = 0
+        self.stopping = asyncio.Event()
+        self.executor = Executor(self, self.checkpoint_dir if s.durability == "memory" else data_dir,
+                                 restored, app_state)
         self.process = psutil.Process()
         self.recovered_bytes, self.recovered_records = report.bytes, report.records
         self.obs = Observability("server", self.id, self._snapshot, self.ready)
@@ -298,6 +273,11 @@ class Server:
             return
         if self.stopping.is_set():
             return  # stopping: take no new work (every replica got the same requests)
+        if type(msg) is m.Diverged:
+            for client_id, seq, data in core.Batch(msg.batch):
+                if len(data) == 17:
+                    self.executor.diverged(client_id, seq, bytes(data[:16]), data[16])
+            return
         if not isinstance(msg, m.Requests):
             self._bad(f"gateway {identity[:16]!r} sent {type(msg).__name__}, which only replicas may send")
             return
@@ -309,6 +289,13 @@ class Server:
                 routes[client_id] = (identity, seq)
         self.stats["requests_received"] += len(batch)
         self.replica.step(identity, msg)
+        if msg.directed and not self.executor.can_execute:
+            # Sent to this replica alone, which orders it but cannot answer it: say so now, so
+            # that the gateway asks the others at once instead of at its retransmission timer.
+            refusal = bytes([NOT_EXECUTING]) + ERROR_TEXT[NOT_EXECUTING]
+            entries = [(client_id, seq, refusal) for client_id, seq, _ in batch]
+            self.channels.send(self.client_router,
+                               [identity, m.encode(self.id, m.ReplyErrors(core.pack_batch(entries)))])
 
     def _bad(self, what):
         self.stats["bad_messages"] += 1
@@ -332,7 +319,7 @@ class Server:
                 rd = rep.ready()
                 if rd.checkpoints:
                     # From now on every reply the executor gets goes into these images.
-                    self.open_images.extend(image for _, image in rd.checkpoints)
+                    self.executor.open_images.extend(image for _, image in rd.checkpoints)
                 if rd.persist:
                     self.wal.append(rd.persist)
                     if not all(type(r) is CommitRecord for r in rd.persist):
@@ -378,16 +365,7 @@ class Server:
         if rd.messages:
             self._send_all(rd.messages)
         if rd.apply:
-            if rd.checkpoints:
-                marks = {i: _TakeCheckpoint(i, image) for i, image in rd.checkpoints}
-                for entry in rd.apply:
-                    self.apply_queue.append(entry)
-                    mark = marks.get(entry[0])
-                    if mark is not None:
-                        self.apply_queue.append(mark)
-            else:
-                self.apply_queue.extend(rd.apply)
-            self.apply_wakeup.set()
+            self.executor.feed(rd.apply, rd.checkpoints)
             if self.mem_budget is not None:
                 for instance, value, _ in rd.apply:
                     self.mem_values.append((instance, len(value)))
@@ -407,7 +385,7 @@ class Server:
                     self._refused_seen += 1
                     log.warning("event=membership_change_refused when=proposal reason=%r",
                                 _answer_text(reply).removeprefix("REFUSED "))
-            self._send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
+            self.send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
         for peer, start in rd.serve_log:
             if peer not in self._serving:
                 self._serving.add(peer)
@@ -527,11 +505,11 @@ class Server:
         # its own) would stay here for good. Keep those the session table still knows; a request
         # whose session is not in it yet loses its route at worst, and its gateway's
         # retransmission brings it back.
-        cache = self.sessions.cache
+        cache = self.replica.sessions.cache
         self.routes = {cid: route for cid, route in self.routes.items() if cid in cache}
         self._routes_limit = max(ROUTES_MIN, 2 * len(self.routes))
 
-    def _send_replies(self, replies):
+    def send_replies(self, replies):
         """replies: (identity or None, client_id, seq, status, bytes); one message per gateway."""
         ok = defaultdict(list)
         errors = defaultdict(list)
@@ -571,167 +549,19 @@ class Server:
     def _on_idle(self):
         self._flush()
 
-    # ------------------------------------------------------------------ execution
+    # ------------------------------------------------------------------ for the executor
 
-    async def _executor(self):
-        queue = self.apply_queue
-        if self.halted:
-            return
-        while True:
-            if self.halted:
-                return
-            if not queue:
-                self.apply_wakeup.clear()
-                await self.apply_wakeup.wait()
-                continue
-            head = queue[0]
-            if type(head) is _TakeCheckpoint or type(head) is _RestoreApp:
-                queue.popleft()
-                try:
-                    if type(head) is _TakeCheckpoint:
-                        await self._take_checkpoint(head)
-                    else:
-                        await self._restore_app(head)
-                except AppRestarted as e:
-                    self._rebuild(str(e))
-                except (AppConnectionLost, AppProtocolError) as e:
-                    if await self._app_was_replaced():
-                        self._rebuild(f"the app's process changed after: {e}")
-                        continue
-                    self._halt(f"app failed during a snapshot hook: {e}")
-                    return
-                except _HookFailed as e:
-                    self._halt(str(e))
-                    return
-                continue
-            sessions = self.sessions
-            plan = []        # (client_id, seq, status, payload or cached reply) in decided order
-            payloads = []
-            last_instance = 0
-            while queue and len(payloads) < EXECUTE_CHUNK and type(queue[0]) is tuple:
-                instance, _, batch_plan = queue.popleft()
-                last_instance = instance
-                plan += batch_plan
-                payloads += [bytes(entry[3]) for entry in batch_plan if entry[2] == EXECUTE]
-            try:
-                results = await self.adapter.execute(payloads) if payloads else []
-            except AppRestarted as e:
-                self._rebuild(str(e))
-                continue
-            except (AppConnectionLost, AppProtocolError) as e:
-                if await self._app_was_replaced():
-                    self._rebuild(f"the app's process changed after: {e}")
-                    continue
-                # What the app holds is unknown now: executing on could run a request twice or
-                # skip one. Stop executing (the replica keeps voting, so the cluster keeps its
-                # fault tolerance) until the pod restarts and the app is rebuilt from the log.
-                self._halt(f"app failed mid-request: {e}")
-                return
-            replies = []
-            append = replies.append
-            it = iter(results)
-            images = self.open_images
-            finish = sessions.finish
-            system = 0
-            for client_id, seq, status, payload in plan:
-                if status == EXECUTE:
-                    reply = next(it)
-                    finish(client_id, seq, reply)
-                    if images:
-                        for image in images:
-                            image.fill(client_id, seq, reply)
-                    append((None, client_id, seq, status, reply))
-                    continue
-                if status == DUPLICATE:
-                    reply = payload if payload is not None else sessions.take_reply(client_id, seq)
-                elif status == SYSTEM:
-                    # A membership change: the core applied it; never the app's business, not in
-                    # the session table (nor in checkpoint images). Its payload is the core's
-                    # answer, except when the log is replayed after an app restart (then it is
-                    # the change itself, already answered long ago: nothing to send).
-                    system += 1
-                    reply = bytes(payload)
-                    if not reply.startswith((b"OK", b"REFUSED")):
-                        continue
-                else:
-                    reply = ERROR_TEXT[status]
-                replies.append((None, client_id, seq, status, reply))
-            self.stats["requests_executed"] += len(payloads)
-            self.stats["requests_deduplicated"] += len(plan) - len(payloads) - system
-            self.executed = last_instance
-            self._send_replies(replies)
-            self._evict()
+    def new_sessions(self, image=None) -> Sessions:
+        return self._sessions(image)
 
-    def _check_app_is_fresh(self, restored):
-        # smrd replays its log into the app on start, so the app must be empty then. If it is the
-        # very process an earlier smrd fed (only smrd restarted), replaying would apply requests
-        # twice: reset it from the checkpoint if there is one, else refuse to execute.
-        fed = self.watch.fed_before()
-        if fed is None:
-            return
-        if restored is not None:
-            log.warning("event=app_kept_state pid=%d action=restore checkpoint=%d (the app outlived "
-                        "smrd's restart: its state is replaced by the checkpoint's before replaying)",
-                        fed[0], restored.instance)
-            return
-        if self.replica.commit == 0:
-            return  # nothing was ever decided here: nothing can have been fed
-        self.halted = (f"the app (pid {fed[0]}) was already fed by an earlier smrd process and keeps "
-                       f"its state; replaying the log into it would apply requests twice, and without "
-                       f"a checkpoint to restore it cannot be reset: restart the app (in Kubernetes, "
-                       f"the pod) so that it starts empty")
-        log.error("execution halted: %s", self.halted)
+    def set_sessions(self, sessions) -> None:
+        """The executor rebuilds the app with this exactly-once table (the core plans with it)."""
+        self.replica.sessions = sessions
 
-    def _halt(self, why):
-        self.halted = why
-        log.error("execution halted: %s; this replica still takes part in consensus but "
-                  "no longer executes or replies; restart it together with its app to "
-                  "rebuild the app's state from the log", why)
+    def storage_failed(self, e):
+        self._storage_failed(e)
 
-    # ------------------------------------------------------------------ checkpoints
-
-    async def _take_checkpoint(self, mark):
-        if mark.image in self.open_images:
-            self.open_images.remove(mark.image)
-        s = self.settings
-        state = (await self.adapter.execute([s.snapshot_request.encode()]))[0]
-        if state.startswith(b"ERR"):
-            raise _HookFailed(f"snapshot hook {s.snapshot_request!r} failed: {state[:200]!r}")
-        self.executed = mark.instance
-        try:
-            blob = mark.image.encode()
-        except ValueError as e:  # a bug, not a fault: say so, keep the log, carry on
-            log.error("event=checkpoint_skipped instance=%d reason=%r", mark.instance, str(e))
-            return
-        # Writing (compress, fsync) runs beside execution; one checkpoint at a time.
-        asyncio.get_running_loop().create_task(self._store_checkpoint(mark.instance, blob, state))
-
-    async def _store_checkpoint(self, instance, sessions_blob, state):
-        async with self.checkpoint_lock:
-            started = time.monotonic()
-            try:
-                size, digest = await asyncio.to_thread(self.store.write, instance, sessions_blob, state)
-            except OSError as e:
-                log.error("event=checkpoint_failed instance=%d error=%r (the log is kept; the next "
-                          "checkpoint tries again)", instance, str(e))
-                return
-            try:
-                low = self._record_checkpoint(instance, digest, size)
-            except StorageError as e:
-                self._storage_failed(e)
-                return
-            log.info("event=checkpoint instance=%d bytes=%d state_bytes=%d seconds=%.3f log_from=%d",
-                     instance, size, len(state), time.monotonic() - started, self.replica.low + 1)
-            if low:
-                try:
-                    deleted, freed = await asyncio.to_thread(self.wal.truncate_before, low)
-                except StorageError as e:
-                    self._storage_failed(e)
-                    return
-                if deleted:
-                    log.info("event=log_truncated before=%d segments=%d bytes=%d", low + 1, deleted, freed)
-
-    def _record_checkpoint(self, instance, digest, size):
+    def record_checkpoint(self, instance, digest, size):
         # The checkpoint file is durable (written, fsynced, renamed, directory fsynced): say so in
         # the log, then let the core drop what it covers (keeping one checkpoint's worth back, for
         # peers a little behind). Returns where the log may now start.
@@ -742,16 +572,6 @@ class Server:
         self._flush()
         return low
 
-    async def _restore_app(self, item):
-        s = self.settings
-        request = s.restore_request.encode().replace(b"{state}", item.state)
-        reply = (await self.adapter.execute([request]))[0]
-        if not reply.startswith(s.restore_ok.encode()):
-            raise _HookFailed(f"restore hook failed at instance {item.instance}: the app answered "
-                              f"{reply[:200]!r}, not {s.restore_ok!r}")
-        self.executed = item.instance
-        log.info("event=app_restored instance=%d bytes=%d", item.instance, len(item.state))
-
     def _peer_lost(self, r):
         # A leader killed (or its pod gone) closes its connections at once: suspecting it then
         # takes ~2 heartbeats instead of the election timeout (docs/PROTOCOL.md, "Leader change").
@@ -760,12 +580,12 @@ class Server:
         self.replica.peer_lost(r)
         self._flush()
 
-    def _evict(self):
+    def evict(self):
         # Keep the newest log_memory_bytes of executed values in memory; drop down to 3/4 of it.
         if self.mem_budget is None or self.mem_bytes <= self.mem_budget:
             return
         values, upto = self.mem_values, 0
-        while values and self.mem_bytes > self.mem_budget * 3 // 4 and values[0][0] <= self.executed:
+        while values and self.mem_bytes > self.mem_budget * 3 // 4 and values[0][0] <= self.executor.executed:
             upto, size = values.popleft()
             self.mem_bytes -= size
         if upto:
@@ -782,7 +602,7 @@ class Server:
         finally:
             self._serving.discard(peer)
 
-    def _values(self, first, last):
+    def values(self, first, last):
         # Decided values first..last, from memory or (evicted ones) read back from the log files.
         rep = self.replica
         i = first
@@ -815,9 +635,7 @@ class Server:
         sessions = self._sessions(sessions_blob)
         self.wal.append([CheckpointRecord(instance, digest, size)])
         self.wal.sync()
-        self.sessions = sessions
-        self.apply_queue.append(_RestoreApp(instance, app_state))
-        self.apply_wakeup.set()
+        self.executor.install(instance, app_state)
         rep.install_checkpoint(instance, sessions)
         self._flush()
 
@@ -839,82 +657,11 @@ class Server:
         finally:
             self._compressing = False
 
-    async def _app_was_replaced(self) -> bool:
-        """After a failure mid-request: wait for an app to listen again and tell whether it is a
-        new process (state lost: rebuild) or the same one (outcome unknown: halt)."""
-        watch = self.watch
-        if watch.identity is None:
-            return False
-        old = watch.identity
-        delay = 0.05
-        while not self.stopping.is_set():
-            found = watch.find()
-            if found is not None:
-                if found == old:
-                    return False
-                watch.identity = None
-                return True
-            await asyncio.sleep(delay)  # waiting for a process we cannot get an event from
-            delay = min(delay * 2, 1.0)
-        return False
-
-    def _rebuild(self, why: str) -> None:
-        """The app restarted empty: restore the newest local checkpoint (if any), then replay
-        every decided instance after it (from the first without one). Exactly-once decisions
-        are re-made in the same order, so they come out the same as before and as on every
-        other replica."""
-        rep = self.replica
-        self.stats["app_restarts"] += 1
-        self.apply_queue.clear()
-        self.open_images = []
-        start = 0
-        if rep.checkpoints:
-            # The newest local checkpoint, then the log after it.
-            start = rep.checkpoints[-1]
-            digest = dict((i, d) for i, _, d in self.store.info()).get(start)
-            try:
-                if digest is None:
-                    raise CheckpointError(f"checkpoint {start} is not on disk")
-                sessions_blob, app_state = self.store.read(start, digest)
-            except CheckpointError as e:
-                self._halt(f"the app restarted and its state cannot be rebuilt: {e}")
-                return
-            sessions = self._sessions(sessions_blob)
-            self.apply_queue.append(_RestoreApp(start, app_state))
-        else:
-            sessions = self._sessions()
-        log.warning("event=app_restart_detected detail=%r action=replay checkpoint=%d instances=%d..%d "
-                    "(app restart detected: rebuilding its state)", why, start, start + 1, rep.applied)
-        # The membership is replicated state the core applied up to rep.applied, which is where
-        # the replay ends: keep it (neither an empty table nor the checkpoint's would be right).
-        sessions.membership = rep.sessions.membership
-        self.sessions = rep.sessions = sessions
-        try:
-            for i, value in self._values(start + 1, rep.applied):
-                self.apply_queue.append((i, value, plan_batch(sessions, value)))
-        except StorageError as e:
-            self.apply_queue.clear()
-            self._halt(f"the app restarted and its state cannot be rebuilt: {e}")
-            return
-        self.executed = 0
-        self.apply_wakeup.set()
-        self.watch.identity = None  # adopt the new process on the next connection
-
-    def _app_state(self, ready, reason):
-        if ready:
-            log.info("app at %s:%d is reachable%s", self.settings.app_host, self.settings.app_port,
-                     " again" if self._app_was_down else "")
-            self._app_was_down = False
-        else:
-            self._app_was_down = True
-            log.warning("app at %s:%d is not answering (%s); requests wait, nothing is skipped",
-                        self.settings.app_host, self.settings.app_port, reason)
-
     # ------------------------------------------------------------------ status and lifecycle
 
     def _snapshot(self) -> dict:
         d = self.status()
-        rep, wal, app = self.replica, self.wal, self.adapter.stats
+        rep, wal, app = self.replica, self.wal, self.executor.adapter.stats
         d.update(known_commit=max(rep.catchup_target, rep.leader_commit, rep.commit),
                  app_errors=app.get("errors", 0), app_timeouts=app.get("timeouts", 0),
                  app_reconnects=app.get("reconnects", 0), app_retries=app.get("retries", 0),
@@ -936,8 +683,6 @@ class Server:
         rep = self.replica
         if self.stopping.is_set():
             return False, "stopping"
-        if self.halted:
-            return False, f"execution halted: {self.halted}"
         if rep.status == RECOVERING:
             return False, "recovering: learning the cluster's state before taking part"
         if self.transfer.active:
@@ -957,10 +702,12 @@ class Server:
             return False, "leader without contact to a quorum (view change expected)"
         if known - rep.commit > READY_MAX_LAG:
             return False, f"catching up: decided {rep.commit} of {known}"
-        if rep.commit - self.executed > READY_MAX_LAG:
-            return False, f"executing: {self.executed} of {rep.commit} applied to the app"
-        if self.adapter._state is False:
-            return False, f"app at {self.settings.app_host}:{self.settings.app_port} is not answering"
+        state, reason = self.executor.describe()
+        if state != "executing":
+            return False, f"{state}: {reason}"
+        executed = self.executor.executed
+        if rep.commit - executed > READY_MAX_LAG:
+            return False, f"executing: {executed} of {rep.commit} applied to the app"
         return True, "ready"
 
     def status(self) -> dict:
@@ -969,8 +716,11 @@ class Server:
             # removal) before describing it, as the end of the burst would.
             self._on_membership()
         d = self.replica.describe()  # "role": voter | learner | none; "membership": the applied one
-        d.update(process="server", auto_join=self.replica.auto_join, executed=self.executed, pid=os.getpid(),
-                 app_ready=self.adapter._state is not False and self.halted is None, halted=self.halted,
+        ex = self.executor
+        execution, reason = ex.describe()
+        d.update(process="server", auto_join=self.replica.auto_join, executed=ex.executed, pid=os.getpid(),
+                 app_ready=ex.adapter._state is not False, halted=ex.halted, execution=execution,
+                 execution_reason=reason, can_execute=ex.can_execute,
                  rss_bytes=self.process.memory_info().rss, ready=self.ready()[0],
                  connections_refused=self.channels.refused, messages_sent=self.channels.sent,
                  messages_received=self.channels.received,
@@ -993,11 +743,10 @@ class Server:
                 self.channels.close()
                 return 1
             log.info("metrics and health on port %d (/metrics, /healthz, /readyz)", port)
-        if self.replica.commit:
-            log.info("replaying %d decided instances into the app at %s:%d; the app must have "
-                     "started empty (restart it together with this replica)", self.replica.commit,
-                     self.settings.app_host, self.settings.app_port)
-        executor = asyncio.create_task(self._executor())
+        if self.replica.commit and self.executor.pending_reset is None:
+            log.info("replaying %d decided instances into the app at %s:%d (a new app, started "
+                     "empty)", self.replica.commit, self.settings.app_host, self.settings.app_port)
+        executor = asyncio.create_task(self.executor.run())
         self.loop.call_soon(self._tick)
         log.info("replica %d ready: peers on port %d, gateways on port %d, app %s:%d (%s framing)",
                  self.id, self.config.replica.peer_port, self.config.replica.client_port,
@@ -1013,11 +762,9 @@ class Server:
                 await executor
             except (asyncio.CancelledError, Exception):
                 pass
-            async with self.checkpoint_lock:
-                pass  # a checkpoint being written finishes (its record needs the log open)
+            await self.executor.close()  # a checkpoint being written finishes first
             self.channels.close()
             await self.obs.stop()
-            await self.adapter.close()
             self.wal.close()
             if self._scratch:
                 shutil.rmtree(self._scratch, ignore_errors=True)
@@ -1052,11 +799,6 @@ class Server:
 
 def _answer_text(answer) -> str:
     return bytes(answer).decode("utf-8", "replace")
-
-
-class _HookFailed(Exception):
-    # A snapshot hook answered with an error: the app's state is not what smrd needs.
-    pass
 
 
 def run(config) -> int:

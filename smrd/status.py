@@ -65,9 +65,14 @@ def agreed_membership(rows) -> dict | None:
 
 
 def state_of(row) -> str:
+    """leader | follower | view-change | recovering, with what keeps the replica from executing
+    after a comma (halted, rebuilding, resetting, app-down)."""
     if row["status"] == "normal" and row["leader"] == row["id"] and row.get("role", "voter") == "voter":
-        return "leader"
-    return "follower" if row["status"] == "normal" else row["status"]
+        state = "leader"
+    else:
+        state = "follower" if row["status"] == "normal" else row["status"]
+    execution = row.get("execution", "executing")
+    return state if execution == "executing" else f"{state},{execution}"
 
 
 def main(args) -> int:
@@ -101,6 +106,9 @@ def main(args) -> int:
                             and r["membership"]["index"] < agreed["index"])
             print(f"membership {agreed['index']}: voters {agreed['voters']} learners {agreed['learners']} "
                   f"(quorum {agreed['quorum']})" + (f"; not yet applied by {behind}" if behind else ""))
+        for r in rows:
+            if r["reachable"] and r.get("execution", "executing") != "executing":
+                print(f"replica {r['id']}: {r['execution']}: {r.get('execution_reason', '')}")
         for r in rows:
             if not r["reachable"] and r["id"] in members:
                 print(f"replica {r['id']} at {r['address']}: no answer within {args.timeout:g} s "

@@ -2,6 +2,7 @@
 # (smrd.core.encode_frame: versioned header + checksum); lists of entries reuse the batch layout
 # (smrd.core.pack_batch) with (instance, view, value) in place of (client_id, seq, payload).
 # This module owns message types and codecs; it never decides what to send.
+import hashlib
 import struct
 from dataclasses import dataclass
 from typing import Tuple
@@ -13,6 +14,7 @@ from ..errors import ProtocolError
 REQUESTS = 1           # gateway -> replica: a batch of client requests
 REPLIES = 2            # replica -> gateway: a batch of (client_id, seq, reply)
 REPLY_ERRORS = 3       # replica -> gateway: a batch of (client_id, seq, error code + text)
+DIVERGED = 4           # gateway -> replica: your replies to these disagree with a majority's
 PROPOSE = 10           # leader -> replica: value for an instance, and the leader's commit point
 ACCEPTED = 11          # replica -> leader: accepted instances [instance, instance + count)
 COMMIT = 12            # leader -> replica: everything up to `commit` is decided (also heartbeat)
@@ -68,6 +70,18 @@ class Replies(Message):
 class ReplyErrors(Message):
     batch: bytes
     TYPE = REPLY_ERRORS
+
+
+@dataclass(frozen=True, slots=True)
+class Diverged(Message):
+    # (client_id, seq, reply_digest of the majority's reply + one byte: how many replicas gave it)
+    batch: bytes
+    TYPE = DIVERGED
+
+
+def reply_digest(reply) -> bytes:
+    """What Diverged carries of a reply: 16 bytes of blake2b (replies may be megabytes)."""
+    return hashlib.blake2b(reply, digest_size=16).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +231,7 @@ def encode(sender: int, msg: Message) -> bytes:
     t = msg.TYPE
     if t == REQUESTS:
         return core.encode_frame(t, sender, 1 if msg.directed else 0, 0, msg.batch)
-    if t in (FORWARD, REPLIES, REPLY_ERRORS):
+    if t in (FORWARD, REPLIES, REPLY_ERRORS, DIVERGED):
         return core.encode_frame(t, sender, 0, 0, msg.batch)
     if t == PROPOSE:
         return core.encode_frame(t, sender, msg.view, msg.instance,
@@ -262,11 +276,11 @@ def encode(sender: int, msg: Message) -> bytes:
 def decode(frame, max_payload: int = core.DEFAULT_MAX_PAYLOAD) -> Tuple[int, Message]:
     """(sender, message) from one frame; ProtocolError on anything malformed or unknown."""
     t, sender, _flags, view, instance, payload = core.decode_frame(frame, max_payload)
-    if t in (REQUESTS, FORWARD, REPLIES, REPLY_ERRORS):
+    if t in (REQUESTS, FORWARD, REPLIES, REPLY_ERRORS, DIVERGED):
         core.Batch(payload)  # validate now: a bad batch is the sender's fault, not the reader's
         if t == REQUESTS:
             return sender, Requests(bytes(payload), view == 1)
-        cls = {FORWARD: Forward, REPLIES: Replies, REPLY_ERRORS: ReplyErrors}[t]
+        cls = {FORWARD: Forward, REPLIES: Replies, REPLY_ERRORS: ReplyErrors, DIVERGED: Diverged}[t]
         return sender, cls(bytes(payload))
     if t == PROPOSE:
         if len(payload) < 8:

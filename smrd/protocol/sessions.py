@@ -13,10 +13,13 @@ TOO_OLD = 2          # executed before but its reply was evicted (seq <= the cli
 UNKNOWN_SESSION = 3  # no session for this client and seq is beyond a new session's window
 SYSTEM = 4           # a membership change: the protocol core executes it, never the app; the
                      # plan's payload is the change, then (after the core applied it) its answer
+NOT_EXECUTING = 5    # (REPLY_ERRORS only) this replica orders the request but cannot execute it
+                     # now (its app is down or being rebuilt): the gateway asks the others
 
 ERROR_TEXT = {
     TOO_OLD: b"request too old: its reply was evicted from the reply cache",
     UNKNOWN_SESSION: b"unknown or expired client session: retry with a new client id",
+    NOT_EXECUTING: b"this replica cannot execute now: ask the others",
 }
 
 

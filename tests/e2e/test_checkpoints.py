@@ -123,20 +123,23 @@ def test_without_hooks_a_wiped_replica_replays_the_compressed_log_in_close_mode(
 
 def test_smrd_restarting_alone_never_replays_into_an_app_that_kept_its_state(make_cluster):
     # Only the smrd container restarts: its app still holds everything. Replaying the log into it
-    # would apply every request twice; without a checkpoint to reset it, smrd must refuse.
-    cluster = make_cluster(replicas=3, gateways=1, framing="line", durability="fsync").start()
+    # would apply every request twice; without hooks smrd ends the app (its supervisor starts it
+    # empty) and replays into the new one.
+    cluster = make_cluster(replicas=3, gateways=1, framing="line", durability="fsync",
+                           supervise=True).start()
     put_keys(cluster, 30, "a")
     victim = next(i for i in range(3) if i != cluster.leader())
-    cluster.servers[victim].kill()
-    cluster.start_server(victim)
-    cluster.servers[victim].wait_for("was already fed by an earlier smrd process", 10)
-    assert "already fed" in (cluster.status(victim)["halted"] or "")
-    put_keys(cluster, 10, "b")                            # the other two still serve
-    cluster.kill_replica(victim)                      # the remedy it names: restart the pod
-    cluster.start_replica(victim)
+    wait_caught_up(cluster, victim)
+    app_pid = cluster.apps[victim].proc.pid
+    cluster.servers[victim].kill()                   # the supervisor starts it again
+    cluster.servers[victim].wait_for("action=end_process", 20)
+    cluster.servers[victim].wait_for("event=app_rebuilt", 20)
+    assert cluster.apps[victim].proc.pid != app_pid, "the app that kept its state was not ended"
+    put_keys(cluster, 10, "b")
     wait_caught_up(cluster, victim)
     s = scans(cluster)
     assert s[0] == s[1] == s[2] and b"b9 v9" in s[victim]
+    assert cluster.status(victim)["halted"] is None
 
 
 def test_with_hooks_an_app_that_kept_its_state_is_reset_from_the_checkpoint(make_cluster):
@@ -148,7 +151,8 @@ def test_with_hooks_an_app_that_kept_its_state_is_reset_from_the_checkpoint(make
     cluster.servers[victim].kill()
     put_keys(cluster, 10, "b")
     cluster.start_server(victim)
-    cluster.servers[victim].wait_for("event=app_kept_state", 10)
+    cluster.servers[victim].wait_for("event=app_reset", 10)
+    assert "action=restore" in cluster.servers[victim].wait_for("event=app_reset", 1)
     cluster.servers[victim].wait_for("event=app_restored", 10)
     wait_caught_up(cluster, victim)
     s = scans(cluster)

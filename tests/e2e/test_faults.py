@@ -18,10 +18,10 @@ KEYS = [f"k{i}" for i in range(6)]
 class Load:
     """Closed-loop clients that each talk to one gateway, failing over to the other."""
 
-    def __init__(self, cluster, clients=4, framing="line"):
+    def __init__(self, cluster, clients=4, framing="line", history=None):
         self.cluster = cluster
         self.framing = framing
-        self.history = History()
+        self.history = history if history is not None else History()
         self.stop = threading.Event()
         self.done = 0
         self.errors = 0

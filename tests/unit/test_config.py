@@ -457,3 +457,12 @@ def test_voters_are_checked_against_the_hosts_file_for_tools_too(hosts):
 
 def test_the_statefulset_variable_belongs_to_smrd_kube(hosts):
     assert load(hosts, {"SMRD_STATEFULSET": "demo-smrd"}).settings.id == 0
+
+
+def test_app_data_paths(hosts):
+    from smrd.config import data_paths
+    cfg = load(hosts, {"SMRD_APP_DATA_PATHS": "/var/lib/app, /srv/db.sqlite"})
+    assert data_paths(cfg.settings.app_data_paths) == ("/var/lib/app", "/srv/db.sqlite")
+    assert data_paths(load(hosts).settings.app_data_paths) == ()
+    assert "'data' is not an absolute path" in error(hosts, app_data_paths="data")
+    assert "would empty the whole file system" in error(hosts, app_data_paths="/srv,/")

@@ -33,6 +33,7 @@ def server_snapshot(**over):
         "view": 12, "leader": 0, "status": "normal", "commit": 13, "known_commit": 14,
         "executed": 15, "pending": 16, "log_bytes": 4096, "log_records": 17,
         "wal_bytes_written": 2048, "wal_records_written": 18, "wal_syncs": 19, "n": 3, "app_restarts": 0, "connections_refused": 0,
+        "can_execute": True, "app_resets": 2, "execution_halts": 1, "divergences_reported": 0,
         # state_transfer_* left out on purpose: optional until state transfer exists
         # keys the collector does not know are ignored (Server.status() has several)
         "pid": 1234, "uptime_s": 1.5, "top": 20,
@@ -44,7 +45,7 @@ def server_snapshot(**over):
 def gateway_snapshot(**over):
     snap = {"requests": 50, "replies": 45, "retransmits": 3, "timeouts": 2, "errors": 1,
             "divergences": 1, "connections": 4, "inflight": 5, "bad_messages": 6,
-            "replicas_reachable": 2, "n": 3}
+            "replicas_reachable": 2, "replicas_not_executing": 1, "n": 3}
     snap.update(over)
     return snap
 
