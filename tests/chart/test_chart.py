@@ -52,7 +52,7 @@ def test_every_scenario_is_present():
     names = set(ids)
     for want in ("3-replicas", "5-replicas", "scaled-up", "membership-manual", "framing-close",
                  "framing-line", "framing-length", "framing-http", "hooks-on", "hooks-off", "nodeport",
-                 "loadbalancer", "security"):
+                 "loadbalancer", "security", "app-data"):
         assert want in names
 
 
@@ -158,6 +158,20 @@ def test_replica_pod_shape(scenario):
         assert "{state}" in env["SMRD_RESTORE_REQUEST"]
     for spec in [pod] + [d["spec"]["template"]["spec"] for d in by_kind(docs, "Deployment")]:
         assert spec.get("enableServiceLinks") is False, "Service links would inject SMRD_* variables"
+    # smrd ends an app it must reset (docs/app-contract.md): it sees the app's processes (the
+    # shared PID namespace above) and may signal them (one user for both containers).
+    assert pod["securityContext"]["runAsUser"]
+    assert not any("runAsUser" in c["securityContext"] for c in pod["containers"])
+    data = ((values.get("app") or {}).get("data") or {}).get("mountPath", "")
+    app = pod["containers"][1]
+    app_mounts = {m["name"]: m["mountPath"] for m in app["volumeMounts"]}
+    assert env.get("SMRD_APP_DATA_PATHS") == (data or None)
+    if data:
+        assert mounts["app-data"] == app_mounts["app-data"] == data
+        volume = next(v for v in pod["volumes"] if v["name"] == "app-data")
+        assert "emptyDir" in volume, "kept across container restarts, gone with the pod"
+    else:
+        assert "app-data" not in mounts and "app-data" not in app_mounts
     security = (values.get("security") or {}).get("enabled", False)
     assert ("curve-key" in mounts) == security
     if security:
