@@ -51,7 +51,14 @@ GATEWAY_PREFIX = b"g"
 
 
 def replica_identity(replica_id: int) -> bytes:
-    return PEER_PREFIX + str(replica_id).encode()
+    # r<id>-<random>: every incarnation of a replica connects under a routing id of its own. A
+    # replica that died without its peers seeing the connection close (killed inside a partition,
+    # a host that lost power) is still connected as far as they know, until their heartbeat
+    # times out; a router refuses a second connection with an identity in use, and libzmq never
+    # lets that connection through, even once the old one is gone (seen in the pod lab: a
+    # replica restarted inside a partition was never heard again). With its own routing id the
+    # new incarnation is heard at once; the old connection dies by heartbeat.
+    return PEER_PREFIX + str(replica_id).encode() + b"-" + os.urandom(4).hex().encode()
 
 
 def gateway_identity(gateway_id: int) -> bytes:
@@ -61,10 +68,14 @@ def gateway_identity(gateway_id: int) -> bytes:
 
 
 def parse_replica_identity(identity: bytes):
-    """The replica id an identity claims, or None if it is not a replica identity."""
-    if identity[:1] != PEER_PREFIX or not identity[1:].isdigit() or len(identity) > 6:
+    """The replica id an identity claims (r<id>-<8 hex digits>, or r<id> from an smrd before
+    incarnation suffixes), or None if it is not a replica identity."""
+    head, dash, suffix = identity.partition(b"-")
+    if head[:1] != PEER_PREFIX or not head[1:].isdigit() or len(head) > 6:
         return None
-    return int(identity[1:])
+    if dash and (len(suffix) != 8 or suffix.strip(b"0123456789abcdef")):
+        return None
+    return int(head[1:])
 
 
 class Channels:
@@ -106,12 +117,10 @@ class Channels:
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         if kind == zmq.ROUTER:
             # No ROUTER_HANDOVER: with it, any connection that merely claims a connected peer's
-            # identity takes over its routing id, and the real peer's messages are then dropped
-            # in silence until the heartbeat times out (~4 s; a forged frame on a peer port
-            # moved the view that way in CI). Without it a duplicate is refused. A restarted
-            # peer is not held up: its old connection closed when its process died, and the
-            # router noticed long before a new process connects. Only after a silent host death
-            # (no FIN) does it wait for HEARTBEAT_TIMEOUT to drop the old connection first.
+            # routing id takes it over, and the real peer's messages are then dropped in silence
+            # until the heartbeat times out (~4 s; a forged frame on a peer port moved the view
+            # that way in CI). Without it a duplicate is refused for good, which is why every
+            # incarnation of a replica or gateway has a routing id of its own (replica_identity).
             s.setsockopt(zmq.ROUTER_HANDOVER, 0)
         if identity is not None:
             s.setsockopt(zmq.IDENTITY, identity)

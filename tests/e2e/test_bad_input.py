@@ -53,11 +53,9 @@ def test_garbage_and_forged_frames_on_replica_ports_are_dropped(cluster):
         # A peer that is not in hosts.conf, and a valid frame whose sender lies.
         stranger = _dealer(f"tcp://127.0.0.1:{cluster.peer_port(i)}", b"r9")
         stranger.send(m.encode(9, m.StartViewChange(99)))
-        # (It connects as replica (i+1) % 3, which is connected: ZeroMQ refuses the duplicate
-        # identity and the real replica keeps its link. It claims to be (i+2) % 3. Claiming the
-        # identity it connected with would not be a lie: without CURVE keys, a process that can
-        # reach the peer port while that replica is disconnected can pass for it; see
-        # docs/security.md.)
+        # (It connects as replica (i+1) % 3 and claims to be (i+2) % 3. Claiming the identity it
+        # connected with would not be a lie: without CURVE keys, a process that can reach a peer
+        # port can pass for a replica; see docs/security.md.)
         peer.send(m.encode((i + 2) % 3, m.StartViewChange(99)))
         # A gateway must not be able to speak for a replica.
         gw.send(m.encode(0, m.StartViewChange(99)))
