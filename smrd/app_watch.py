@@ -57,6 +57,9 @@ class AppRestarted(AppError):
         self.new = new
         self.old = old
 
+    def __str__(self) -> str:
+        return self.reason  # no request was written on the connection it was raised for
+
 
 def is_local_host(host: str) -> bool:
     """Can this host see the sockets of an app at `host`? (A loopback or local address.)"""

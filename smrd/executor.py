@@ -382,6 +382,7 @@ class Executor:
     async def _on_restart(self, e: AppRestarted):
         new, old = e.new, e.old
         if new is not None and old is not None and new.same_process(old):
+            self.watch.adopt(new)  # the process to reset, under its new socket
             self.pending_reset = f"the app's process re-opened its listening socket ({new.describe()})"
             return
         if self.data_paths:
