@@ -35,15 +35,31 @@ exec hooks of the others (in the running container's network, with its env; a pr
 bind-mounted at its real path in a private mount namespace, since smrd.kube reads the standard
 service-account path), then SIGTERM, then SIGKILL when terminationGracePeriodSeconds ends. With
 kube_api, containers and hooks get KUBERNETES_SERVICE_HOST/PORT as from a kubelet.
+
+CONTAINER RESTARTS (restartPolicy Always, the default; OnFailure; Never). Each container of a
+running pod has a supervisor thread (the kubelet's container runtime): it starts the container,
+blocks in wait() on it, and when the container's process exits while the pod runs (not deleted
+by delete_pod, killed by kill_pod or stopped with the lab), starts it again after a back-off, with
+the argv, env and directories of the pod's start: a container restart keeps every volume as it
+is, emptyDir included (only a new pod, start_pod, gets fresh ones). The back-off is the
+kubelet's rule scaled down for tests: 0.2 s doubling up to 3.2 s, back to 0.2 s once a container
+has run 6.4 s (the kubelet: 10 s doubling up to 5 min, reset after 10 min). Pod.restarts counts
+each container's restarts (restartCount), Lab.kill_container kills one container (an OOMKill, a
+failed liveness probe) and Lab.wait_restart waits for the kubelet to start it again. An exit the
+test did not cause and that is not a SIGKILL (which the lab, an OOMKill or smrd resetting its app
+sends) is a crash: check_running reports it, even once the container runs again.
 Not modelled: runAsUser/readOnlyRootFilesystem (processes run as the test's user), resource
-limits, probes run by a kubelet (the test polls /readyz itself), restarts by a kubelet, Service
-endpoints that follow readiness (the DNAT rules are fixed).
+limits, probes run by a kubelet (the test polls /readyz itself; a failed liveness probe is
+kill_container), Service endpoints that follow readiness (the DNAT rules are fixed).
 
 Cleanup: Lab is a context manager. Everything it makes is named `smrdlab-*` (namespaces,
-/etc/netns entries) or lives under its work directory; on exit (also on failure) it kills every
-process it started and every process left in a lab namespace, deletes the namespaces (their
-veths and the bridge go with them) and the /etc/netns entries. On entry it removes the same
-leftovers of an earlier run that was killed. One lab runs at a time (flock on LOCK_PATH).
+/etc/netns entries) or lives under its work directory; on exit (also on failure) it stops the
+restarts, kills every process it started and every process left in a lab namespace, deletes the
+namespaces (their veths and the bridge go with them) and the /etc/netns entries. Containers run
+under `setpriv --pdeathsig KILL`, started by their supervisor thread, which lives as long as the
+container: if the test process dies (killed, or a timeout that ends it), its containers die with
+it. On entry it removes the leftovers (namespaces, /etc/netns entries) of an earlier run that was
+killed. One lab runs at a time (flock on LOCK_PATH).
 """
 from __future__ import annotations
 
@@ -56,7 +72,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +94,11 @@ CLIENT_HOST, POD_HOST0, SERVICE_HOST0 = 2, 10, 200
 SMRD_SOURCE = Path(smrd.__file__).resolve().parents[1]
 IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8", "PYTHONPATH": str(SMRD_SOURCE)}
 PASS_THROUGH_ENV = ("SMRD_NO_EXTENSIONS",)
+# The kubelet's restart back-off, scaled down (the kubelet: 10 s doubling up to 300 s, reset once a
+# container has run 10 minutes): a test waits for a restart, not for a cluster's patience.
+BACKOFF_INITIAL_S = 0.2
+BACKOFF_MAX_S = 3.2
+BACKOFF_RESET_S = 2 * BACKOFF_MAX_S
 
 
 class LabError(RuntimeError):
@@ -98,6 +121,8 @@ def missing_tools() -> list[str]:
         if shutil.which(tool) is None:
             why.append(f"`{tool}` is not installed (Debian package {package}; "
                        "`make install-test` installs it via scripts/install-system-tools.sh)")
+    if shutil.which("setpriv") is None:  # containers run under its parent-death signal
+        why.append("`setpriv` is not installed (Debian package util-linux: apt-get install util-linux)")
     return why
 
 
@@ -217,9 +242,17 @@ class Pod:
     owner: tuple[str, str]    # (kind, name) of the manifest it comes from
     hostname: str | None = None
     subdomain: str | None = None
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)  # each container's current process
     starts: int = 0
     terminating: bool = False  # delete_pod began: its containers are meant to exit
+    # Since the pod's start (start_pod), per container: the kubelet's restartCount, and the exit
+    # status of each process that ended while the pod ran (a signal as -N, as Popen has it).
+    restarts: dict[str, int] = field(default_factory=dict)
+    exits: dict[str, list[int]] = field(default_factory=dict)
+    # Set once the pod is being deleted or killed (or the lab stops): no container starts again.
+    # A new Event per pod start; the supervisor threads of this start (one per container).
+    stopping: threading.Event = field(default_factory=threading.Event)
+    supervisors: list[threading.Thread] = field(default_factory=list)
 
     @property
     def labels(self) -> dict:
@@ -293,6 +326,12 @@ class Lab:
         self._lock = _Lock()
         self._started = False
         self.events: list[str] = []   # what the lab did, for the test's report
+        # The kubelet's state (every Pod's procs, restarts, exits, stopping) changes under this
+        # lock, and each change is notified: wait_restart and start_pod wait on it.
+        self._kubelet = threading.Condition()
+        # Containers that exited while their pod ran, not killed by the test nor by SIGKILL
+        # (pod name, what happened): check_running reports them.
+        self.crashes: list[tuple[str, str]] = []
 
     def _add_pod(self, name, template, claims, owner, hostname=None, subdomain=None):
         try:
@@ -536,9 +575,11 @@ class Lab:
                 env[e["name"]] = ""
         return env
 
-    def container_argv(self, pod: Pod, container: dict) -> tuple[list[str], dict[str, str]]:
-        """What the container runs (after $(VAR) expansion and PATH MAPPING), and its env."""
-        mounts = self._mounts(pod, container, self._volumes(pod))
+    def container_argv(self, pod: Pod, container: dict,
+                       volumes: dict[str, Path] | None = None) -> tuple[list[str], dict[str, str]]:
+        """What the container runs (after $(VAR) expansion and PATH MAPPING), and its env.
+        volumes: the pod's, as made at its start; None: make them now (fresh, as for a new pod)."""
+        mounts = self._mounts(pod, container, self._volumes(pod) if volumes is None else volumes)
         env = self.container_env(pod, container, mounts)
         if not container.get("command"):
             raise LabError(f"pod {pod.name}: container {container['name']} has no command; the lab "
@@ -616,72 +657,236 @@ class Lab:
         """What the kubelet does when a pod is deleted (e.g. by a StatefulSet scale-down): at once
         SIGTERM to every container without a preStop hook, the hook of the others (within
         terminationGracePeriodSeconds), then SIGTERM to them, and SIGKILL to whatever is left when
-        the grace period ends. Returns {container: the hook's result}."""
+        the grace period ends. No container is restarted from the start on. Returns {container:
+        the hook's result}."""
         pod = self.pods[name]
-        pod.terminating = True
+        procs = self._stop_restarts(pod, terminating=True)
         grace = pod.spec.get("terminationGracePeriodSeconds", 30)
         deadline = time.monotonic() + grace
         hooked = {c["name"] for c in pod.spec["containers"] if c.get("lifecycle", {}).get("preStop")}
-        for cname, proc in pod.procs.items():
+        for cname, proc in procs.items():
             if cname not in hooked and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         results = {c: self.run_hook(name, c, max(deadline - time.monotonic(), 1)) for c in hooked
-                   if pod.procs.get(c) is not None and pod.procs[c].poll() is None}
+                   if procs.get(c) is not None and procs[c].poll() is None}
         for cname in hooked:
-            proc = pod.procs.get(cname)
+            proc = procs.get(cname)
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in pod.procs.values():
+        for proc in procs.values():
             try:
                 proc.wait(max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+        self._join_supervisors(pod)
         self.events.append(f"deleted pod {name} (preStop of {sorted(results)}, SIGTERM, grace {grace} s)")
         return results
 
     def start_pod(self, name: str):
-        """Start every container of the pod (a new pod: fresh emptyDirs, the same claims), in
-        manifest order and without waiting, as the kubelet does."""
+        """Start every container of the pod (a new pod: fresh emptyDirs and ConfigMap files, the
+        same claims), in manifest order and without waiting for readiness, as the kubelet does.
+        From then on the kubelet's part restarts them (module docstring, CONTAINER RESTARTS)."""
         pod = self.pods[name]
         if any(pod.alive.values()):
             raise LabError(f"pod {name} still has running containers: {pod.alive}")
+        if not pod.stopping.is_set() and any(t.is_alive() for t in pod.supervisors):
+            if pod.spec.get("restartPolicy", "Always") != "Never":
+                raise LabError(f"pod {name} still runs (its containers are being restarted): "
+                               "kill_pod or delete_pod it first")
+            self._join_supervisors(pod)  # a one-shot pod that finished: its threads are ending
         logs = self.dir / "pods" / name
         logs.mkdir(parents=True, exist_ok=True)
-        pod.starts += 1
-        pod.procs = {}
-        pod.terminating = False
+        # The volumes once per pod start: every container mounts the same (an emptyDir shared by
+        # two containers must not be emptied again when the second one starts).
+        volumes = self._volumes(pod)
+        launches = []
         for c in pod.spec["containers"]:
-            argv, env = self.container_argv(pod, c)
-            log = open(logs / f"{c['name']}.log", "ab")
-            log.write(f"--- start {pod.starts}: {shlex.join(argv)}\n".encode())
-            log.flush()
-            pod.procs[c["name"]] = subprocess.Popen(
-                ["ip", "netns", "exec", pod.netns, *argv], env=env, cwd=c.get("workingDir", "/"),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            log.close()
+            argv, env = self.container_argv(pod, c, volumes)
+            launches.append((c["name"], argv, env, c.get("workingDir", "/")))
+        policy = pod.spec.get("restartPolicy", "Always")
+        with self._kubelet:
+            pod.starts += 1
+            pod.procs = {}
+            pod.restarts = {c[0]: 0 for c in launches}
+            pod.exits = {c[0]: [] for c in launches}
+            pod.terminating = False
+            pod.stopping = threading.Event()
+            pod.supervisors = []
+        for cname, argv, env, cwd in launches:
+            t = threading.Thread(target=self._supervise, args=(pod, cname, (argv, env, cwd), policy, pod.stopping),
+                                 name=f"kubelet {name}/{cname}", daemon=True)
+            pod.supervisors.append(t)
+            t.start()
+            with self._kubelet:  # started in manifest order: each one before the next
+                self._kubelet.wait_for(lambda: cname in pod.procs or not t.is_alive(), 30)
+                if cname not in pod.procs:
+                    raise LabError(f"container {name}/{cname} did not start: "
+                                   + "; ".join(text for p, text in self.crashes if p == name))
         self.events.append(f"started pod {name} ({', '.join(pod.procs)})")
 
+    def _spawn(self, pod: Pod, cname: str, launch, header: str) -> subprocess.Popen:
+        """One process of the container, in its own session (kill_pod and kill_container signal
+        the whole tree). Its parent is the calling thread, the container's supervisor: setpriv's
+        parent-death signal ends it if the test process dies."""
+        argv, env, cwd = launch
+        log = open(self.dir / "pods" / pod.name / f"{cname}.log", "ab")
+        try:
+            log.write(f"--- {header}: {shlex.join(argv)}\n".encode())
+            log.flush()
+            return subprocess.Popen(
+                ["setpriv", "--pdeathsig", "KILL", "ip", "netns", "exec", pod.netns, *argv], env=env, cwd=cwd,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+
+    def _supervise(self, pod: Pod, cname: str, launch, policy: str, stopping: threading.Event):
+        """The kubelet's part for one container of one pod start: start it, and while the pod runs
+        start it again after every exit its restartPolicy restarts, after the back-off. Blocks in
+        wait() on the container (its exit is the event); ends only once the container has exited
+        (or on `stopping`, set before the pod's processes are killed), so the parent-death
+        signal never ends a container that should run."""
+        proc, delay = None, BACKOFF_INITIAL_S
+        try:
+            with self._kubelet:
+                if stopping.is_set():
+                    return
+                proc = self._spawn(pod, cname, launch, f"start {pod.starts}")
+                pod.procs[cname] = proc
+                self._kubelet.notify_all()
+            while True:
+                began = time.monotonic()
+                rc = proc.wait()
+                ran = time.monotonic() - began
+                with self._kubelet:
+                    if stopping.is_set():
+                        return  # deleted or killed: the exit was meant
+                    pod.exits[cname].append(rc)
+                    by_test = getattr(proc, "lab_killed_with", None) is not None
+                    completed = policy == "Never" or (policy == "OnFailure" and rc == 0)
+                    if not (by_test or completed or rc == -signal.SIGKILL):
+                        self.crashes.append((pod.name, f"container {pod.name}/{cname} exited with {rc} "
+                                                       f"after {ran:.1f} s (pod start {pod.starts})"))
+                    self._kubelet.notify_all()
+                    if completed:
+                        return
+                    if ran >= BACKOFF_RESET_S:
+                        delay = BACKOFF_INITIAL_S
+                    self.events.append(f"container {pod.name}/{cname} exited ({rc}) after {ran:.1f} s; "
+                                       f"the kubelet restarts it in {delay:g} s")
+                if stopping.wait(delay):
+                    return
+                with self._kubelet:
+                    if stopping.is_set():
+                        return
+                    n = pod.restarts[cname] + 1
+                    proc = self._spawn(pod, cname, launch, f"restart {n} (pod start {pod.starts}, after exit {rc})")
+                    pod.procs[cname] = proc
+                    pod.restarts[cname] = n
+                    self.events.append(f"restarted container {pod.name}/{cname} (restart {n}, pid {proc.pid})")
+                    self._kubelet.notify_all()
+                delay = min(delay * 2, BACKOFF_MAX_S)
+        except BaseException:
+            with self._kubelet:
+                self.crashes.append((pod.name, f"the lab's kubelet for {pod.name}/{cname} failed:\n"
+                                               + traceback.format_exc()))
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        finally:
+            with self._kubelet:
+                self._kubelet.notify_all()
+
+    def _stop_restarts(self, pod: Pod, terminating=False) -> dict[str, subprocess.Popen]:
+        """From now on no container of the pod starts again; returns its processes as they are
+        (none is started after this returns)."""
+        with self._kubelet:
+            pod.stopping.set()
+            pod.terminating = pod.terminating or terminating
+            self._kubelet.notify_all()
+            return dict(pod.procs)
+
+    def _join_supervisors(self, pod: Pod):
+        """After the pod's processes exited (or `stopping` was set): its supervisor threads end."""
+        for t in pod.supervisors:
+            t.join(15)
+            if t.is_alive():
+                with self._kubelet:
+                    self.crashes.append((pod.name, f"the lab's kubelet thread {t.name} did not end"))
+
     def kill_pod(self, name: str, sig=signal.SIGKILL, record=True):
-        """Every container of the pod, at once (SIGKILL by default: the node lost the pod)."""
+        """Every container of the pod, at once (SIGKILL by default: the node lost the pod). Nothing
+        restarts them: start_pod starts the pod again."""
         pod = self.pods[name]
-        for proc in pod.procs.values():
+        procs = self._stop_restarts(pod)
+        for proc in procs.values():
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, sig)   # its own session: the container's whole tree
                 except ProcessLookupError:
                     pass
-        for proc in pod.procs.values():
+        for proc in procs.values():
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
-        if pod.procs and record:
+        self._join_supervisors(pod)
+        if procs and record:
             self.events.append(f"killed pod {name} ({signal.Signals(sig).name})")
 
+    def kill_container(self, name: str, container: str, sig=signal.SIGKILL) -> int:
+        """Kill one container's processes (its whole tree), as an OOMKill (SIGKILL) or the kubelet
+        after a failed liveness probe (SIGTERM, then SIGKILL when terminationGracePeriodSeconds
+        ends) does, and wait until it has exited; the pod's other containers are untouched, and
+        the kubelet's part restarts it (restartPolicy, back-off). Returns the container's restart
+        count before the kill: wait_restart(name, container, that) waits for the new process."""
+        pod = self.pods[name]
+        with self._kubelet:
+            proc = pod.procs.get(container)
+            if pod.stopping.is_set() or proc is None or proc.poll() is not None:
+                raise LabError(f"container {name}/{container} is not running (pod stopped, or the "
+                               "container is waiting for its restart)")
+            before = pod.restarts[container]
+            proc.lab_killed_with = sig  # the exit is the test's doing, not a crash
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass  # it exited just now: the kubelet's part restarts it all the same
+        grace = 10 if sig == signal.SIGKILL else pod.spec.get("terminationGracePeriodSeconds", 30)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        self.events.append(f"killed container {name}/{container} (pid {proc.pid}, {signal.Signals(sig).name}, "
+                           f"exit {proc.returncode}; restarts so far {before})")
+        return before
+
+    def wait_kubelet(self, predicate, timeout=30.0) -> bool:
+        """Wait until predicate() holds, evaluated on the kubelet's state (Pod.procs, restarts,
+        exits; Lab.crashes) at each change of it; False at the timeout."""
+        with self._kubelet:
+            return bool(self._kubelet.wait_for(predicate, timeout))
+
+    def wait_restart(self, name: str, container: str, restarts_before: int, timeout=30.0) -> subprocess.Popen:
+        """Wait until the kubelet's part has restarted the container more than `restarts_before`
+        times (Pod.restarts) since the pod's start; returns the new process. LabError on a crash
+        in the lab or at the timeout."""
+        pod = self.pods[name]
+        with self._kubelet:
+            self._kubelet.wait_for(lambda: pod.restarts.get(container, 0) > restarts_before
+                                   or pod.stopping.is_set() or self.crashes, timeout)
+            if pod.restarts.get(container, 0) > restarts_before:
+                return pod.procs[container]
+        self.check_running()
+        raise LabError(f"container {name}/{container} was not restarted within {timeout} s "
+                       f"(restarts {pod.restarts.get(container)}, exits {pod.exits.get(container)}):\n"
+                       + self.log_tail(name))
+
     def log_text(self, name: str, container: str) -> str:
-        """One container's output, all its starts (each begins with a `--- start N:` line)."""
+        """One container's output, all its processes: each pod start begins with a `--- start N:`
+        line, each container restart within it with `--- restart K (pod start N, after exit X):`."""
         path = self.dir / "pods" / name / f"{container}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
@@ -711,14 +916,14 @@ class Lab:
         return codes
 
     def check_running(self):
-        """LabError naming the container that exited on its own (with its log)."""
-        for pod in self.pods.values():
-            if pod.spec.get("restartPolicy") == "Never" or pod.terminating:
-                continue  # a one-shot pod is meant to exit, a deleted one to stop
-            for cname, proc in pod.procs.items():
-                if proc.poll() is not None and proc.returncode != -signal.SIGKILL:
-                    raise LabError(f"container {pod.name}/{cname} exited with {proc.returncode}:\n"
-                                   + self.log_tail(pod.name))
+        """LabError naming each container that exited on its own while its pod ran (with its
+        pod's log), even if the kubelet's part has restarted it since: a crash, not a test's kill,
+        a SIGKILL (the lab's, an OOMKill, smrd resetting its app) or a one-shot pod finishing."""
+        with self._kubelet:
+            crashes = list(self.crashes)
+        if crashes:
+            raise LabError("\n".join(text for _, text in crashes) + "\n"
+                           + "\n".join(self.log_tail(p) for p in dict.fromkeys(p for p, _ in crashes)))
 
     # ---- faults ----------------------------------------------------------------------------
 

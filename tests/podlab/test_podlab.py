@@ -14,6 +14,13 @@ The chart's `helm test` pod runs too, against the Service.
 The second test scales the release 3 -> 5 -> 3 (and pod 3 back on its kept volume) under load: pods
 join by themselves, and deleted pods leave in their rendered preStop hook, which asks a stand-in
 Kubernetes API server (kube_api.py) whether the StatefulSet was scaled down.
+
+Two more kill ONE container of a replica pod under load and let the lab's kubelet restart it
+(restartPolicy Always): the smrd container (the new smrd must end the app the old one fed, and
+replay its log into the app the kubelet starts again), and the app container (smrd must notice
+the new app and replay its log into it). Each victim heals within HEAL_BOUND_S, the history must
+be linearizable and the apps equal. One more checks the lab's model of those restarts on a pod of
+its own.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import json
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -36,7 +44,7 @@ from smrd.testing.linearizability import check_operations
 
 from smrd.status import agreed_membership
 
-from .lab import Lab, LabError, expand_vars, map_paths, missing_tools
+from .lab import Lab, LabError, expand_vars, lab_namespaces, map_paths, missing_tools
 
 pytestmark = [pytest.mark.podlab, pytest.mark.timeout(300)]
 
@@ -521,6 +529,290 @@ def test_rendered_chart_scales_3_to_5_to_3_under_load(tmp_path):
         pytest.fail(f"pod lab: {e}")
     finally:
         print("\n".join(["pod lab:", *report, *(["lab events:", *lab.events] if lab else [])]))
+
+
+# --- one container of a replica pod dies; the lab's kubelet restarts it -----------------------
+
+HEAL_BOUND_S = 30  # from the kill until the victim executes everything decided again
+
+
+class _LoadedRelease:
+    """The rendered chart's replica pods and one gateway pod, ready, under the client workload
+    (as in the first test); what a container-restart test shares: the report, progress phases,
+    the victim's status, and the checks at the end."""
+
+    def __init__(self, lab: Lab, agent: Agent, docs, note):
+        self.lab, self.agent, self.note = lab, agent, note
+        self.sts = one(docs, "StatefulSet")
+        self.c = c = Cluster(lab, agent, docs)
+        for pod in [*c.replica_pod.values(), *c.gateway_pods]:
+            lab.start_pod(pod)
+        c.wait_ready([*c.replica_pod.values(), *c.gateway_pods])
+        self.view, self.leader = c.leader()
+        agent.call("load_start", host=c.gateway_service, port=c.gateway_port,
+                   framing=c.framing, clients=CLIENTS, keys=KEYS)
+        self.done = [c.progress(PHASE_OPS)]
+        note(f"{len(c.replica_pod)} replica pods and the gateway ready, leader replica {self.leader} "
+             f"(view {self.view}); {CLIENTS} clients through the Service: {self.done[-1]} ops")
+
+    def phase(self, text):
+        self.done.append(self.c.progress(PHASE_OPS))
+        self.note(f"{text}; {self.done[-1] - self.done[-2]} ops completed since the previous step")
+
+    def wait_log(self, pod, since: int, pattern: str, timeout=HEAL_BOUND_S):
+        """The first match of `pattern` in the pod's smrd log after offset `since` (the log is
+        a file another process writes: polled)."""
+        return self.c.wait(f"{pattern!r} in the log of {pod}/smrd",
+                           lambda: re.search(pattern, self.lab.log_text(pod, "smrd")[since:]), timeout)
+
+    def wait_executing(self, rid, deadline: float):
+        """Replica rid executes again: execution "executing", can_execute, not halted, and it has
+        executed everything it knows decided (executed == commit), up to at least what the
+        others had decided when the wait began. Returns its status row."""
+        target = max((r["commit"] for r in self.c.status().values() if r), default=0)
+
+        def executing():
+            me = self.c.status().get(rid)
+            return me if (me and me["status"] == "normal" and me["execution"] == "executing"
+                          and me["can_execute"] is True and me["halted"] is None
+                          and me["executed"] == me["commit"] >= target) else None
+        return self.c.wait(f"replica {rid} executing again (up to instance {target})", executing,
+                           max(deadline - time.monotonic(), 1))
+
+    def finish(self):
+        """The workload stops; the history must be linearizable, the replicas converged and their
+        apps equal (each read inside its pod, on 127.0.0.1)."""
+        c, lab = self.c, self.lab
+        result = self.agent.call("load_finish", 120, host=c.gateway_service, port=c.gateway_port,
+                                 framing=c.framing)
+        records = result["records"]
+        check = check_operations(records)
+        assert check.ok, str(check)
+        unanswered = sum(1 for r in records if r["complete"] is None)
+        self.note(f"workload stopped: {result['done']} ops acknowledged, {result['errors']} client-side "
+                  f"errors; linearizability: {len(records)} ops ({unanswered} unanswered, {len(KEYS)} "
+                  "final reads), 0 violations")
+        c.wait_converged()
+        app_port = self.sts["spec"]["template"]["spec"]["containers"][1]["ports"][0]["containerPort"]
+        scans = []
+        for pod in c.replica_pod.values():
+            out = lab.exec_in_pod(pod, ["smrd", "kv", "--port", str(app_port), "--framing", c.framing, "SCAN"])
+            assert out.returncode == 0, out.stderr
+            scans.append(out.stdout)
+        assert scans[0] == scans[1] == scans[2], "the replicas' apps diverged"
+        self.note("replicas converged; their apps hold equal state")
+
+
+def _with_loaded_release(tmp_path, scenario):
+    """Runs scenario(release) in a lab of the rendered chart under load; the report and the lab's
+    events are printed in any case, the pods' logs on failure."""
+    why = missing_tools()
+    if why:
+        pytest.fail("the pod lab cannot run: " + "; ".join(why))
+    docs = render(load_values(VALUES))  # the chart's configuration as is: 3 replicas, no hooks
+    report, lab = [], None
+    t0 = time.monotonic()
+
+    def note(text):
+        report.append(f"{time.monotonic() - t0:6.1f} s  {text}")
+
+    try:
+        with Lab(docs, tmp_path / "lab", NAMESPACE, deployment_replicas=1) as lab:
+            agent = Agent(lab)
+            try:
+                scenario(_LoadedRelease(lab, agent, docs, note))
+            except BaseException:
+                for pod in lab.pods:
+                    print(lab.log_tail(pod, 30), file=sys.stderr)
+                raise
+            finally:
+                agent.close()
+    except LabError as e:
+        pytest.fail(f"pod lab: {e}")
+    finally:
+        print("\n".join(["pod lab:", *report, *(["lab events:", *lab.events] if lab else [])]))
+
+
+def test_smrd_container_restart_resets_the_app_it_left_running(tmp_path):
+    """The smrd container of a replica pod is SIGKILLed (an OOMKill, say); its app container keeps
+    running with the state the old smrd fed it. The lab's kubelet starts smrd again; without
+    snapshot hooks (the chart's default) smrd must not replay its log into that app (every
+    request would run twice): it ends the app's process (`event=app_reset ...
+    action=end_process`), the kubelet starts the app container again, empty, and smrd replays its
+    log into it (`event=app_rebuilt`).
+
+    Quorum: the victim is the leader's pod, partitioned first as in the first test; its smrd is
+    killed while it is cut off, and the whole restart (smrd, the app's reset, the app's restart,
+    the replay of its kept log) runs inside the partition. The other two replicas stay connected
+    and executing all along (2 of 3: the quorum, and the replies), so clients progress. Killing a
+    container of a third pod meanwhile would leave one replica: no quorum."""
+    def scenario(r: _LoadedRelease):
+        lab, c = r.lab, r.c
+        rid = r.leader
+        victim = c.replica_pod[rid]
+        pod = lab.pod(victim)
+        assert pod.restarts == {"smrd": 0, "app": 0}
+        lab.partition(victim)
+        r.phase(f"partitioned {victim} (the leader)")
+        view2, leader2 = c.leader(among=set(c.replica_pod) - {rid})
+        assert leader2 != rid and view2 > r.view
+        r.note(f"replica {leader2} leads view {view2}; {victim} cut off")
+
+        app_pid = pod.procs["app"].pid
+        since = len(lab.log_text(victim, "smrd"))
+        killed = time.monotonic()
+        smrd_before = lab.kill_container(victim, "smrd")
+        assert pod.alive["app"], "killing the smrd container touched the app container"
+        new_smrd = lab.wait_restart(victim, "smrd", smrd_before)
+        r.note(f"SIGKILLed the smrd container of {victim}; the kubelet restarted it (pid {new_smrd.pid})")
+        # The new smrd ends the app it finds (SIGKILL: the kubelet sees a kill, not a crash) and
+        # the kubelet starts the app container again.
+        new_app = lab.wait_restart(victim, "app", 0)
+        reset = r.wait_log(victim, since, r"event=app_reset reason=.*action=end_process pid=(\d+)")
+        assert int(reset.group(1)) == app_pid, f"smrd ended pid {reset.group(1)}, the app was {app_pid}"
+        assert pod.exits["app"] == [-signal.SIGKILL]
+        # The replay is of the victim's own kept log: it needs no peer.
+        rebuilt = r.wait_log(victim, since, r"event=app_rebuilt executed=(\d+)")
+        r.note(f"the new smrd ended the app it found (pid {app_pid}: action=end_process); the kubelet "
+               f"restarted the app container (pid {new_app.pid}); smrd replayed its log into it "
+               f"({rebuilt.group(1)} instances), all inside the partition")
+        r.phase(f"{victim} restarted inside its partition")
+
+        lab.heal(victim)
+        me = r.wait_executing(rid, killed + HEAL_BOUND_S)
+        took = time.monotonic() - killed
+        log = lab.log_text(victim, "smrd")[since:]
+        assert log.index("action=end_process") < log.index("event=app_rebuilt")
+        assert log.count("action=end_process") == 1 and pod.alive["app"]
+        assert "event=app_restart_detected" not in log, "smrd took the app it fed for a new one"
+        assert pod.restarts == {"smrd": 1, "app": 1}, pod.restarts
+        assert pod.exits == {"smrd": [-signal.SIGKILL], "app": [-signal.SIGKILL]}, pod.exits
+        r.note(f"healed {victim}: executing again {took:.1f} s after the kill (executed = commit = "
+               f"{me['executed']})")
+        r.phase(f"{victim} back")
+        r.finish()
+
+    _with_loaded_release(tmp_path, scenario)
+
+
+def test_app_container_restart_is_rebuilt_from_the_log(tmp_path):
+    """The app container of a replica pod is SIGKILLed under load (smrd's requests to it in
+    flight); smrd is not touched. The lab's kubelet starts the app container again, empty: smrd
+    sees another socket listening on the app port (`event=app_restart_detected`) and replays its
+    log into the new app (`event=app_rebuilt`); it never ends the new app. (When the broken
+    connection reaches smrd before the dying app's listening socket is gone, smrd takes it for a
+    failure mid-request of the same process and ends that process, `action=end_process` with the
+    killed app's pid, then replays into the app the kubelet starts: the same outcome.)
+
+    Quorum: the victim is a follower, executing the workload when its app is killed; its pod is
+    partitioned right after the kill, so the app's restart and the replay run while it is cut
+    off. The leader and the third replica stay connected and executing (2 of 3) all along, so
+    clients progress. Partitioning another pod instead would leave a single replica connected
+    and executing while the victim rebuilds."""
+    def scenario(r: _LoadedRelease):
+        lab, c = r.lab, r.c
+        rid = min(set(c.replica_pod) - {r.leader})
+        victim = c.replica_pod[rid]
+        pod = lab.pod(victim)
+        c.wait_caught_up(rid)  # it executes the workload's requests as they come
+        since = len(lab.log_text(victim, "smrd"))
+        smrd_pid, app_pid = pod.procs["smrd"].pid, pod.procs["app"].pid
+        killed = time.monotonic()
+        before = lab.kill_container(victim, "app")
+        lab.partition(victim)
+        assert pod.alive["smrd"] and pod.procs["smrd"].pid == smrd_pid
+        new_app = lab.wait_restart(victim, "app", before)
+        r.note(f"SIGKILLed the app container of {victim} (a follower) under load, then partitioned "
+               f"the pod; the kubelet restarted the app (pid {new_app.pid})")
+        r.phase(f"{victim}'s app restarting inside its partition")
+
+        lab.heal(victim)
+        me = r.wait_executing(rid, killed + HEAL_BOUND_S)
+        took = time.monotonic() - killed
+        log = lab.log_text(victim, "smrd")[since:]
+        detected = re.search(r"event=app_restart_detected .*action=replay", log)
+        ended = re.search(r"event=app_reset .*action=end_process pid=(\d+)", log)
+        rebuilt = re.search(r"event=app_rebuilt executed=(\d+)", log)
+        assert detected or ended, "smrd neither saw the new app nor reset the old one"
+        seen = min((m for m in (detected, ended) if m), key=lambda m: m.start())
+        assert rebuilt and seen.start() < rebuilt.start(), "smrd did not rebuild the new app"
+        # Whatever smrd ended was the killed app (already dying), never the new one: the kubelet
+        # restarted the app once, and that process still runs.
+        ends = re.findall(r"action=end_process pid=(\d+)", log)
+        assert set(ends) <= {str(app_pid)}, f"smrd ended pid {ends}; the killed app was {app_pid}"
+        assert pod.restarts == {"smrd": 0, "app": 1}, pod.restarts
+        assert pod.exits == {"smrd": [], "app": [-signal.SIGKILL]}, pod.exits
+        assert pod.procs["app"].pid == new_app.pid and pod.alive["app"]
+        assert pod.procs["smrd"].pid == smrd_pid
+        how = ("app_restart_detected" if seen is detected else
+               f"app_reset action=end_process of the dying app (pid {app_pid})")
+        r.note(f"healed {victim}: executing again {took:.1f} s after the kill (executed = commit = "
+               f"{me['executed']}); smrd logged {how}, then app_rebuilt: the replay covered "
+               f"{rebuilt.group(1)} instances")
+        r.phase(f"{victim} back")
+        r.finish()
+
+    _with_loaded_release(tmp_path, scenario)
+
+
+def test_the_lab_kubelet_restarts_containers_and_keeps_their_volumes(tmp_path):
+    """The lab's model of the kubelet's restarts (lab.py, CONTAINER RESTARTS), on a pod of its
+    own: a killed container starts again with the same command and the pod's emptyDir as it was;
+    an exit the test did not cause is a crash, reported, and restarted with a doubled back-off;
+    a killed pod restarts nothing, and nothing outlives the lab."""
+    why = missing_tools()
+    if why:
+        pytest.fail("the pod lab cannot run: " + "; ".join(why))
+    scratch = {"name": "scratch", "mountPath": "/scratch"}
+    docs = [{"kind": "Pod", "metadata": {"name": "kubelet-model"}, "spec": {
+        "containers": [
+            # $$ is how a manifest writes $ (the kubelet expands $(VAR) and $$).
+            {"name": "main", "command": ["/bin/sh", "-c", "echo $$$$ >> /scratch/starts; exec sleep 600"],
+             "volumeMounts": [scratch]},
+            {"name": "crashy", "command": ["/bin/sh", "-c", "test -e /scratch/crash && exit 3; exec sleep 600"],
+             "volumeMounts": [scratch]}],
+        "volumes": [{"name": "scratch", "emptyDir": {}}]}}]
+    with Lab(docs, tmp_path / "lab", NAMESPACE) as lab:
+        lab.start_pod("kubelet-model")
+        pod = lab.pod("kubelet-model")
+        starts = tmp_path / "lab" / "pods" / "kubelet-model" / "volumes" / "scratch" / "starts"
+
+        def started(n):  # the pids the container's processes wrote (a file: polled)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                pids = starts.read_text().split() if starts.exists() else []
+                if len(pids) >= n:
+                    return pids
+                time.sleep(POLL)
+            pytest.fail(f"{starts} did not get {n} lines")
+
+        first = pod.procs["main"].pid
+        assert started(1) == [str(first)]
+        before = lab.kill_container("kubelet-model", "main")            # an OOMKill
+        again = lab.wait_restart("kubelet-model", "main", before, timeout=30)
+        # The same emptyDir, kept: the first start's line is still there.
+        assert started(2) == [str(first), str(again.pid)]
+        assert pod.alive["crashy"] and pod.restarts == {"main": 1, "crashy": 0}
+        before = lab.kill_container("kubelet-model", "main", signal.SIGTERM)  # a liveness probe
+        lab.wait_restart("kubelet-model", "main", before, timeout=30)
+        assert pod.exits["main"] == [-signal.SIGKILL, -signal.SIGTERM]
+        lab.check_running()  # the test's kills are no crash
+
+        (starts.parent / "crash").write_text("")
+        before = lab.kill_container("kubelet-model", "crashy")
+        # From now on it exits with 3 after each start (a crash loop): the kubelet's part goes on.
+        assert lab.wait_kubelet(lambda: len(pod.exits["crashy"]) >= 3, 30), pod.exits
+        assert pod.exits["crashy"][:3] == [-signal.SIGKILL, 3, 3]
+        with pytest.raises(LabError, match="kubelet-model/crashy exited with 3"):
+            lab.check_running()
+        delays = [e.split("restarts it in ")[1] for e in lab.events if "crashy exited" in e]
+        assert delays[:3] == ["0.2 s", "0.4 s", "0.8 s"], lab.events
+
+        lab.kill_pod("kubelet-model")
+        assert not any(pod.alive.values())
+        assert not any(t.is_alive() for t in pod.supervisors)
+        restarts = dict(pod.restarts)
+    assert pod.restarts == restarts and not lab_namespaces()
 
 
 # --- the lab's own mapping, without namespaces (no root needed) -----------------------------
