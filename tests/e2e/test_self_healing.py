@@ -24,7 +24,7 @@ from smrd.local import Child
 from smrd.testing.linearizability import History
 
 from .conftest import free_base_port
-from .test_durability import assert_nothing_lost
+from .test_durability import assert_nothing_lost, scans
 from .test_faults import Load, wait_caught_up
 
 PY = sys.executable
@@ -202,6 +202,35 @@ def test_a_connection_dropped_mid_request_resets_the_app_and_replays(make_cluste
     assert load.errors == 0, f"clients saw errors: {load.reasons[:5]}"
     assert longest_request(load.history) <= 2.0
     assert_healed(cluster, load, framing)
+
+
+# ---------------------------------------------------------------------- divergence
+
+def test_a_replica_whose_reply_disagrees_with_a_majority_rebuilds_its_app(make_cluster):
+    # Default settings: new requests go to the leader alone, and one batch in
+    # divergence_check_every goes to every replica so that their replies are compared. An app
+    # changed behind smrd's back answers differently from the other two: the gateway tells that
+    # replica, which resets its app (no hooks: it ends it, the supervisor starts it empty) and
+    # replays the log; then all three apps hold the same state again.
+    cluster = make_cluster(replicas=3, gateways=1, framing="line", supervise=True).start()
+    cluster.gateways[0].wait_for("event=gateway_leader leader=", 10)
+    with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as c:
+        assert c.request("PUT shared 1") == b"OK"
+    victim = (cluster.leader() + 1) % 3
+    wait_caught_up(cluster, victim)
+    with KVClient("127.0.0.1", cluster.app_port(victim), "line") as app:
+        assert app.request("PUT secret only-here") == b"OK"  # behind smrd's back
+    with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as c:
+        for _ in range(2 * 16):  # divergence_check_every: one batch in 16 goes to everyone
+            c.request("GET secret")
+    cluster.gateways[0].wait_for("event=divergence_minority", 10)
+    reported = cluster.servers[victim].wait_for("event=divergence_reported", 10)
+    assert "action=reset" in reported
+    cluster.servers[victim].wait_for("event=app_rebuilt", 20)
+    wait_caught_up(cluster, victim)
+    s = scans(cluster)
+    assert s[0] == s[1] == s[2] and b"secret" not in s[victim]
+    assert cluster.status(victim)["divergences_reported"] >= 1
 
 
 # ---------------------------------------------------------------------- a leader that cannot execute
