@@ -124,11 +124,13 @@ class Executor:
         if restored is not None:
             self.queue.append(_RestoreApp(restored.instance, restored_state))
         fed = self.watch.fed_before()
-        if restored is None and self.rep.commit == 0 and not self.data_paths:
-            self.fresh = True  # nothing was ever decided here, so nothing was ever fed
-        elif fed is not None:
+        if fed is not None:
             # Only smrd restarted: the app still holds what the earlier smrd fed it. Replaying
             # the log into it would run every request twice. (Adopted: it is the one to end.)
+            # Never "the log is empty, so nothing was fed": a follower executes what it learns
+            # is decided, and the commit record that said so may not have reached the disk
+            # (it rides with the next fsync) when smrd was killed. The identity record is
+            # written before anything is sent to the app.
             self.watch.adopt(fed)
             self.pending_reset = (f"the app ({fed.describe()}) outlived smrd's restart and holds "
                                   f"the requests an earlier smrd process fed it")

@@ -170,6 +170,26 @@ def test_smrd_restarted_alone_executes_again_within_seconds(make_cluster, framin
         assert action in (cluster.dir / f"replica-{i}.log").read_text()
 
 
+def test_smrd_killed_right_after_its_first_execution_resets_the_app_it_fed(make_cluster):
+    # The follower may have executed the first write before the commit record that let it reach
+    # its disk (commit records ride with the next fsync): it restarts with an empty commit point,
+    # beside an app that is not empty. Whatever the race, the app it fed must be reset.
+    cluster = make_cluster(replicas=3, gateways=1, framing="line", supervise=True).start()
+    victim = (cluster.leader() + 1) % 3
+    deadline = time.monotonic() + 10
+    while cluster.status(victim)["executed"] < 1:
+        with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as client:
+            assert client.request("PUT first 1") == b"OK"
+        assert time.monotonic() < deadline
+    cluster.servers[victim].kill()
+    reset = cluster.servers[victim].wait_for("event=app_reset", 20)
+    assert "outlived smrd's restart" in reset and "action=end_process" in reset
+    cluster.servers[victim].wait_for("event=app_rebuilt", 20)
+    wait_caught_up(cluster, victim)
+    s = scans(cluster)
+    assert s[0] == s[1] == s[2]
+
+
 # ---------------------------------------------------------------------- mid-request failure
 
 @pytest.mark.parametrize("hooks", [False, True], ids=["no-hooks", "hooks"])
