@@ -190,6 +190,35 @@ def test_smrd_killed_right_after_its_first_execution_resets_the_app_it_fed(make_
     assert s[0] == s[1] == s[2]
 
 
+def test_a_replica_that_cannot_reset_its_app_halts_says_why_and_heals_once_it_can(make_cluster):
+    # Nothing supervises the apps here: the restarted smrd ends the app it fed, and no new one
+    # comes. After app_restart_timeout_s it reports itself halted, with what to do, and keeps
+    # waiting; the moment an app listens again it replays into it, with no person telling it to.
+    cluster = make_cluster(replicas=3, gateways=1, framing="line",
+                           settings={"app_restart_timeout_s": 2}).start()
+    with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as client:
+        for n in range(20):
+            assert client.request(f"PUT k{n} v{n}") == b"OK"
+    victim = (cluster.leader() + 1) % 3
+    wait_caught_up(cluster, victim)
+    cluster.servers[victim].kill()
+    cluster.start_server(victim)
+    cluster.servers[victim].wait_for("action=end_process", 20)
+    halted = cluster.servers[victim].wait_for("event=execution_halted", 20)
+    assert "no app listens" in halted and "supervises the app" in halted
+    st = cluster.status(victim)
+    assert st["execution"] == "halted" and "no app listens" in st["halted"] and not st["ready"]
+    assert st["can_execute"] is False
+    with KVClient("127.0.0.1", cluster.gateway_port(0), "line") as client:
+        assert client.request("PUT during halt") == b"OK"  # the other two serve
+    cluster.apps[victim].start().wait_for("listening", 20)  # whoever supervises it did its job
+    cluster.servers[victim].wait_for("event=app_rebuilt", 90)
+    wait_caught_up(cluster, victim)
+    s = scans(cluster)
+    assert s[0] == s[1] == s[2] and b"during halt" in s[victim]
+    assert cluster.status(victim)["halted"] is None
+
+
 # ---------------------------------------------------------------------- mid-request failure
 
 @pytest.mark.parametrize("hooks", [False, True], ids=["no-hooks", "hooks"])
