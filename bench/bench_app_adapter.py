@@ -30,10 +30,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
-    from smrd.app_adapter import AppAdapter
+    from smrd.replica.app_adapter import AppAdapter
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
-    from smrd.app_adapter import AppAdapter
+    from smrd.replica.app_adapter import AppAdapter
 
 HOST = "127.0.0.1"
 

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from smrd import core  # noqa: E402
 from smrd.protocol.records import AcceptRecord  # noqa: E402
-from smrd.storage import WriteAheadLog  # noqa: E402
+from smrd.replica.wal.log import WriteAheadLog  # noqa: E402
 
 VALUE = bytes(range(64))
 

@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import smrd
-from smrd.local import LocalCluster
+from smrd.ops.local import LocalCluster
 
 from .out_dir import make_out_dir
 from .systems import smrd_base_port

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from smrd.local import LocalCluster
+from smrd.ops.local import LocalCluster
 
 from .out_dir import make_out_dir
 from .systems import smrd_base_port

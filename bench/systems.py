@@ -1,5 +1,5 @@
 # The systems a benchmark drives, each started as real processes on 127.0.0.1 and stopped again:
-#   SmrdSystem  an smrd cluster through smrd.local.LocalCluster (the code path of `smrd local`),
+#   SmrdSystem  an smrd cluster through smrd.ops.local.LocalCluster (the code path of `smrd local`),
 #               beside the hashmap demo app or the no-op app
 #   DirectApp   the same app, unreplicated: clients connect to it directly
 #   EtcdCluster etcd 3.4 (Debian's etcd-server), n members on loopback, data on tmpfs
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from smrd.local import DEMO_HOOKS, LocalCluster
+from smrd.ops.local import DEMO_HOOKS, LocalCluster
 
 PY = sys.executable
 HOST = "127.0.0.1"
@@ -50,7 +50,7 @@ class PortAllocator:
 
 
 def smrd_base_port(replicas=3, gateways=1):
-    """A base port whose whole smrd.local.LocalCluster layout is free (for one-off scripts)."""
+    """A base port whose whole smrd.ops.local.LocalCluster layout is free (for one-off scripts)."""
     return PortAllocator().base(_smrd_offsets(replicas, gateways))
 
 

@@ -1,4 +1,4 @@
-# End-to-end regression benchmark: a real 3-replica cluster (smrd.local, memory durability, line
+# End-to-end regression benchmark: a real 3-replica cluster (smrd.ops.local, memory durability, line
 # framing, the hashmap app) behind one gateway, driven by 16 closed-loop clients over connections
 # kept open between rounds. One round = 1,000 requests (50/50 PUT/GET, 64-byte values), so the
 # reported time is seconds per 1,000 requests through the whole system.

@@ -30,7 +30,7 @@ LOG_TRUNCATED = 32     # peer -> lagging: I hold no values before `checkpoint`: 
 FORWARD = 40           # follower -> leader: requests that waited too long for order
 STATUS_REQUEST = 50    # operator/test -> replica (gateway port): describe yourself
 STATUS_REPLY = 51      # replica -> asker: JSON status
-# State transfer (driver to driver; the protocol core never sees these, see smrd/state_transfer.py)
+# State transfer (driver to driver; the protocol core never sees these, see smrd/replica/state_transfer.py)
 STATE_QUERY = 60       # lagging -> all: which checkpoints do you hold?
 STATE_INFO = 61        # peer -> lagging: (instance, size, sha256) of each stored checkpoint
 STATE_CHUNK_REQUEST = 62  # lagging -> peer: bytes [offset, offset + length) of checkpoint `instance`

@@ -179,7 +179,7 @@ class Simulation:
         self.healed = False
         n = self.p.n
         self.durable = [[] for _ in range(n)]
-        # The daemon's recovery mark (smrd/server.py): made on disk when a replica starts empty,
+        # The daemon's recovery mark (smrd/replica/driver.py): made on disk when a replica starts empty,
         # removed once the record that ends its recovery is durable.
         self.recovery_mark = [False] * n
         # Checkpoint "files" per replica: instance -> (app data, session table bytes, digest).
@@ -309,7 +309,7 @@ class Simulation:
                 sent = 0
                 if all(type(x) in (AcceptRecord, CommitRecord) for x in rd.persist):
                     # The daemon sends a leader's PROPOSEs while its own accept is being written
-                    # (smrd/server.py, _propose_early): model that they left before the crash.
+                    # (smrd/replica/driver.py, _propose_early): model that they left before the crash.
                     for dst, msg in rd.messages:
                         if type(msg) is m.Propose:
                             self._send(r, dst, msg)

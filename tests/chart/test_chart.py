@@ -17,8 +17,8 @@ import sys
 import pytest
 import yaml
 
-from smrd.config import load_config
-from smrd.hosts import parse_hosts
+from smrd.config.settings import load_config
+from smrd.config.hosts import parse_hosts
 
 import helm_python  # noqa: E402  (pip install helm-python-sdk==0.2.2; make install does)
 import kubernetes_validate  # noqa: E402
@@ -26,7 +26,7 @@ import kubernetes_validate  # noqa: E402
 # The rendering itself is shared with tests/podlab (tests/helm_render.py).
 from helm_render import CHART, NAMESPACE, RELEASE, SCENARIOS, by_kind, one, render  # noqa: E402
 from helm_render import render_files  # noqa: E402
-from smrd import kube  # noqa: E402
+from smrd.ops import kube  # noqa: E402
 from helm_render import load_values as _values  # noqa: E402
 
 KUBE_VERSIONS = ("1.29", "1.37")
@@ -412,11 +412,11 @@ def test_membership_settings_prestop_and_rbac(scenario):
     assert "smrd admin leave --self --if-scaled-down -c /etc/smrd/hosts.conf" in script[2]
     assert f"--timeout {membership['leaveTimeoutSeconds']}" in script[2]
     assert pod["terminationGracePeriodSeconds"] >= membership["leaveTimeoutSeconds"] + 10
-    # smrd.kube finds this StatefulSet, by SMRD_STATEFULSET and by the pod's hostname alike.
+    # smrd.ops.kube finds this StatefulSet, by SMRD_STATEFULSET and by the pod's hostname alike.
     assert env["SMRD_STATEFULSET"] == name
     for i in range(sts["spec"]["replicas"]):
         assert kube.statefulset_name(i, environ={}, hostname=f"{name}-{i}") == name
-    # The token, CA and namespace, where smrd.kube reads them, in the smrd container only.
+    # The token, CA and namespace, where smrd.ops.kube reads them, in the smrd container only.
     (mount,) = [m for m in smrd_c["volumeMounts"] if m["mountPath"] == kube.SERVICE_ACCOUNT_DIR]
     assert mount["readOnly"] is True
     (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
@@ -447,7 +447,7 @@ def test_membership_settings_prestop_and_rbac(scenario):
 @pytest.mark.parametrize("scenario", ["values-3-replicas.yaml", "values-security.yaml"])
 def test_prestop_command_runs_and_stays_outside_kubernetes(scenario, tmp_path):
     """The rendered preStop script, with the smrd container's rendered environment, is accepted by
-    `smrd admin` and, with no Kubernetes API (as here: smrd.kube says "not scaled down"), changes
+    `smrd admin` and, with no Kubernetes API (as here: smrd.ops.kube says "not scaled down"), changes
     nothing and exits 0 at once. Paths under /etc/smrd* are mapped to temporary files."""
     values = _values(CHART / "ci" / scenario)
     curve = _curve_keys(values, tmp_path)

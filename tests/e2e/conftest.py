@@ -3,7 +3,7 @@ import socket
 
 import pytest
 
-from smrd.local import LocalCluster
+from smrd.ops.local import LocalCluster
 
 
 def free_base_port(replicas=3, gateways=2, span=1000):

@@ -8,7 +8,6 @@ import socket
 import pytest
 import zmq
 
-from smrd import core
 from smrd.apps.kvclient import KVClient, parse_get
 from smrd.protocol import messages as m
 

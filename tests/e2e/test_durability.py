@@ -9,7 +9,7 @@ from pathlib import Path
 from smrd import core
 from smrd.apps.kvclient import KVClient, parse_get
 from smrd.protocol.records import CommitRecord, DecideRecord
-from smrd.storage import WriteAheadLog
+from smrd.replica.wal.log import WriteAheadLog
 
 from .test_faults import KEYS, Load, wait_caught_up, wait_converged
 

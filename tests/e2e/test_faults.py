@@ -221,7 +221,7 @@ def test_app_restart_alone_is_detected_and_its_state_rebuilt(make_cluster, frami
         wait_caught_up(cluster, victim)
         cluster.apps[victim].kill()                 # the app container restarts; smrd does not
         cluster.start_app(victim)                   # ... and comes back empty
-        cluster.servers[victim].wait_for("app restart detected", 30)
+        cluster.servers[victim].wait_for("event=app_rebuilt", 30)
         load.wait_progress(60)
     finally:
         load.finish()
@@ -232,4 +232,8 @@ def test_app_restart_alone_is_detected_and_its_state_rebuilt(make_cluster, frami
         with KVClient("127.0.0.1", cluster.app_port(i), framing, timeout=10) as app:
             scans.append(app.request("SCAN"))
     assert scans[0] == scans[1] == scans[2], "the rebuilt app differs from the others"
-    assert cluster.status(victim)["app_restarts"] == 1
+    # Usually the new app is seen (app_restarts); when the broken connection reaches smrd while
+    # the dying app's socket still listens, it may take it for a failure mid-request and reset
+    # the dying app first (app_resets): the same outcome.
+    st = cluster.status(victim)
+    assert st["app_restarts"] + st["app_resets"] >= 1

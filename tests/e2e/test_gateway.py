@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 from smrd.apps.kvclient import KVClient
-from smrd.config import SETTINGS
+from smrd.config.settings import SETTINGS
 
 FAST = {"gateway_request_deadline_ms": 2000, "gateway_retransmit_ms": 200}
 

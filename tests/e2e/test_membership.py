@@ -13,8 +13,8 @@ import time
 import pytest
 
 from smrd.apps.kvclient import KVClient, parse_get
-from smrd.local import LocalCluster
-from smrd.status import agreed_membership
+from smrd.ops.local import LocalCluster
+from smrd.ops.status import agreed_membership
 
 from .conftest import free_base_port
 from .test_faults import KEYS, Load

@@ -13,10 +13,10 @@ import time
 import zmq
 
 from smrd.apps.kvclient import KVClient
-from smrd.config import load_config
+from smrd.config.settings import load_config
 from smrd.protocol import messages as m
-from smrd.security import read_key
-from smrd.status import query
+from smrd.net.security import read_key
+from smrd.ops.status import query
 
 DEADLINE_MS = 2000
 

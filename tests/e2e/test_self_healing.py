@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from smrd.apps.kvclient import KVClient, KVError
-from smrd.local import Child
+from smrd.ops.local import Child
 from smrd.testing.linearizability import History
 
 from .conftest import free_base_port

@@ -28,8 +28,8 @@ import urllib.error
 import urllib.request
 
 from smrd.apps.kvclient import KVClient, KVError, KVUnavailable, history_output, parse_get
-from smrd.hosts import load_hosts
-from smrd.status import collect
+from smrd.config.hosts import load_hosts
+from smrd.ops.status import collect
 from smrd.testing.linearizability import History
 
 

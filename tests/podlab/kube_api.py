@@ -1,6 +1,6 @@
 """A stand-in for the Kubernetes API server in the pod lab, for the replica pods' preStop hook
-(`smrd admin leave --self --if-scaled-down`, which asks smrd.kube). It runs in the lab's client
-namespace and answers the one request smrd.kube makes, over HTTPS with the lab's certificate:
+(`smrd admin leave --self --if-scaled-down`, which asks smrd.ops.kube). It runs in the lab's client
+namespace and answers the one request smrd.ops.kube makes, over HTTPS with the lab's certificate:
 
   GET /apis/apps/v1/namespaces/NS/statefulsets/NAME   with "Authorization: Bearer TOKEN"
     -> 200 {"kind": "StatefulSet", "spec": {"replicas": N}}   N read from --replicas-file at each

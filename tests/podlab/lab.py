@@ -32,7 +32,7 @@ values is replaced by that directory:
 Anything else (secret volumes, subPath, a container without a command) is refused with LabError.
 Pod deletion (delete_pod) is the kubelet's: SIGTERM to containers without a preStop hook, the
 exec hooks of the others (in the running container's network, with its env; a projected volume is
-bind-mounted at its real path in a private mount namespace, since smrd.kube reads the standard
+bind-mounted at its real path in a private mount namespace, since smrd.ops.kube reads the standard
 service-account path), then SIGTERM, then SIGKILL when terminationGracePeriodSeconds ends. With
 kube_api, containers and hooks get KUBERNETES_SERVICE_HOST/PORT as from a kubelet.
 
@@ -497,7 +497,7 @@ class Lab:
             elif "projected" in vol:
                 # The chart's service-account volume: the downwardAPI files, and with a stand-in
                 # API server (kube_api) its token and the kube-root-ca.crt ConfigMap's CA. Without
-                # one, no token: smrd.kube then answers "not in Kubernetes".
+                # one, no token: smrd.ops.kube then answers "not in Kubernetes".
                 shutil.rmtree(path, ignore_errors=True)
                 path.mkdir(parents=True)
                 self._fill_projected(pod, vol["projected"], path)

@@ -38,11 +38,11 @@ from pathlib import Path
 import pytest
 
 from helm_render import CHART, NAMESPACE, load_values, one, render
-from smrd.config import load_config
-from smrd.hosts import parse_hosts
+from smrd.config.settings import load_config
+from smrd.config.hosts import parse_hosts
 from smrd.testing.linearizability import check_operations
 
-from smrd.status import agreed_membership
+from smrd.ops.status import agreed_membership
 
 from .lab import Lab, LabError, expand_vars, lab_namespaces, map_paths, missing_tools
 
@@ -878,7 +878,7 @@ def test_the_prestop_hook_runs_as_rendered(tmp_path):
     assert (volumes / "kube-api" / "namespace").read_text() == NAMESPACE
     assert env["KUBERNETES_SERVICE_HOST"] == "10.213.0.2" and env["KUBERNETES_SERVICE_PORT"] == "6443"
     assert env["SMRD_STATEFULSET"] == "demo-smrd" and env["POD_NAME"] == "demo-smrd-2"
-    # Without a stand-in API server: no token, so smrd.kube answers "not in Kubernetes".
+    # Without a stand-in API server: no token, so smrd.ops.kube answers "not in Kubernetes".
     plain = Lab(docs, tmp_path / "plain", NAMESPACE)
     plain.container_argv(plain.pod("demo-smrd-2"), smrd_c)
     assert not (tmp_path / "plain" / "pods" / "demo-smrd-2" / "volumes" / "kube-api" / "token").exists()

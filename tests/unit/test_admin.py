@@ -14,7 +14,8 @@ import types
 import pytest
 import zmq
 
-from smrd import cli, core
+from smrd import core
+from smrd.ops import cli
 from smrd.protocol import messages as m
 from smrd.protocol.membership import SYSTEM_CLIENT, Change, Membership
 
@@ -119,8 +120,8 @@ def clean(monkeypatch):
     for key in list(os.environ):
         if key.startswith("SMRD_"):
             monkeypatch.delenv(key)
-    monkeypatch.setattr("smrd.admin.ATTEMPT_S", 0.5)
-    monkeypatch.setattr("smrd.admin.POLL_S", 0.02)
+    monkeypatch.setattr("smrd.ops.admin.ATTEMPT_S", 0.5)
+    monkeypatch.setattr("smrd.ops.admin.POLL_S", 0.02)
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
@@ -239,10 +240,10 @@ def test_leave_self_uses_the_id_setting(group, capsys, monkeypatch):
 
 def fake_kube(monkeypatch, answer):
     asked = []
-    module = types.ModuleType("smrd.kube")
+    module = types.ModuleType("smrd.ops.kube")
     module.scaled_down = lambda ordinal: asked.append(ordinal) or answer
-    monkeypatch.setitem(sys.modules, "smrd.kube", module)
-    monkeypatch.setattr("smrd.kube", module, raising=False)
+    monkeypatch.setitem(sys.modules, "smrd.ops.kube", module)
+    monkeypatch.setattr("smrd.ops.kube", module, raising=False)
     return asked
 
 
@@ -258,7 +259,7 @@ def test_if_scaled_down_leaves_only_when_the_statefulset_shrank(group, capsys, m
 
 
 def test_the_real_kube_module_says_not_scaled_down_outside_kubernetes(group, monkeypatch):
-    kube = pytest.importorskip("smrd.kube")
+    kube = pytest.importorskip("smrd.ops.kube")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert kube.scaled_down(2) is False
     g = group()

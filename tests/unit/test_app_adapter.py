@@ -1,4 +1,4 @@
-"""smrd.app_adapter: never reorder, never skip, never invent.
+"""smrd.replica.app_adapter: never reorder, never skip, never invent.
 
 Against the real demo app (a subprocess, line and close framing) and small in-test servers for
 what a well-behaved app never does: hang, die mid-reply, come up late, send too much. Waiting is
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from smrd import app_adapter
-from smrd.app_adapter import (
+from smrd.replica import app_adapter
+from smrd.replica.app_adapter import (
     AppAdapter, AppConnectionLost, AppError, AppProtocolError,
 )
 from smrd.framing import FramingError

@@ -1,4 +1,4 @@
-"""smrd.app_reset: ending an app so that it starts again empty, and waiting for the new one.
+"""smrd.replica.app_reset: ending an app so that it starts again empty, and waiting for the new one.
 
 Real processes, real files: an "app" that listens and keeps appending to a file of its own."""
 import asyncio
@@ -11,8 +11,8 @@ import time
 import psutil
 import pytest
 
-from smrd.app_reset import ResetFailed, empty_paths, end_app, wait_for_new_app
-from smrd.app_watch import AppIdentity, AppWatch
+from smrd.replica.app_reset import ResetFailed, empty_paths, end_app, wait_for_new_app
+from smrd.replica.app_watch import AppIdentity, AppWatch
 
 # Listens on the port, then appends to DIR/journal as fast as it can: an app with files of its own.
 WRITER = ("import os, socket, sys\n"

@@ -1,4 +1,4 @@
-"""smrd.app_watch and smrd.sockdiag: the app is identified by the socket listening on its port,
+"""smrd.replica.app_watch and smrd.replica.sockdiag: the app is identified by the socket listening on its port,
 never by whether an old pid still exists.
 
 Real listener processes on 127.0.0.1, real zombies (held by a parent that never reaps), real
@@ -13,9 +13,9 @@ import time
 import psutil
 import pytest
 
-from smrd.app_adapter import AppUnverified
-from smrd.app_watch import AppRestarted, AppWatch, is_local_host
-from smrd.sockdiag import ListenerQuery, _from_proc
+from smrd.replica.app_adapter import AppUnverified
+from smrd.replica.app_watch import AppRestarted, AppWatch, is_local_host
+from smrd.replica.sockdiag import ListenerQuery, _from_proc
 
 LISTENER = ("import socket, sys\n"
             "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"

@@ -10,7 +10,7 @@ import pytest
 import zstandard
 
 from smrd import core
-from smrd.checkpoints import CheckpointError, CheckpointStore, decode_content, encode_content
+from smrd.replica.checkpoints import CheckpointError, CheckpointStore, decode_content, encode_content
 from smrd.errors import ProtocolError
 from smrd.protocol import messages as m
 from smrd.protocol.options import Options
@@ -232,7 +232,7 @@ def test_evicted_values_are_served_by_the_driver_from_its_log_files():
 
 def test_the_log_files_give_back_the_last_value_of_each_decided_instance(tmp_path):
     from smrd.protocol.records import AcceptRecord, CommitRecord
-    from smrd.storage import WriteAheadLog
+    from smrd.replica.wal.log import WriteAheadLog
 
     def value(i, v=0):
         return core.pack_batch([(1, i, b"v%d-%d" % (i, v) * 30)])

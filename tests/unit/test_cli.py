@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from smrd import __version__, cli
+from smrd import __version__
+from smrd.ops import cli
 from smrd.errors import SmrdError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +86,7 @@ def test_argparse_errors_exit_2(capsys):
 
 def test_server_role_runs_with_the_validated_config(monkeypatch):
     seen = []
-    fake_module(monkeypatch, "smrd.server", run=lambda config: seen.append(config) or 0)
+    fake_module(monkeypatch, "smrd.replica.driver", run=lambda config: seen.append(config) or 0)
     assert cli.main(["--role", "server", "-c", HOSTS, "--id", "1", "--window", "8"]) == 0
     (config,) = seen
     assert config.role == "server" and config.id == 1 and config.settings.window == 8
@@ -93,13 +94,13 @@ def test_server_role_runs_with_the_validated_config(monkeypatch):
 
 
 def test_client_role_exit_code_is_the_drivers(monkeypatch):
-    fake_module(monkeypatch, "smrd.gateway", run=lambda config: 1)
+    fake_module(monkeypatch, "smrd.gateway.driver", run=lambda config: 1)
     assert cli.main(["--role", "client", "-c", HOSTS]) == 1
 
 
 def test_role_from_environment(monkeypatch):
     seen = []
-    fake_module(monkeypatch, "smrd.gateway", run=lambda config: seen.append(config))
+    fake_module(monkeypatch, "smrd.gateway.driver", run=lambda config: seen.append(config))
     monkeypatch.setenv("SMRD_ROLE", "client")
     monkeypatch.setenv("SMRD_HOSTS", HOSTS)
     assert cli.main(["--log-level", "warning"]) == 0
@@ -107,10 +108,10 @@ def test_role_from_environment(monkeypatch):
 
 
 def test_missing_driver_is_an_internal_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "smrd.server", None)  # makes `import smrd.server` fail
+    monkeypatch.setitem(sys.modules, "smrd.replica.driver", None)  # makes `import smrd.replica.driver` fail
     assert cli.main(["--role", "server", "-c", HOSTS, "--id", "0"]) == 70
     err = capsys.readouterr().err
-    assert err.startswith("smrd: error: role server is not available in this build: cannot import smrd.server.run")
+    assert err.startswith("smrd: error: role server is not available in this build: cannot import smrd.replica.driver.run")
     assert err.count("\n") == 1
 
 
@@ -118,7 +119,7 @@ def test_unexpected_exception_is_one_line_with_a_hint(monkeypatch, capsys):
     def boom(config):
         raise RuntimeError("bad thing")
 
-    fake_module(monkeypatch, "smrd.server", run=boom)
+    fake_module(monkeypatch, "smrd.replica.driver", run=boom)
     assert cli.main(["--role", "server", "-c", HOSTS, "--id", "0"]) == 70
     err = capsys.readouterr().err
     assert err == ("smrd: error: internal error: RuntimeError: bad thing; "
@@ -129,7 +130,7 @@ def test_debug_shows_the_traceback(monkeypatch, capsys):
     def boom(config):
         raise RuntimeError("bad thing")
 
-    fake_module(monkeypatch, "smrd.server", run=boom)
+    fake_module(monkeypatch, "smrd.replica.driver", run=boom)
     assert cli.main(["--role", "server", "-c", HOSTS, "--id", "0", "--log-level", "debug"]) == 70
     err = capsys.readouterr().err
     assert "Traceback" in err and "smrd: error: internal error: RuntimeError: bad thing\n" in err
@@ -143,17 +144,17 @@ def test_runtime_error_and_interrupt(monkeypatch, capsys):
     def interrupt(config):
         raise KeyboardInterrupt
 
-    fake_module(monkeypatch, "smrd.server", run=fail)
+    fake_module(monkeypatch, "smrd.replica.driver", run=fail)
     assert cli.main(["--role", "server", "-c", HOSTS, "--id", "0"]) == 1
     assert capsys.readouterr().err == "smrd: error: app unreachable at 127.0.0.1:7000\n"
-    fake_module(monkeypatch, "smrd.server", run=interrupt)
+    fake_module(monkeypatch, "smrd.replica.driver", run=interrupt)
     assert cli.main(["--role", "server", "-c", HOSTS, "--id", "0"]) == 130
 
 
 def test_warnings_are_logged(monkeypatch, tmp_path, capsys):
     hosts = tmp_path / "two.conf"
     hosts.write_text("replica 0 127.0.0.1 1 2\nreplica 1 127.0.0.1 3 4\n")
-    fake_module(monkeypatch, "smrd.server", run=lambda config: 0)
+    fake_module(monkeypatch, "smrd.replica.driver", run=lambda config: 0)
     assert cli.main(["--role", "server", "-c", str(hosts), "--id", "0", "--log-format", "json"]) == 0
     err = capsys.readouterr().err
     assert '"level": "warning"' in err and "n=2 tolerates no failure; use n >= 3" in err
@@ -161,7 +162,7 @@ def test_warnings_are_logged(monkeypatch, tmp_path, capsys):
 
 def test_local_subcommand_defaults(monkeypatch):
     seen = []
-    fake_module(monkeypatch, "smrd.local", main=lambda args: seen.append(args) or 0)
+    fake_module(monkeypatch, "smrd.ops.local", main=lambda args: seen.append(args) or 0)
     assert cli.main(["local"]) == 0
     args = seen[0]
     assert (args.replicas, args.gateways, args.framing, args.base_port, args.data_dir) == (3, 1, "line", 11000, "./smrd-local")
@@ -170,10 +171,10 @@ def test_local_subcommand_defaults(monkeypatch):
 
 
 def test_status_subcommand_can_load_the_config(monkeypatch):
-    from smrd.config import load_config
+    from smrd.config.settings import load_config
 
     seen = []
-    fake_module(monkeypatch, "smrd.status", main=lambda args: seen.append((args, load_config(args, need_role=False))) or 0)
+    fake_module(monkeypatch, "smrd.ops.status", main=lambda args: seen.append((args, load_config(args, need_role=False))) or 0)
     assert cli.main(["status", "-c", HOSTS, "--json", "--timeout", "0.5"]) == 0
     args, config = seen[0]
     assert args.json and args.timeout == 0.5 and config.hosts.n == 3
@@ -188,7 +189,7 @@ def test_kv_passes_everything_through(monkeypatch):
 
 
 def test_missing_subcommand_module(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "smrd.local", None)
+    monkeypatch.setitem(sys.modules, "smrd.ops.local", None)
     assert cli.main(["local"]) == 70
     assert "smrd local is not available in this build" in capsys.readouterr().err
 
@@ -230,7 +231,7 @@ def test_admin_help(argv, capsys):
 
 def test_admin_dispatches_lazily_with_its_arguments(monkeypatch):
     seen = []
-    fake_module(monkeypatch, "smrd.admin", main=lambda args: seen.append(args) or 0)
+    fake_module(monkeypatch, "smrd.ops.admin", main=lambda args: seen.append(args) or 0)
     assert cli.main(["admin", "leave", "--self", "--if-scaled-down", "-c", HOSTS, "--timeout", "5"]) == 0
     (args,) = seen
     assert args.admin_command == "leave" and args.self and args.if_scaled_down and args.timeout == 5.0

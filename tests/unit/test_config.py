@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from smrd.config import (
+from smrd.config.settings import (
     SETTINGS, Settings, add_setting_flags, load_config, render_docs, settings_markdown, settings_toml,
 )
 from smrd.errors import ConfigError
@@ -391,13 +391,13 @@ def test_example_settings_file_uncommented_changes_nothing(hosts, tmp_path):
 
 
 def test_example_settings_file_is_generated():
-    assert (ROOT / "conf" / "smrd.toml").read_text() == settings_toml(), "run: python -m smrd.config --write"
+    assert (ROOT / "conf" / "smrd.toml").read_text() == settings_toml(), "run: python -m smrd.config.settings --write"
 
 
 def test_configuration_doc_table_is_up_to_date():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert settings_markdown() in doc
-    assert render_docs(doc) == doc, "run: python -m smrd.config --write"
+    assert render_docs(doc) == doc, "run: python -m smrd.config.settings --write"
     for spec in SETTINGS.values():
         assert f"`{spec.env}`" in doc and f"`{spec.flags}`" in doc
 
@@ -460,7 +460,7 @@ def test_the_statefulset_variable_belongs_to_smrd_kube(hosts):
 
 
 def test_app_data_paths(hosts):
-    from smrd.config import data_paths
+    from smrd.config.settings import data_paths
     cfg = load(hosts, {"SMRD_APP_DATA_PATHS": "/var/lib/app, /srv/db.sqlite"})
     assert data_paths(cfg.settings.app_data_paths) == ("/var/lib/app", "/srv/db.sqlite")
     assert data_paths(load(hosts).settings.app_data_paths) == ()

@@ -1,4 +1,4 @@
-"""How often a gateway asks the replicas for their status (smrd.gateway, FAST_PROBES_S).
+"""How often a gateway asks the replicas for their status (smrd.gateway.driver, FAST_PROBES_S).
 
 While no leader is known every new request goes to every replica, so the gateway asks often
 until one is named; but only for FAST_PROBES_S after start-up or after losing the leader,
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from smrd.gateway import FAST_PROBES_S, PROBE_NO_LEADER_S, PROBE_S, Gateway
+from smrd.gateway.driver import FAST_PROBES_S, PROBE_NO_LEADER_S, PROBE_S, Gateway
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""smrd.gateway around replicas that cannot execute, and divergence notices.
+"""smrd.gateway.driver around replicas that cannot execute, and divergence notices.
 
 A replica that orders a request it was sent alone but cannot execute it answers NOT_EXECUTING at
 once: the gateway then asks every replica, for that request and for new ones, until a status
@@ -12,8 +12,8 @@ import json
 import pytest
 
 from smrd import core
-from smrd.config import load_config
-from smrd.gateway import Gateway
+from smrd.config.settings import load_config
+from smrd.gateway.driver import Gateway
 from smrd.protocol import messages as m
 from smrd.protocol.sessions import NOT_EXECUTING
 

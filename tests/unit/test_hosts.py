@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from smrd.errors import ConfigError
-from smrd.hosts import check_host, load_hosts, parse_hosts
+from smrd.config.hosts import check_host, load_hosts, parse_hosts
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""smrd.kube.scaled_down against a stand-in for the Kubernetes API server: a local HTTPS server
+"""smrd.ops.kube.scaled_down against a stand-in for the Kubernetes API server: a local HTTPS server
 (certificate made with the openssl command for 127.0.0.1) that answers GET of a StatefulSet the way
 the API does, or with an error, or not at all. The service-account files are written to a
 temporary directory, as the kubelet writes them into a pod."""
@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from smrd import kube
+from smrd.ops import kube
 
 NAMESPACE, STS, TOKEN = "smrd-test", "demo-smrd", "tok-123"
 

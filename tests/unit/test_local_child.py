@@ -1,9 +1,9 @@
-"""smrd.local.Child: the process harness behind `smrd local` and the e2e tests stops a process
+"""smrd.ops.local.Child: the process harness behind `smrd local` and the e2e tests stops a process
 with one SIGTERM. A second one tells an smrd process to give up its drain and exit at once
 (and once its event loop is closed, Python prints an ignored-exception traceback for it)."""
 import sys
 
-from smrd.local import Child
+from smrd.ops.local import Child
 
 # Says how many SIGTERMs it got, taking its time to "drain" after the first.
 COUNTING = ("import signal, sys, time\n"

@@ -1,4 +1,4 @@
-"""smrd.observability: every series from a fake snapshot, the histograms, and the HTTP endpoints
+"""smrd.ops.observability: every series from a fake snapshot, the histograms, and the HTTP endpoints
 over a real socket (port 0), including what a hostile or careless HTTP client sends.
 
 No driver is involved: the snapshot is a plain dict the test changes between scrapes, and ready()
@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from smrd import __version__
-from smrd.observability import (BATCH_BUCKETS, GATEWAY_SERIES, LATENCY_BUCKETS, MAX_LINE,
+from smrd.ops.observability import (BATCH_BUCKETS, GATEWAY_SERIES, LATENCY_BUCKETS, MAX_LINE,
                                 SERVER_SERIES, Histogram, Observability)
 
 HOST = "127.0.0.1"
@@ -188,7 +188,7 @@ def test_missing_keys_are_zero_and_warned_about_once(caplog):
     snap = server_snapshot()
     del snap["requests_executed"], snap["known_commit"]
     obs, _ = make("server", snap=snap)
-    with caplog.at_level(logging.WARNING, logger="smrd.observability"):
+    with caplog.at_level(logging.WARNING, logger="smrd.ops.observability"):
         fams = scrape(obs)
         scrape(obs)
     assert value(fams, "smrd_requests_executed") == 0
@@ -199,7 +199,7 @@ def test_missing_keys_are_zero_and_warned_about_once(caplog):
 
 def test_optional_keys_are_not_warned_about(caplog):
     obs, _ = make("server")
-    with caplog.at_level(logging.WARNING, logger="smrd.observability"):
+    with caplog.at_level(logging.WARNING, logger="smrd.ops.observability"):
         scrape(obs)
     assert caplog.records == []
 
@@ -271,8 +271,8 @@ def test_histogram_matches_a_plain_count():
 
 def test_prometheus_client_is_imported_at_the_first_scrape_not_at_start():
     # A fifth of an smrd process's import time; start-up to full speed is one of the targets.
-    code = ("import sys, smrd.server, smrd.gateway, smrd.cli\n"
-            "from smrd.observability import Observability\n"
+    code = ("import sys, smrd.replica.driver, smrd.gateway.driver, smrd.ops.cli\n"
+            "from smrd.ops.observability import Observability\n"
             "obs = Observability('server', 0, lambda: {}, lambda: (True, 'ready'))\n"
             "assert 'prometheus_client' not in sys.modules, 'imported before a scrape'\n"
             "assert b'smrd_ready' in obs.render()\n")
@@ -516,7 +516,7 @@ def test_stop_drops_open_connections_and_frees_the_port():
 
 
 def test_connections_beyond_the_limit_are_refused():
-    from smrd.observability import MAX_CONNECTIONS
+    from smrd.ops.observability import MAX_CONNECTIONS
 
     async def test(port, obs, fake):
         held = []

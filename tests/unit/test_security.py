@@ -11,14 +11,14 @@ import pytest
 import zmq
 from zmq.utils import z85 as zmq_z85
 
-from smrd import cli
-from smrd.config import load_config
+from smrd.ops import cli
+from smrd.config.settings import load_config
 from smrd.errors import ConfigError
-from smrd.security import (
+from smrd.net.security import (
     CLIENT_DOMAIN, PEER_DOMAIN, KeyFileError, Security, keygen, parse_key, read_allow_list, read_key,
     z85_decode, z85_encode, zap_answer,
 )
-from smrd.transport import Channels
+from smrd.net.transport import Channels
 
 HOSTS = """\
 replica 0 127.0.0.1 11000 11001
@@ -416,7 +416,7 @@ def test_channels_admit_listed_keys_and_refuse_the_rest(pki, caplog):
                 ch.close()
         return rogue_public.decode()
 
-    with caplog.at_level("WARNING", logger="smrd.transport"):
+    with caplog.at_level("WARNING", logger="smrd.net.transport"):
         rogue_key = asyncio.run(scenario())
     text = caplog.text
     assert f"public key {rogue_key} is not in the allow-list" in text
@@ -425,7 +425,7 @@ def test_channels_admit_listed_keys_and_refuse_the_rest(pki, caplog):
 
 
 def test_channels_reconnect_when_a_replica_key_changes(pki, monkeypatch):
-    monkeypatch.setattr("smrd.transport.KEY_RELOAD_S", 0.05)
+    monkeypatch.setattr("smrd.net.transport.KEY_RELOAD_S", 0.05)
 
     async def scenario():
         loop = asyncio.get_running_loop()
@@ -472,9 +472,9 @@ def test_config_without_curve_loads_neither_zeromq_nor_the_key_code():
     # `smrd --help` and the config must stay cheap: the key code (and ZeroMQ) load only with CURVE on.
     import subprocess
     import sys
-    code = ("import sys, smrd.cli; smrd.cli.build_parser(); from smrd.config import load_config; "
+    code = ("import sys, smrd.ops.cli; smrd.ops.cli.build_parser(); from smrd.config.settings import load_config; "
             "load_config({'role': 'server', 'id': 0, 'hosts': 'conf/hosts.conf'}, env={}); "
-            "print('zmq' in sys.modules, 'smrd.security' in sys.modules)")
+            "print('zmq' in sys.modules, 'smrd.net.security' in sys.modules)")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert out.stdout.split() == ["False", "False"]

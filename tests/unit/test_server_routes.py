@@ -1,4 +1,4 @@
-"""smrd.server.Server's reply routes (client id -> the gateway that sent it) stay bounded: every
+"""smrd.replica.driver.Server's reply routes (client id -> the gateway that sent it) stay bounded: every
 Idempotency-Key is a client id of its own, and a route outlives nothing the session table forgot.
 
 The method under test runs on a stand-in holding only what it reads (the route table and a real
@@ -6,7 +6,7 @@ session table), since a whole Server needs sockets, an app and a data directory.
 from types import SimpleNamespace
 
 from smrd.protocol.sessions import Sessions
-from smrd.server import ROUTES_MIN, Server
+from smrd.replica.driver import ROUTES_MIN, Server
 
 
 def test_routes_of_sessions_the_table_forgot_are_pruned_and_the_limit_follows_the_table():

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from smrd import core, storage
+from smrd import core
+from smrd.replica.wal import log as storage
 from smrd.protocol.records import (AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord,
                                    DurableState, ViewRecord)
-from smrd.storage import (CORRUPT_MIDDLE, CORRUPT_TAIL, TORN_TAIL, StorageError, WriteAheadLog,
+from smrd.replica.wal.log import (CORRUPT_MIDDLE, CORRUPT_TAIL, TORN_TAIL, StorageError, WriteAheadLog,
                           decode_record, encode_record)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,7 +157,7 @@ def test_torn_tail_at_every_offset_of_the_last_record(tmp_path, caplog):
     total = seg.stat().st_size
     last = len(encode_record(records[-1]))
     start = total - last
-    caplog.set_level(logging.WARNING, logger="smrd.storage")
+    caplog.set_level(logging.WARNING, logger="smrd.replica.wal.log")
     for cut in range(1, last):
         d = tmp_path / f"cut{cut}"
         shutil.copytree(template, d)
@@ -451,7 +452,7 @@ def test_a_second_log_on_the_same_directory_is_refused(tmp_path):
 
 CHILD = r"""
 import sys
-from smrd.storage import WriteAheadLog
+from smrd.replica.wal.log import WriteAheadLog
 from smrd.protocol.records import AcceptRecord
 
 def value(i):

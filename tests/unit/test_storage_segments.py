@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from smrd import core, storage
+from smrd import core
+from smrd.replica.wal import log as storage
 from smrd.errors import ProtocolError
 from smrd.protocol.records import (AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord,
                                    DurableState, ViewRecord)
-from smrd.storage import (CORRUPT_MIDDLE, TORN_TAIL, StorageError, WriteAheadLog, decode_record,
+from smrd.replica.wal.log import (CORRUPT_MIDDLE, TORN_TAIL, StorageError, WriteAheadLog, decode_record,
                           encode_record, segment_name)
 
 
@@ -774,7 +775,7 @@ def test_random_appends_syncs_truncations_compressions_and_reopens(tmp_path, see
 
 CHILD = r"""
 import hashlib, sys, threading, time
-from smrd.storage import WriteAheadLog
+from smrd.replica.wal.log import WriteAheadLog
 from smrd.protocol.records import AcceptRecord, CheckpointRecord
 
 def value(i):

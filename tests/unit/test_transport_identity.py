@@ -1,4 +1,4 @@
-"""smrd.transport: routing ids. Every incarnation of a replica connects under an id of its own,
+"""smrd.net.transport: routing ids. Every incarnation of a replica connects under an id of its own,
 so a replica that restarted is heard at once, even while its peers still hold the connection of
 its dead predecessor (which they do after a death they could not see: killed inside a partition,
 a host that lost power). A connection that claims an id in use is refused, and cannot cut the
@@ -10,7 +10,7 @@ import time
 
 import zmq
 
-from smrd.transport import Channels, parse_replica_identity, replica_identity
+from smrd.net.transport import Channels, parse_replica_identity, replica_identity
 
 
 def _receive(router, want, timeout_s):

@@ -11,7 +11,7 @@
 # DEALER per destination with an explicit identity, so a receiver knows who sent each message.
 # A multipart message is one hop's batch: each part is one smrd frame.
 #
-# CURVE (optional, smrd/security.py holds the keys): every bound ROUTER is then a CURVE server and
+# CURVE (optional, smrd/net/security.py holds the keys): every bound ROUTER is then a CURVE server and
 # every DEALER a CURVE client that knows its replica's public key; a ZAP handler on the asyncio loop
 # checks each connecting key against the allow-list, and a socket monitor reports handshakes that
 # are not CURVE at all. All of it is settled when a connection is made: sending and receiving are
@@ -82,7 +82,7 @@ class Channels:
     """The sockets of one process and a single readiness callback for all of them."""
 
     def __init__(self, hwm: int = 10_000, security=None):
-        self.security = security  # smrd.security.Security, or None: no CURVE
+        self.security = security  # smrd.net.security.Security, or None: no CURVE
         # A secured Channels owns its context: the ZAP endpoint is one per context, so in a shared
         # one a second Channels could not bind it, or another handler would judge our clients.
         self.ctx = zmq.Context() if security is not None else zmq.Context.instance()

@@ -18,7 +18,7 @@ import struct
 
 import zstandard
 
-from .errors import SmrdError
+from ..errors import SmrdError
 
 _HEAD = struct.Struct("<4sBQQQ")
 _MAGIC = b"SMCK"

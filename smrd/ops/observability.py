@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import psutil
 
-from .__version__ import __version__
+from ..__version__ import __version__
 
 log = logging.getLogger(__name__)
 
@@ -578,4 +578,4 @@ def _bind_host(host: Optional[str]) -> Optional[str]:
     try:
         return str(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
-        return None  # a DNS name (a pod's own name): every interface, as smrd.server does
+        return None  # a DNS name (a pod's own name): every interface, as smrd.replica.driver does

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MAX_REPLICAS = 64  # replica ids are 0..63: membership sets fit in one 64-bit mask
 MAX_GATEWAY_ID = 65535  # gateway ids travel in the frame header's u16 sender field

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections import deque
 
-from .framing import FramingError, MessageTooLarge, encode, error_reply, make_decoder
+from ..framing import FramingError, MessageTooLarge, encode, error_reply, make_decoder
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 # for every Ready (persisting before sending is what makes a vote count; see
 # smrd/protocol/ready.py), the routing of replies back to the gateway that asked, and the
 # replica's lifecycle (start from the write-ahead log, stop on a signal).
-# Never: decides anything about order (the protocol core does), talks to the app (smrd.executor
+# Never: decides anything about order (the protocol core does), talks to the app (smrd.replica.executor
 # does, in its own task, fed in decided order), or answers a request it did not execute or find
 # in the reply cache.
 import asyncio
@@ -22,21 +22,21 @@ from pathlib import Path
 
 import psutil
 
-from . import core
+from .. import core
 from .app_watch import is_local_host
 from .checkpoints import CheckpointError, CheckpointStore
-from .errors import ProtocolError, SmrdError
+from ..errors import ProtocolError, SmrdError
 from .executor import Executor
-from .observability import Observability
-from .protocol import messages as m
-from .protocol.options import Options
-from .protocol.quorum import CrashFaultPolicy
-from .protocol.replica import NORMAL, RECOVERING, Replica
-from .protocol.records import AcceptRecord, CheckpointRecord, CommitRecord
-from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, NOT_EXECUTING, SYSTEM, Sessions
+from ..ops.observability import Observability
+from ..protocol import messages as m
+from ..protocol.options import Options
+from ..protocol.quorum import CrashFaultPolicy
+from ..protocol.replica import NORMAL, RECOVERING, Replica
+from ..protocol.records import AcceptRecord, CheckpointRecord, CommitRecord
+from ..protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, NOT_EXECUTING, SYSTEM, Sessions
 from .state_transfer import StateTransfer
-from .storage import CORRUPT_MIDDLE, CORRUPT_SUFFIX, StorageError, WriteAheadLog
-from .transport import Channels, parse_replica_identity, replica_identity
+from .wal.log import CORRUPT_MIDDLE, CORRUPT_SUFFIX, StorageError, WriteAheadLog
+from ..net.transport import Channels, parse_replica_identity, replica_identity
 
 log = logging.getLogger(__name__)
 

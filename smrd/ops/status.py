@@ -8,14 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
-from . import core
-from .errors import ProtocolError
-from .protocol.messages import STATUS_REPLY, STATUS_REQUEST
+from .. import core
+from ..errors import ProtocolError
+from ..protocol.messages import STATUS_REPLY, STATUS_REQUEST
 
 
 def query(endpoint: str, timeout_s: float = 2.0, security=None, replica: int | None = None):
     """The replica's status dict, or None if it did not answer within timeout_s.
-    With CURVE (security: smrd.security.Security), `replica` picks the public key to expect."""
+    With CURVE (security: smrd.net.security.Security), `replica` picks the public key to expect."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -76,7 +76,7 @@ def state_of(row) -> str:
 
 
 def main(args) -> int:
-    from .config import load_config
+    from ..config.settings import load_config
     config = load_config(args, need_role=False)
     rows = collect(config.hosts, args.timeout, config.security)
     agreed = agreed_membership(rows)

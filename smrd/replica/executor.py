@@ -1,17 +1,17 @@
 """A replica's execution: decided requests into the local app, in order, exactly once, and the
 app kept in a state smrd can account for.
 
-Owns: the apply queue the driver (smrd.server) fills from each Ready, executing it on the app
-(smrd.app_adapter), the replies it hands back to the driver, checkpoints (taking, storing,
+Owns: the apply queue the driver (smrd.replica.driver) fills from each Ready, executing it on the app
+(smrd.replica.app_adapter), the replies it hands back to the driver, checkpoints (taking, storing,
 restoring), and healing the app. The app is always in one of two conditions:
   - accounted for: it executed exactly the decided requests up to `executed` (or it is a new,
-    empty process, verified by smrd.app_watch);
+    empty process, verified by smrd.replica.app_watch);
   - unaccounted for: smrd restarted while the app kept running, the connection broke in the middle
     of a request, a snapshot hook failed, the app restarted with files of its own, or its replies
     disagreed with a majority of the replicas.
 An unaccounted-for app is reset, cheapest way first: restore the newest checkpoint with the restore
 hook (there is always one with hooks: checkpoint 0, the empty app, taken before the first request)
-and replay the log after it; else end the app's process (smrd.app_reset) so that its supervisor
+and replay the log after it; else end the app's process (smrd.replica.app_reset) so that its supervisor
 starts it empty, and replay the whole log. Only when neither can be done does it halt, say what
 the operator must do, and keep retrying.
 Never: executes on an app it could not verify, answers while it rebuilds, answers with anything
@@ -27,10 +27,10 @@ from .app_adapter import AppAdapter, AppConnectionLost, AppError, AppProtocolErr
 from .app_reset import ResetFailed, end_app, wait_for_new_app
 from .app_watch import AppIdentity, AppRestarted, AppWatch
 from .checkpoints import CheckpointError, CheckpointStore
-from .config import data_paths
-from .protocol.messages import reply_digest
-from .protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, SYSTEM, plan_batch
-from .storage import StorageError
+from ..config.settings import data_paths
+from ..protocol.messages import reply_digest
+from ..protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, SYSTEM, plan_batch
+from .wal.log import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -413,10 +413,12 @@ class Executor:
                 new = self.watch.current() or AppIdentity(sockets)
                 await self._on_restart(AppRestarted(f"the app's process changed after: {e}", new, old))
                 return
-            if sockets:
+            if sockets and not (old is not None and self.watch.dead(old)):
                 # The same socket, so the same process: whether the request ran is unknown.
                 self.pending_reset = f"the app failed mid-request: {e}"
                 return
+            # Nothing listens, or what listens is the socket of an app that died (it goes with
+            # the process a moment later): the app is down; wait for the next one.
             self._set_state(EXECUTING, "")  # the adapter reports the app down meanwhile
             log.debug("waiting for an app to listen on %s:%d", s.app_host, s.app_port)
             await asyncio.sleep(delay)  # there is no event for "a process started listening"

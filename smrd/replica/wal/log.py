@@ -65,9 +65,9 @@ from typing import Iterable, Optional
 
 import zstandard
 
-from . import core
-from .errors import ProtocolError, SmrdError
-from .protocol.records import (AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord,
+from ... import core
+from ...errors import ProtocolError, SmrdError
+from ...protocol.records import (AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord,
                                DurableState, ViewRecord)
 
 log = logging.getLogger(__name__)

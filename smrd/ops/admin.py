@@ -16,16 +16,16 @@ import time
 
 import zmq
 
-from . import core
-from .errors import ConfigError, ProtocolError, SmrdError
-from .protocol import messages as m
-from .protocol.membership import ADD_LEARNER, PROMOTE, REMOVE, SYSTEM_CLIENT, Change
+from .. import core
+from ..errors import ConfigError, ProtocolError, SmrdError
+from ..protocol import messages as m
+from ..protocol.membership import ADD_LEARNER, PROMOTE, REMOVE, SYSTEM_CLIENT, Change
 from .status import agreed_membership, state_of
 
 log = logging.getLogger(__name__)
 
 # A learner is promoted once it trails the leader's commit point by at most this many instances
-# and is not fetching a checkpoint (the same bound as a replica's readiness, smrd/server.py).
+# and is not fetching a checkpoint (the same bound as a replica's readiness, smrd/replica/driver.py).
 CAUGHT_UP_LAG = 64
 # One submission waits this long for an answer before it is sent again (fresh seq, fresh base).
 ATTEMPT_S = 3.0
@@ -294,7 +294,7 @@ def members(cluster, as_json, out=None) -> int:
 # ---------------------------------------------------------------------- entry point
 
 def main(args) -> int:
-    from .config import load_config
+    from ..config.settings import load_config
     config = load_config(args, need_role=False)
     hosts = config.hosts
     command = args.admin_command

@@ -17,14 +17,14 @@ import os
 import signal
 from collections import OrderedDict
 
-from . import core
-from .errors import ProtocolError
-from .observability import Observability
+from .. import core
+from ..errors import ProtocolError
+from ..ops.observability import Observability
 from .client_connection import ClientConnection
-from .framing import FramingError, error_reply, split_idempotency
-from .protocol import messages as m
-from .protocol.sessions import NOT_EXECUTING, TOO_OLD, UNKNOWN_SESSION
-from .transport import Channels, gateway_identity
+from ..framing import FramingError, error_reply, split_idempotency
+from ..protocol import messages as m
+from ..protocol.sessions import NOT_EXECUTING, TOO_OLD, UNKNOWN_SESSION
+from ..net.transport import Channels, gateway_identity
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ class Gateway:
 
     def _tell_minority(self, key, replies):
         """Once a majority of the voters gave one reply, every replica that gave another is told:
-        its app's state is not the others', and it rebuilds it (smrd.executor)."""
+        its app's state is not the others', and it rebuilds it (smrd.replica.executor)."""
         voters = self.membership["voters"] if self.membership else range(self.n)
         majority = len(voters) // 2 + 1
         counts = {}

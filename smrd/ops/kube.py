@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .errors import SmrdError
+from ..errors import SmrdError
 
 # Where the kubelet (or the chart's projected volume) puts the service-account credentials.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"

@@ -2,7 +2,7 @@
 holds it.
 
 Owns: the app's identity and the rule for trusting a connection. The identity of "the app
-listening now" is the set of inodes of the sockets listening on the port (smrd.sockdiag asks the
+listening now" is the set of inodes of the sockets listening on the port (smrd.replica.sockdiag asks the
 kernel), with the holder's (pid, start time) beside it where psutil can see it. It is never
 inferred from whether an old pid still exists: a killed app can stay a zombie for seconds (its
 parent reaps late), and psutil calls a zombie running, while its listening socket died with it.
@@ -14,7 +14,7 @@ The rule (`check`, run on every new connection before anything is written on it)
     decides what the app now holds;
   - no app adopted yet: the listener is adopted (and recorded, so that a restarted smrd knows
     the app it fed).
-Never: touches the app (smrd.app_reset ends it), or lets a connection through that it could not
+Never: touches the app (smrd.replica.app_reset ends it), or lets a connection through that it could not
 verify. The one exception is an app on another host (app_host not local), whose sockets this host
 cannot see: then nothing is checked, and the replica says so once at start.
 """
@@ -140,6 +140,19 @@ class AppWatch:
             return [proc] + proc.children(recursive=True)
         except psutil.Error:
             return []
+
+    def dead(self, identity: AppIdentity) -> bool:
+        """Is the process of `identity` known to have exited (gone, or a zombie)? False when it
+        runs or cannot be seen. Its listening socket may outlive it by a moment while it exits."""
+        if identity.pid is None:
+            return False
+        try:
+            proc = psutil.Process(identity.pid)
+            return proc.create_time() != identity.create_time or proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
 
     # ------------------------------------------------------------------ the rule
 

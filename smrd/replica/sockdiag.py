@@ -5,10 +5,10 @@ Owns: one question, "the inodes (and owner uids) of the sockets in LISTEN state 
 network namespace", answered from the kernel without looking at any process. A listening socket's
 inode is unique while it exists and dies with the process that holds it: a killed app's socket is
 gone even while the process itself lingers as a zombie, and a new app's socket has a new inode.
-That makes the inode the identity of "the app listening now" (smrd.app_watch).
+That makes the inode the identity of "the app listening now" (smrd.replica.app_watch).
 
 Never: maps sockets to processes (that needs a scan of every process's file descriptors:
-smrd.app_watch does it once per new app, not per connection), or raises for an answer it cannot
+smrd.replica.app_watch does it once per new app, not per connection), or raises for an answer it cannot
 get: `listeners()` returns None when neither source is readable.
 
 Cost: the netlink query asks the kernel for listening sockets only (a state filter), so a machine

@@ -28,8 +28,8 @@ import time
 import weakref
 from typing import Callable, List, Optional, Sequence
 
-from .errors import SmrdError
-from .framing import MODES, FramingError, encode, http_request_method, make_decoder
+from ..errors import SmrdError
+from ..framing import MODES, FramingError, encode, http_request_method, make_decoder
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Owns: the order that keeps a reset clean. The app's processes are frozen first (
 then on they write nothing), the app's own data paths are emptied, then the processes are killed
 (SIGKILL: no shutdown handler gets to save state). The supervisor only sees an exit after the
 kill, so a new app never starts before its files are gone.
-Never: guesses which process is the app (smrd.app_watch identifies it from its listening socket),
+Never: guesses which process is the app (smrd.replica.app_watch identifies it from its listening socket),
 signals a process that is not the identified one or its descendant, or waits without a bound.
 """
 import asyncio

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from .errors import ConfigError, SmrdError
+from ..errors import ConfigError, SmrdError
 
 KEY_CHARS = 40  # Z85 text of a 32-byte Curve25519 key
 MAX_KEY_FILE = 4096
@@ -281,7 +281,7 @@ def zap_answer(security: Security, frames: list[bytes]) -> tuple[list[bytes] | N
     return reply(b"400", b"key not allowed"), Refusal(domain, addr, z85_encode(credentials[0]).decode(), name)
 
 
-# --- validation at start (called by smrd.config) ----------------------------------------------
+# --- validation at start (called by smrd.config.settings) ----------------------------------------------
 
 def load(secret_path: str, secret_where: str, directory: str, directory_where: str, hosts,
          replica_id: int | None) -> tuple[Security, tuple[str, ...]]:

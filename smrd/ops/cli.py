@@ -17,10 +17,10 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from .config import SETTINGS, add_setting_flags, load_config
-from .errors import ConfigError, SmrdError
-from .hosts import MAX_REPLICAS
+from .. import __version__
+from ..config.settings import SETTINGS, add_setting_flags, load_config
+from ..errors import ConfigError, SmrdError
+from ..config.hosts import MAX_REPLICAS
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in smrd, or a part missing from this bu
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 # Subcommands whose code lives in a module not named after them.
-SUBCOMMAND_MODULES = {"keygen": "smrd.security"}
+SUBCOMMAND_MODULES = {"keygen": "smrd.net.security", "local": "smrd.ops.local",
+                      "status": "smrd.ops.status", "admin": "smrd.ops.admin"}
 
 DESCRIPTION = """\
 smrd makes a deterministic TCP service fault-tolerant without changing it.
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dispatch("smrd.apps.kvclient", "the kv demo client", args.argv)
         if args.command is not None:
             _configure_logging(getattr(args, "log_level", None) or "info", getattr(args, "log_format", None) or "text")
-            module = SUBCOMMAND_MODULES.get(args.command, f"smrd.{args.command}")
+            module = SUBCOMMAND_MODULES[args.command]
             return _dispatch(module, f"smrd {args.command}", args)
         return _run_role(args)
     except ConfigError as exc:
@@ -259,7 +260,7 @@ def _run_role(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         log.warning("%s", warning)
     log.debug("%s", config.describe())
-    module = "smrd.server" if config.settings.role == "server" else "smrd.gateway"
+    module = "smrd.replica.driver" if config.settings.role == "server" else "smrd.gateway.driver"
     return _dispatch(module, f"role {config.settings.role}", config, func="run")
 
 

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 
 from .checkpoints import CheckpointError
-from .protocol import messages as m
+from ..protocol import messages as m
 
 log = logging.getLogger(__name__)
 
