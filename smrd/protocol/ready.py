@@ -1,11 +1,29 @@
-# The core's only output. The driver must handle a Ready strictly in this order:
-#   1. make every record in `persist` durable (in order; one fsync may cover them all),
-#   2. send `messages`,
-#   3. execute `apply` in order on the app (each request as its plan says), then
-#   4. return `replies` (answers the core could give without executing anything),
-#   5. take `checkpoints` when execution reaches them; start a state `transfer` if asked.
-# Sending before persisting would let a peer count a vote that a crash then forgets.
+"""The core's only output, and the rules for handling it (shared by the daemon and the simulator,
+so that the two cannot drift apart).
+
+A driver handles a burst of Readies (all the core has now) in this order:
+  1. write every record of their `persist`, in order (`group_commit` lists them);
+  2. send the messages `group_commit` lets leave early (a leader's PROPOSEs, see below);
+  3. if `group_commit` says so, fsync: ONE fsync covers the whole burst;
+  4. for each Ready, in order: send its `messages`; send its `replies` (answers the core gave
+     without executing anything: a cached reply, a refusal; they depend on no `apply` of the
+     burst); hand `apply` to execution, in order; then `checkpoints`, `transfer`, `serve_log`.
+Sending a message before the records it depends on are durable would let a peer count a vote
+that a crash then forgets. Two exceptions, argued in docs/PROTOCOL.md ("What is persisted when"):
+  - a Ready holding only a commit point (CommitRecord) needs no fsync: the commit point is
+    learned again from the leader or the log;
+  - a leader's PROPOSEs may leave before the fsync of its own accept (as in Raft, §10.2.1): a
+    PROPOSE promises nothing, and the leader's vote counts only once a follower's ACCEPTED comes
+    back, after this fsync. Never when the burst holds a view promise (ViewRecord) or any
+    record other than votes before that Ready: those must be durable before any message.
+"""
 from dataclasses import dataclass, field
+
+from .messages import Propose
+from .records import AcceptRecord, CommitRecord
+
+# Records that are votes on values (or the commit hint), not promises about views.
+VOTE_RECORDS = (AcceptRecord, CommitRecord)
 
 
 @dataclass
@@ -29,3 +47,33 @@ class Ready:
     def __bool__(self):
         return bool(self.persist or self.messages or self.apply or self.replies or
                     self.checkpoints or self.transfer or self.serve_log)
+
+
+@dataclass
+class GroupCommit:
+    """Steps 1-3 above for one burst: write `records`, send `early`, fsync if `sync`."""
+    records: list
+    sync: bool
+    early: list  # (destination, message) that may leave before the fsync
+
+
+def group_commit(readies) -> GroupCommit:
+    """The persist/send rule for a burst of Readies. Moves the messages that may leave before
+    the fsync out of their Ready's `messages` into `early`; the rest leave after it."""
+    records, early = [], []
+    sync = promised = False
+    for rd in readies:
+        if not rd.persist:
+            continue
+        records.extend(rd.persist)
+        if all(type(r) is CommitRecord for r in rd.persist):
+            continue
+        sync = True
+        if not all(type(r) in VOTE_RECORDS for r in rd.persist):
+            promised = True
+        elif rd.messages and not promised:
+            proposals = [(d, msg) for d, msg in rd.messages if type(msg) is Propose]
+            if proposals:
+                early += proposals
+                rd.messages = [(d, msg) for d, msg in rd.messages if type(msg) is not Propose]
+    return GroupCommit(records, sync, early)

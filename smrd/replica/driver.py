@@ -32,7 +32,8 @@ from ..protocol import messages as m
 from ..protocol.options import Options
 from ..protocol.quorum import CrashFaultPolicy
 from ..protocol.replica import NORMAL, RECOVERING, Replica
-from ..protocol.records import AcceptRecord, CheckpointRecord, CommitRecord
+from ..protocol.ready import group_commit
+from ..protocol.records import CheckpointRecord
 from ..protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, NOT_EXECUTING, SYSTEM, Sessions
 from .state_transfer import StateTransfer
 from .wal.log import CORRUPT_MIDDLE, CORRUPT_SUFFIX, StorageError, WriteAheadLog
@@ -50,9 +51,6 @@ READY_MAX_LAG = 64
 # recovery (docs/PROTOCOL.md, "Recovery"): a crash in between must not pass for a normal restart.
 RECOVERY_MARK = "recovering"
 
-
-# Records that are votes on values (or the commit hint), not promises about views.
-_VOTE_RECORDS = (AcceptRecord, CommitRecord)
 
 # How often closed log segments are looked at for compression.
 COMPRESS_EVERY_S = 5.0
@@ -307,30 +305,26 @@ class Server:
     # ------------------------------------------------------------------ the Ready cycle
 
     def _flush(self):
-        # Group commit: every Ready the core has now is persisted with ONE fsync, then their
-        # outputs leave in order (persist, then send). Two exceptions, argued in docs/PROTOCOL.md
-        # ("What is persisted when"): a Ready holding only a commit point needs no fsync, and a
-        # leader's PROPOSEs leave before the fsync of its own accept, never past a view promise.
+        # Every Ready the core has now, handled as protocol.ready's rules say: the records
+        # written with ONE fsync (group commit), a leader's proposals sent before it, everything
+        # else after it.
         rep = self.replica
         try:
             batch = []
-            must_sync = promised = False
             while rep.has_ready():
                 rd = rep.ready()
                 if rd.checkpoints:
                     # From now on every reply the executor gets goes into these images.
                     self.executor.open_images.extend(image for _, image in rd.checkpoints)
-                if rd.persist:
-                    self.wal.append(rd.persist)
-                    if not all(type(r) is CommitRecord for r in rd.persist):
-                        must_sync = True
-                        if not all(type(r) in _VOTE_RECORDS for r in rd.persist):
-                            promised = True
-                        elif rd.messages and not promised:
-                            self._propose_early(rd)
                 batch.append(rd)
-            if must_sync:
-                self.wal.sync()
+            if batch:
+                commit = group_commit(batch)
+                if commit.records:
+                    self.wal.append(commit.records)
+                if commit.early:
+                    self._send_all(commit.early)
+                if commit.sync:
+                    self.wal.sync()
             if self._marked and rep.status != RECOVERING:
                 _durable_unlink(self._recovery_mark)  # the record that ended recovery is durable
                 self._marked = False
@@ -340,16 +334,6 @@ class Server:
             self._storage_failed(e)
             return
         self._log_changes()
-
-    def _propose_early(self, rd):
-        # As in Raft, a leader sends its proposals while its own copy is still being written: a
-        # PROPOSE promises nothing, and the leader's own vote only decides something once a
-        # follower's ACCEPTED comes back, after this flush's fsync. Never with a view promise
-        # (ViewRecord) or anything else in the burst: those must be durable before any message.
-        early = [(d, msg) for d, msg in rd.messages if type(msg) is m.Propose]
-        if early:
-            self._send_all(early)
-            rd.messages = [(d, msg) for d, msg in rd.messages if type(msg) is not m.Propose]
 
     def _storage_failed(self, e):
         # After a failed write or fsync the log may have lost votes this replica already counted
@@ -364,6 +348,13 @@ class Server:
         rep = self.replica
         if rd.messages:
             self._send_all(rd.messages)
+        if rd.replies:
+            for _, _, _, status, reply in rd.replies:
+                if status == SYSTEM:  # the leader refused a change before ordering it
+                    self._refused_seen += 1
+                    log.warning("event=membership_change_refused when=proposal reason=%r",
+                                _answer_text(reply).removeprefix("REFUSED "))
+            self.send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
         if rd.apply:
             self.executor.feed(rd.apply, rd.checkpoints)
             if self.mem_budget is not None:
@@ -379,13 +370,6 @@ class Server:
                 started = self.proposed_at.pop(instance, None)
                 if started is not None:
                     obs.observe_consensus_latency(now - started)
-        if rd.replies:
-            for _, _, _, status, reply in rd.replies:
-                if status == SYSTEM:  # the leader refused a change before ordering it
-                    self._refused_seen += 1
-                    log.warning("event=membership_change_refused when=proposal reason=%r",
-                                _answer_text(reply).removeprefix("REFUSED "))
-            self.send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
         for peer, start in rd.serve_log:
             if peer not in self._serving:
                 self._serving.add(peer)

@@ -19,9 +19,8 @@ from .. import core
 from ..protocol import messages as m
 from ..protocol.options import Options
 from ..protocol.quorum import CrashFaultPolicy
-from ..protocol.records import (
-    AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord, DurableState,
-)
+from ..protocol.ready import group_commit
+from ..protocol.records import AcceptRecord, CheckpointRecord, DecideRecord, DurableState
 from ..protocol.membership import ADD_LEARNER, OPS, PROMOTE, SYSTEM_CLIENT, Change, Membership
 from ..protocol.replica import Replica
 from ..protocol.sessions import DUPLICATE, EXECUTE, SYSTEM, Sessions, plan_batch, run_plan
@@ -160,7 +159,8 @@ _STEPS = {("none", "learner"), ("learner", "voter"), ("learner", "none"), ("vote
 
 class Simulation:
     def __init__(self, seed: int, params: Params = None, replica_class=Replica,
-                 policy_class=CrashFaultPolicy, trace=None, membership_rule=None):
+                 policy_class=CrashFaultPolicy, trace=None, membership_rule=None,
+                 group_commit=group_commit):
         """`membership_rule(membership, change, n)` -> (new membership or None, why): the rule
         the reference execution applies changes by (default: the protocol's Membership.check).
         Only tests of deliberately different rules pass another one."""
@@ -172,6 +172,8 @@ class Simulation:
         self.mrng = random.Random(seed * 6007 + 1)
         self.drng = random.Random(seed * 7793 + 3)  # directed sends: their own draws, likewise
         self.replica_class = replica_class
+        # The persist/send rule (smrd.protocol.ready): the daemon's, unless a test plants a bad one.
+        self.group_commit = group_commit
         self.policy = policy_class(self.p.n)
         self.trace = trace            # callable(str) or None
         self.rule = membership_rule or Membership.check
@@ -300,29 +302,33 @@ class Simulation:
                 self._support(i, msg.view, value, r)
 
     def _drain(self, r):
+        # Each Ready as the daemon handles a burst of them (smrd.protocol.ready's rules, the same
+        # function): records written, early messages sent, the fsync, then the rest in order.
         rep = self.replicas[r]
         while rep is not None and rep.has_ready():
             rd = rep.ready()
-            if rd.persist and not self.healed and self.rng.random() < self.p.crash * self.p.crash_mid_ready:
-                keep = self.rng.randint(0, len(rd.persist))
-                self._persist(r, rd.persist[:keep])
-                sent = 0
-                if all(type(x) in (AcceptRecord, CommitRecord) for x in rd.persist):
-                    # The daemon sends a leader's PROPOSEs while its own accept is being written
-                    # (smrd/replica/driver.py, _propose_early): model that they left before the crash.
-                    for dst, msg in rd.messages:
-                        if type(msg) is m.Propose:
-                            self._send(r, dst, msg)
-                            sent += 1
-                self._crash(r, f"mid-ready: {keep}/{len(rd.persist)} records durable, {sent} sent")
+            commit = self.group_commit([rd])
+            if commit.records and not self.healed and self.rng.random() < self.p.crash * self.p.crash_mid_ready:
+                # The crash lands before the fsync: a prefix of the records survives, and what
+                # the rules let leave early has left.
+                keep = self.rng.randint(0, len(commit.records))
+                self._persist(r, commit.records[:keep])
+                for dst, msg in commit.early:
+                    self._send(r, dst, msg)
+                self._crash(r, f"mid-ready: {keep}/{len(commit.records)} records durable, "
+                               f"{len(commit.early)} sent")
                 return
-            self._persist(r, rd.persist)
+            for dst, msg in commit.early:
+                self._send(r, dst, msg)
+            self._persist(r, commit.records)
             if self.recovery_mark[r] and rep.status != "recovering":
                 self.recovery_mark[r] = False  # the Ready that ended the recovery is durable
             for dst, msg in rd.messages:
                 if type(msg) is m.Accepted:
                     self._votes_sent(r, msg)
                 self._send(r, dst, msg)
+            for origin, client_id, seq, status, reply in rd.replies:
+                self._reply(r, origin, client_id, seq, status, reply)
             images = dict(rd.checkpoints)
             filling = list(images.values())  # images wait for replies of requests planned before them
             for instance, value, plan in rd.apply:
@@ -342,8 +348,6 @@ class Simulation:
                 self._serve_from_log(r, peer, start)
             if self.p.evict_keep >= 0:
                 self.replicas[r].evict(self.replicas[r].applied - self.p.evict_keep)
-            for origin, client_id, seq, status, reply in rd.replies:
-                self._reply(r, origin, client_id, seq, status, reply)
             self._check_replica(r)
 
     def _apply(self, r, instance, value, plan):

@@ -6,6 +6,7 @@ from dataclasses import replace
 from smrd import core
 from smrd.protocol import CrashFaultPolicy, Replica
 from smrd.protocol.membership import Change, Membership
+from smrd.protocol.ready import group_commit
 from smrd.protocol.replica import _change_in
 from smrd.protocol.sessions import SYSTEM
 from smrd.simulation import Params, run_seed
@@ -247,3 +248,29 @@ def test_the_safe_protocol_passes_membership_heavy_seeds():
         result = run_seed(seed, params=_membership_heavy(seed))
         assert result.ok, f"seed {seed}: {result.violation}"
         assert result.summary["membership"]["changes"] > 0, f"seed {seed} changed no membership"
+
+
+def send_before_persisting(readies):
+    """A driver that lets every message leave before the fsync of the records it depends on
+    (votes, view promises), not only a leader's proposals."""
+    commit = group_commit(readies)
+    for rd in readies:
+        commit.early += rd.messages
+        rd.messages = []
+    return commit
+
+
+def _mid_ready_crashes(seed):
+    # Crashes that land between writing and the fsync are what this variant is about.
+    return replace(_crash_heavy(seed), crash_mid_ready=0.5)
+
+
+def test_a_driver_that_sends_before_persisting_is_caught():
+    seed, violation = _first_violation(group_commit=send_before_persisting, params=_mid_ready_crashes)
+    assert seed is not None, f"no violation in {BOUND} seeds when messages leave before their fsync"
+
+
+def test_the_safe_rules_pass_the_same_seeds():
+    for seed in range(BOUND):
+        result = run_seed(seed, params=_mid_ready_crashes(seed))
+        assert result.ok, f"seed {seed}: {result.violation}"
