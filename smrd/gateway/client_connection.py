@@ -36,7 +36,7 @@ class ClientConnection(asyncio.Protocol):
         self.decoder = make_decoder(self.mode, gateway.settings.max_request_bytes, "request")
         self.transport = None
         # Replies in request order: bytes, or what completes with the reply (the gateway's
-        # future-like _Call, or a Task).
+        # future-like Call, or a Task).
         self.pending = deque()
         self.ending = False       # no further request is read; close once pending is written
         self.closed = False

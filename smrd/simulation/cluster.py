@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass, field, replace
 
 from .. import core
+from ..gateway.calls import CallBook
 from ..protocol import messages as m
 from ..protocol.options import Options
 from ..protocol.quorum import CrashFaultPolicy
@@ -128,14 +129,17 @@ class _Install:
 
 
 class _Client:
-    """A closed-loop client (what a gateway is to the replicas): unique (client_id, seq) per
-    request, sent to some replicas, retransmitted to all until a reply comes."""
+    """A closed-loop client: a gateway's call book (smrd.gateway.calls, the daemon's own) with
+    a workload. The simulation stands in for its sockets and for the status answers that give
+    it leader hints."""
 
-    def __init__(self, index, client_id):
+    def __init__(self, index, client_id, params):
         self.index = index
-        self.client_id = client_id
-        self.next_seq = 1
-        self.outstanding = {}   # seq -> [payload, last sent tick]
+        self.client_id = client_id  # sessions never expire here (the ttl is 10**12 ticks)
+        self.book = CallBook(
+            range(params.n), k=params.reply_cache, max_inflight=params.client_window,
+            reply_quorum=1, retransmit_s=params.options.request_ticks, deadline_s=float("inf"),
+            check_every=0, new_client_id=lambda: client_id)
         self.completed = 0
 
 
@@ -193,7 +197,7 @@ class Simulation:
         self.apps = [None] * n
         self.executed = [None] * n     # per incarnation: (client_id, seq) run on the app
         self.down_until = [0] * n
-        self.clients = [_Client(j, 1000 + j) for j in range(self.p.clients)]
+        self.clients = [_Client(j, 1000 + j, self.p) for j in range(self.p.clients)]
         self.net = []                  # heap of (due tick, sequence, src, dst, message)
         self._seq = 0
         self.cut = set()               # (src, dst) links that drop everything
@@ -573,7 +577,7 @@ class Simulation:
             if dst == _Admin.ORIGIN:
                 self._admin_receive(msg)
             else:
-                self._client_receive(self.clients[dst[1]], msg)
+                self._client_receive(self.clients[dst[1]], src, msg)
             return
         rep = self.replicas[dst]
         if rep is None:
@@ -589,24 +593,22 @@ class Simulation:
         entry = (client_id, seq, bytes([status]) + reply)
         self._send(r, origin, m.Replies(core.pack_batch([entry])))
 
-    def _client_send(self, c, seq, everyone):
-        payload = c.outstanding[seq][0]
-        c.outstanding[seq][1] = self.t
-        batch = core.pack_batch([(c.client_id, seq, payload)])
-        targets = range(self.p.n)
-        if not everyone and self.rng.random() < 0.3:
-            targets = self.rng.sample(range(self.p.n), self.rng.randint(1, self.p.n))
-        if not everyone and self.p.directed and self.drng.random() < self.p.directed:
-            # As a gateway with a leader hint sends: to one replica alone, which passes the
-            # request on if it does not lead; a retransmission (everyone) reaches them all.
-            self._send(("c", c.index), self.drng.randrange(self.p.n), m.Requests(batch, True))
-            return
-        for r in targets:
-            self._send(("c", c.index), r, m.Requests(batch))
+    def _client_send(self, c, first):
+        """What the client's call book says to send, over the simulated network. A first send
+        sometimes reaches only some replicas (a fault the retransmission repairs)."""
+        for out in c.book.take():
+            batch = core.pack_batch([(call.key[0], call.key[1], call.payload) for call in out.calls])
+            targets = out.to
+            if first and not out.directed and self.rng.random() < 0.3:
+                targets = self.rng.sample(range(self.p.n), self.rng.randint(1, self.p.n))
+            for r in targets:
+                self._send(("c", c.index), r, m.Requests(batch, out.directed))
 
-    def _client_receive(self, c, msg):
+    def _client_receive(self, c, src, msg):
+        book = c.book
         for client_id, seq, data in core.Batch(msg.batch):
-            if seq not in c.outstanding:
+            call = book.calls.get((client_id, seq))
+            if call is None:
                 continue  # a late or duplicate reply
             status, reply = data[0], bytes(data[1:])
             if status not in (EXECUTE, DUPLICATE):
@@ -615,24 +617,29 @@ class Simulation:
             expected = self.ref_replies.get((client_id, seq))
             if expected != reply:
                 raise Violation(f"client {client_id} seq {seq} got {reply!r}, the decided order gives {expected!r}")
-            del c.outstanding[seq]
-            c.completed += 1
+            book.on_reply(src, (client_id, seq), reply, self.t)
+            if call.done():
+                c.completed += 1
+        self._client_send(c, first=False)
 
     def _client_tick(self, c):
-        rto = self.p.options.request_ticks
-        for seq, (payload, sent) in list(c.outstanding.items()):
-            if self.t - sent >= rto:
-                self._client_send(c, seq, everyone=True)
+        book = c.book
+        book.tick(self.t)
+        self._client_send(c, first=False)  # retransmissions: to every replica
         if self.healed:
             return
-        # A gateway's obligation: no seq is issued k or more above its oldest outstanding one,
-        # or the oldest could fall out of the reply cache before it runs.
-        while len(c.outstanding) < self.p.client_window and \
-                c.next_seq < min(c.outstanding, default=c.next_seq) + self.p.reply_cache:
-            seq = c.next_seq
-            c.next_seq += 1
-            c.outstanding[seq] = [self._workload(c, seq), self.t]
-            self._client_send(c, seq, everyone=False)
+        # The window (a gateway's obligation: no seq is issued k or more above its oldest
+        # outstanding one, or the oldest could fall out of the reply cache before it runs) is
+        # the call book's.
+        while book.window_open():
+            book.submit(self._workload(c, book.next_seq), self.t)
+        if book.pending:
+            # As a gateway with a leader hint sends, right or wrong: to one replica alone, which
+            # passes the request on if it does not lead; a retransmission reaches them all.
+            hinted = self.p.directed and self.drng.random() < self.p.directed
+            book.leader = self.drng.randrange(self.p.n) if hinted else None
+            book.flush()
+            self._client_send(c, first=True)
 
     def _workload(self, c, seq):
         key = f"k{self.rng.randrange(self.p.keys)}"
@@ -877,7 +884,8 @@ class Simulation:
                 self.beyond_fault_model = (f"{len(stateless)} replicas without durable state: {stateless}, "
                                            f"voters {sorted(over[0].voters)}")
                 return Result(self.seed, self.p, True, None, self._summary())
-            stuck = {c.client_id: sorted(c.outstanding) for c in self.clients if c.outstanding}
+            stuck = {c.client_id: sorted(seq for _, seq in c.book.calls) for c in self.clients
+                     if c.book.calls}
             raise Violation(f"liveness: after healing, {self.p.liveness_ticks} ticks did not complete "
                             f"requests {stuck}, membership {self.history[-1].describe()} misses "
                             f"{self._unmet_intents()}; "
@@ -886,7 +894,7 @@ class Simulation:
             return Result(self.seed, self.p, False, f"t={self.t}: {v}", self._summary())
 
     def _settled(self):
-        if any(c.outstanding for c in self.clients):
+        if any(c.book.calls for c in self.clients):
             return False
         applied = {rep.applied for rep in self.replicas}
         if len(applied) != 1 or self.ref_applied != next(iter(applied)):

@@ -1,4 +1,4 @@
-"""smrd.gateway.driver._Call: the future-like object a client connection waits on for its reply.
+"""smrd.gateway.calls.Call: the future-like object a client connection waits on for its reply.
 
 Its done-callbacks run at once when it completes (not scheduled, as a Future's are), each once,
 and one that raises does not keep the others from running; awaiting goes through a real Future
@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from smrd.gateway.driver import ClusterUnavailable, _Call
+from smrd.gateway.calls import Call as _Call, ClusterUnavailable
 
 
 def test_callbacks_run_at_once_in_order_and_only_once():
@@ -33,7 +33,7 @@ def test_an_error_is_raised_by_result_and_a_failing_callback_does_not_stop_the_o
 
     call.add_done_callback(broken)
     call.add_done_callback(lambda c: seen.append(type(c.exception())))
-    with caplog.at_level(logging.ERROR, logger="smrd.gateway.driver"):
+    with caplog.at_level(logging.ERROR, logger="smrd.gateway.calls"):
         call._complete(None, ClusterUnavailable("no reply"))
     assert seen == [ClusterUnavailable]
     assert "a reply callback failed" in caplog.text

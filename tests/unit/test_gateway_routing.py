@@ -1,137 +1,150 @@
-"""smrd.gateway.driver around replicas that cannot execute, and divergence notices.
+"""smrd.gateway.calls.CallBook, sans-IO: where requests go, around replicas that cannot execute,
+and divergence notices.
 
 A replica that orders a request it was sent alone but cannot execute it answers NOT_EXECUTING at
-once: the gateway then asks every replica, for that request and for new ones, until a status
+once: the call book then asks every replica, for that request and for new ones, until a status
 answer says the replica executes again. A majority reply tells the minority to rebuild.
 
-A real Gateway (its ZeroMQ sockets connect to nothing) on a real event loop; what it sends is
-recorded instead of going out, and replica frames are fed to it as they arrive on the wire."""
-import asyncio
-import json
+No sockets, no event loop, no clock: time is the `now` the test passes, and what the book would
+send is what take() returns."""
+import itertools
 
-import pytest
-
-from smrd import core
-from smrd.config.settings import load_config
-from smrd.gateway.driver import Gateway
-from smrd.protocol import messages as m
-from smrd.protocol.sessions import NOT_EXECUTING
+from smrd.gateway.calls import CallBook, ClusterUnavailable, Notice, Send
+from smrd.protocol.messages import reply_digest
+from smrd.protocol.sessions import NOT_EXECUTING, TOO_OLD, UNKNOWN_SESSION
 
 
-@pytest.fixture
-def gateway(tmp_path):
-    hosts = tmp_path / "hosts.conf"
-    hosts.write_text("".join(f"replica {i} 127.0.0.1 {23000 + 10 * i} {23001 + 10 * i}\n" for i in range(3))
-                     + "gateway 0 127.0.0.1 23900\n")
-    config = load_config({"role": "client", "hosts": str(hosts)}, env={})
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    gw = Gateway(config)
-    gw.loop = loop
-    gw.sent = []
-
-    def send(sock, frames):
-        replica = gw.sock_replica[sock]
-        for frame in frames:
-            if frame[3] == m.STATUS_REQUEST:
-                continue
-            gw.sent.append((replica, m.decode(frame)[1]))
-
-    gw.channels.send = send
-    yield gw
-    gw.channels.close()
-    loop.close()
-    asyncio.set_event_loop(None)
+def book(**kw):
+    ids = itertools.count(100)
+    settings = dict(k=8, max_inflight=8, reply_quorum=1, retransmit_s=0.5, deadline_s=10.0,
+                    check_every=0, new_client_id=lambda: next(ids))
+    settings.update(kw)
+    return CallBook((0, 1, 2), **settings)
 
 
-def status(gw, replica, **fields):
-    body = dict(view=0, leader=0, status="normal", membership={"index": 0, "voters": [0, 1, 2],
-                                                                "learners": []}, **fields)
-    frame = core.encode_frame(m.STATUS_REPLY, replica, 0, 0, json.dumps(body).encode())
-    gw._on_message(gw.replica_socks[replica], [frame])
+def status(b, replica, now=0.0, **fields):
+    body = dict(view=0, leader=0, status="normal",
+                membership={"index": 0, "voters": [0, 1, 2], "learners": []}, **fields)
+    b.heard(replica, now)
+    b.on_status(replica, body, now)
 
 
-def reply_errors(gw, replica, entries):
-    frame = m.encode(replica, m.ReplyErrors(core.pack_batch(entries)))
-    gw._on_message(gw.replica_socks[replica], [frame])
+def sent(b):
+    return [(out.to, out.directed, [c.key for c in out.calls]) for out in b.take() if type(out) is Send]
 
 
-def replies(gw, replica, entries):
-    frame = m.encode(replica, m.Replies(core.pack_batch(entries)))
-    gw._on_message(gw.replica_socks[replica], [frame])
+def submit(b, payload=b"PUT a 1", now=0.0):
+    call = b.submit(payload, now)
+    b.flush()
+    return call
 
 
-def flush(gw):
-    gw.loop.run_until_complete(asyncio.sleep(0))  # the batch scheduled by try_submit goes out
-    out, gw.sent = gw.sent, []
-    return out
-
-
-def test_a_leader_that_cannot_execute_is_routed_around_at_once(gateway):
-    gw = gateway
+def test_requests_go_to_the_known_leader_alone_and_retransmissions_to_everyone():
+    b = book()
+    first = submit(b)
+    assert sent(b) == [((0, 1, 2), False, [first.key])]  # no leader known yet
     for r in range(3):
-        status(gw, r)
-    assert gw.leader == 0
-    call = gw.try_submit(b"PUT a 1")
-    sent = flush(gw)
-    assert [(r, msg.directed) for r, msg in sent] == [(0, True)]  # the leader alone
+        status(b, r)
+    call = submit(b)
+    assert sent(b) == [((0,), True, [call.key])]
+    b.tick(0.4)
+    assert sent(b) == []
+    b.tick(0.6)
+    assert sent(b) == [((0, 1, 2), False, [first.key, call.key])]
+    assert b.stats["retransmits"] == 2
 
-    refusal = bytes([NOT_EXECUTING]) + b"cannot execute now"
-    reply_errors(gw, 0, [(call.key[0], call.key[1], refusal)])
+
+def test_a_leader_that_cannot_execute_is_routed_around_at_once():
+    b = book()
+    for r in range(3):
+        status(b, r)
+    call = submit(b)
+    assert sent(b) == [((0,), True, [call.key])]
+
+    b.on_error(0, call.key, NOT_EXECUTING, b"cannot execute now", 0.01)
     assert not call.done(), "NOT_EXECUTING is not an answer for the client"
-    assert sorted(r for r, msg in gw.sent if not msg.directed) == [0, 1, 2]  # asked again, all
-    gw.sent = []
+    assert sent(b) == [((0, 1, 2), False, [call.key])]  # asked again, everyone, at once
+    assert b.not_executing == {0}
 
-    later = gw.try_submit(b"PUT b 1")
-    assert sorted(r for r, msg in flush(gw)) == [0, 1, 2], "new requests go to everyone now"
-    replies(gw, 1, [(later.key[0], later.key[1], b"OK")])
+    later = submit(b, b"PUT b 1")
+    assert sent(b) == [((0, 1, 2), False, [later.key])], "new requests go to everyone now"
+    b.on_reply(1, later.key, b"OK", 0.02)
     assert later.result() == b"OK"
 
-    status(gw, 0, can_execute=True)  # it executes again
-    gw.try_submit(b"PUT c 1")
-    assert [(r, msg.directed) for r, msg in flush(gw)] == [(0, True)]
+    status(b, 0, can_execute=True)  # it executes again
+    again = submit(b, b"PUT c 1")
+    assert sent(b) == [((0,), True, [again.key])]
 
 
-def test_a_status_answer_that_says_cannot_execute_is_enough(gateway):
-    gw = gateway
+def test_a_status_answer_that_says_cannot_execute_is_enough():
+    b = book()
     for r in range(3):
-        status(gw, r)
-    status(gw, 0, can_execute=False, execution_reason="rebuilding")
-    assert gw.not_executing == {0}
-    gw.try_submit(b"PUT a 1")
-    assert sorted(r for r, msg in flush(gw)) == [0, 1, 2]
+        status(b, r)
+    status(b, 0, can_execute=False, execution_reason="rebuilding")
+    assert b.not_executing == {0}
+    call = submit(b)
+    assert sent(b) == [((0, 1, 2), False, [call.key])]
 
 
-def test_readiness_needs_a_replica_that_can_execute(gateway):
-    gw = gateway
-    gw.server = object()  # listening
+def test_the_minority_is_told_once_and_the_majority_never():
+    b = book(reply_quorum=3)  # wait for all three, as a divergence check does
     for r in range(3):
-        status(gw, r)
-    assert gw.ready() == (True, "ready")
-    for r in range(3):
-        status(gw, r, can_execute=False)
-    ready, why = gw.ready()
-    assert not ready and "no reachable replica can execute" in why
-    status(gw, 2, can_execute=True)
-    assert gw.ready()[0]
-
-
-def test_the_minority_is_told_once_and_the_majority_never(gateway):
-    gw = gateway
-    gw.reply_quorum = 3  # wait for all three, as a divergence check does
-    for r in range(3):
-        status(gw, r)
-    call = gw.try_submit(b"GET a")
-    flush(gw)
+        status(b, r)
+    call = submit(b, b"GET a")
+    b.take()
     key = call.key
-    replies(gw, 0, [(key[0], key[1], b"VALUE 1")])
-    replies(gw, 1, [(key[0], key[1], b"NOT_FOUND")])
-    assert gw.sent == [], "one against one: no majority yet"
-    replies(gw, 2, [(key[0], key[1], b"VALUE 1")])
-    told = [(r, msg) for r, msg in gw.sent if type(msg) is m.Diverged]
-    assert [r for r, _ in told] == [1]
-    (cid, seq, data), = core.Batch(told[0][1].batch)
-    assert (cid, seq) == key and bytes(data[:16]) == m.reply_digest(b"VALUE 1") and data[16] == 2
-    gw.sent = []
-    replies(gw, 1, [(key[0], key[1], b"NOT_FOUND")])  # a late duplicate answer
-    assert not [msg for _, msg in gw.sent if type(msg) is m.Diverged]
+    b.on_reply(0, key, b"VALUE 1", 0.0)
+    b.on_reply(1, key, b"NOT_FOUND", 0.0)
+    assert b.take() == [], "one against one: no majority yet"
+    b.on_reply(2, key, b"VALUE 1", 0.0)
+    told = [out for out in b.take() if type(out) is Notice]
+    assert [n.to for n in told] == [1]
+    (cid, seq, data), = told[0].entries
+    assert (cid, seq) == key and data[:16] == reply_digest(b"VALUE 1") and data[16] == 2
+    b.on_reply(1, key, b"NOT_FOUND", 0.0)  # a late duplicate answer
+    assert not [out for out in b.take() if type(out) is Notice]
+    assert b.stats["divergences"] >= 2
+
+
+def test_the_window_holds_k_seqs_and_reopens_on_a_reply():
+    opened = []
+    b = book(k=3, max_inflight=3)
+    b.on_window_open = lambda: opened.append(True)
+    calls = [b.submit(b"x", 0.0) for _ in range(3)]
+    assert b.submit(b"x", 0.0) is None
+    b.on_reply(0, calls[0].key, b"OK", 0.0)
+    assert opened and b.submit(b"x", 0.0) is not None
+
+
+def test_an_expired_session_resends_everything_under_a_new_one():
+    b = book()
+    calls = [submit(b, b"PUT a %d" % i) for i in range(2)]
+    b.take()
+    old = b.client_id
+    b.on_error(0, calls[0].key, UNKNOWN_SESSION, b"unknown", 0.0)
+    assert b.client_id != old
+    assert [c.key for c in calls] == [(b.client_id, 1), (b.client_id, 2)]
+    assert sent(b) == [((0, 1, 2), False, [(b.client_id, 1), (b.client_id, 2)])]
+
+
+def test_errors_and_deadlines_complete_calls_with_a_clear_error():
+    b = book(deadline_s=2.0)
+    old, slow = submit(b), submit(b)
+    b.on_error(1, old.key, TOO_OLD, b"", 0.0)
+    assert isinstance(old.exception(), ClusterUnavailable) and "too old" in str(old.exception())
+    b.tick(2.0)
+    assert "no reply from the replicas within 2 s" in str(slow.exception())
+    assert b.stats["timeouts"] == 1 and not b.calls
+
+
+def test_losing_the_leader_sends_everything_to_everyone_and_asks_for_a_probe():
+    lost = []
+    b = book()
+    b.on_leader_lost = lambda: lost.append(True)
+    for r in range(3):
+        status(b, r)
+    call = submit(b)
+    b.take()
+    b.connection_lost(0, 0.1)
+    assert lost and b.leader is None
+    assert sent(b) == [((0, 1, 2), False, [call.key])]
