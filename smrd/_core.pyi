@@ -39,6 +39,11 @@ def decode_frame(data: Buffer, max_payload: int = ...) -> Tuple[int, int, int, i
     Raises smrd.errors.ProtocolError on: short buffer, trailing bytes, bad magic, bad version,
     length > max_payload, bad checksum. Never anything else, never allocates more than len(data)."""
 
+def peek_header(data: Buffer, offset: int = 0) -> Optional[Tuple[int, int, int, int, int, int]]:
+    """-> (mtype, sender, flags, view, instance, payload length) of the frame header at
+    data[offset:], or None if fewer than HEADER_SIZE bytes are there or the magic or version is
+    not smrd's. Checks nothing else (not the checksum, not that the payload follows)."""
+
 def pack_batch(entries: Iterable[Tuple[int, int, Buffer]], timestamp: int = 0, flags: int = 0) -> bytes: ...
 
 class Batch:

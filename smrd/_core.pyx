@@ -34,7 +34,7 @@ from smrd.errors import ProtocolError
 __all__ = [
     "VERSION", "HEADER_SIZE", "BATCH_HEADER_SIZE", "ENTRY_HEADER_SIZE", "DEFAULT_MAX_PAYLOAD",
     "IMPLEMENTATION", "NEW", "DUPLICATE", "TOO_OLD",
-    "crc32", "encode_frame", "decode_frame", "pack_batch",
+    "crc32", "encode_frame", "decode_frame", "peek_header", "pack_batch",
     "Batch", "BatchBuilder", "QuorumTracker", "ReplyCache",
 ]
 
@@ -333,6 +333,25 @@ def decode_frame(data, max_payload=DEFAULT_MAX_PAYLOAD):
             PyBuffer_Release(&pybuf)
     return (p[3], _rd16(p + 4), _rd16(p + 6), _rd64(p + 8), _rd64(p + 16),
             smrd_view_slice(base, _HEADER, size - _HEADER))
+
+
+def peek_header(data, Py_ssize_t offset=0):
+    """-> (mtype, sender, flags, view, instance, payload length) of the frame header at
+    data[offset:], or None if fewer than HEADER_SIZE bytes are there or the magic or version is
+    not smrd's. Checks nothing else (not the checksum, not that the payload follows): for
+    indexing a file of frames by their headers alone."""
+    cdef Py_buffer pybuf
+    cdef const unsigned char *p
+    PyObject_GetBuffer(_byte_view(data), &pybuf, PyBUF_SIMPLE)
+    try:
+        if offset < 0 or pybuf.len - offset < _HEADER:
+            return None
+        p = <const unsigned char *>pybuf.buf + offset
+        if p[0] != b'S' or p[1] != b'M' or p[2] != _VERSION:
+            return None
+        return (p[3], _rd16(p + 4), _rd16(p + 6), _rd64(p + 8), _rd64(p + 16), _rd32(p + 24))
+    finally:
+        PyBuffer_Release(&pybuf)
 
 
 # ----------------------------------------------------------------------------------- batching

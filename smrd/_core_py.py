@@ -17,7 +17,7 @@ from .errors import ProtocolError
 __all__ = [
     "VERSION", "HEADER_SIZE", "BATCH_HEADER_SIZE", "ENTRY_HEADER_SIZE", "DEFAULT_MAX_PAYLOAD",
     "IMPLEMENTATION", "NEW", "DUPLICATE", "TOO_OLD",
-    "crc32", "encode_frame", "decode_frame", "pack_batch",
+    "crc32", "encode_frame", "decode_frame", "peek_header", "pack_batch",
     "Batch", "BatchBuilder", "QuorumTracker", "ReplyCache",
 ]
 
@@ -122,6 +122,18 @@ def decode_frame(data, max_payload: int = DEFAULT_MAX_PAYLOAD):
     if actual != checksum:
         raise ProtocolError(f"bad checksum: header says 0x{checksum:08x}, computed 0x{actual:08x}")
     return mtype, sender, flags, view, instance, payload
+
+
+def peek_header(data, offset: int = 0):
+    if offset < 0:
+        return None
+    mv = _byte_view(data)
+    if len(mv) - offset < HEADER_SIZE:
+        return None
+    magic, version, mtype, sender, flags, view, instance, length, _ = _FRAME.unpack_from(mv, offset)
+    if magic != _MAGIC or version != VERSION:
+        return None
+    return mtype, sender, flags, view, instance, length
 
 
 # --------------------------------------------------------------------------------------- batching

@@ -3,12 +3,12 @@
 # Everything else in smrd imports the hot path from here, never from either twin directly.
 # Never: add behaviour of its own; fall back silently (a missing build costs ~10x on the hot path,
 # so the fallback warns and names the fix).
-import os
 import warnings
 
+from ._switch import no_extensions
 from .errors import ProtocolError
 
-_NO_EXTENSIONS = os.environ.get("SMRD_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
+_NO_EXTENSIONS = no_extensions()
 
 if _NO_EXTENSIONS:
     from . import _core_py as _impl
@@ -32,6 +32,7 @@ __all__ = [
     "BATCH_HEADER_SIZE",
     "ENTRY_HEADER_SIZE",
     "DEFAULT_MAX_PAYLOAD",
+    "peek_header",
     "NEW",
     "DUPLICATE",
     "TOO_OLD",
@@ -58,6 +59,7 @@ TOO_OLD = _impl.TOO_OLD
 crc32 = _impl.crc32
 encode_frame = _impl.encode_frame
 decode_frame = _impl.decode_frame
+peek_header = _impl.peek_header
 pack_batch = _impl.pack_batch
 Batch = _impl.Batch
 BatchBuilder = _impl.BatchBuilder

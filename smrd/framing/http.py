@@ -171,12 +171,12 @@ class HttpDecoder(Decoder):
                 f"{what} exceeds the limit of {MAX_HEADER_BYTES} bytes", 431)
         if state == _IDLE:
             if line:  # RFC 9112 §2.2: blank lines before a start line are skipped
-                self._start = (_parse_request_line(line) if self.role == "request"
+                self._start = (parse_request_line(line) if self.role == "request"
                                else _parse_status_line(line))
                 self._state = _HEAD
         elif state == _HEAD:
             if line:
-                self._fields.append(_parse_field(line))
+                self._fields.append(parse_field(line))
             elif self.role == "request":
                 self._on_request_head(out)
             else:
@@ -184,7 +184,7 @@ class HttpDecoder(Decoder):
         elif line:  # _TRAILER
             # Trailer fields are checked, then dropped: the canonical message is de-chunked and a
             # recipient that removes the chunked coding may discard trailers (RFC 9112 §7.1.2).
-            _parse_field(line)
+            parse_field(line)
         else:
             self._complete(out)
 
@@ -331,7 +331,9 @@ class HttpDecoder(Decoder):
 
 # -- field helpers (pure functions) ----------------------------------------------------------
 
-def _parse_request_line(line: bytes) -> tuple:
+def parse_request_line(line: bytes) -> tuple:
+    """(method, target, minor version) of an HTTP/1.x request line (without its CRLF), or
+    FramingError. The one request-line grammar of smrd (the metrics server uses it too)."""
     m = _REQUEST_LINE.fullmatch(line)
     if m is None:
         raise FramingError("malformed request line")
@@ -353,7 +355,8 @@ def _parse_status_line(line: bytes) -> tuple:
     return int(status), reason or b"", int(minor)
 
 
-def _parse_field(line: bytes) -> Field:
+def parse_field(line: bytes) -> Field:
+    """(name, value) of a header field line (without its CRLF), or FramingError."""
     if line[:1] in (b" ", b"\t"):
         raise FramingError("obsolete line folding in a header field")
     m = _FIELD.fullmatch(line)

@@ -21,6 +21,8 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import psutil
 
 from ..__version__ import __version__
+from ..framing.errors import FramingError
+from ..framing.http import parse_field, parse_request_line
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +520,6 @@ class Observability:
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             500: "Internal Server Error", 503: "Service Unavailable"}
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 class _BadRequest(str):
@@ -527,19 +528,15 @@ class _BadRequest(str):
 
 async def _read_head(reader: asyncio.StreamReader):
     """(method, target, version, {lower-case name: value}), None if the client went away before
-    a whole head, or a _BadRequest."""
+    a whole head, or a _BadRequest. The grammar is smrd.framing.http's; the policy is a probe's:
+    no Host needed, no body read."""
     try:
         line = await reader.readline()
         if line in (b"\r\n", b"\n"):
             line = await reader.readline()  # RFC 9112 2.2: ignore one empty line before a request
         if not line.endswith(b"\n"):
             return None
-        parts = line.split()
-        if len(parts) != 3 or not parts[0] or not set(parts[0]) <= _TOKEN:
-            return _BadRequest("malformed request line")
-        method, target, version = parts
-        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-            return _BadRequest("only HTTP/1.0 and HTTP/1.1 are spoken here")
+        method, target, minor = parse_request_line(line.rstrip(b"\r\n"))
         if not target.startswith(b"/"):
             return _BadRequest("the target must be a path")
         headers = {}
@@ -548,12 +545,12 @@ async def _read_head(reader: asyncio.StreamReader):
             if not line.endswith(b"\n"):
                 return None
             if line in (b"\r\n", b"\n"):
-                return method.decode(), target.decode("latin-1"), version.decode(), headers
-            name, sep, value = line.partition(b":")
-            if not sep or not name or not set(name) <= _TOKEN:
-                return _BadRequest("malformed header line")
-            headers[name.decode().lower()] = value.strip().decode("latin-1")
+                return method.decode(), target.decode("latin-1"), f"HTTP/1.{minor}", headers
+            name, value = parse_field(line.rstrip(b"\r\n"))
+            headers[name.decode().lower()] = value.decode("latin-1")
         return _BadRequest("too many header lines")
+    except FramingError as exc:
+        return _BadRequest(str(exc))
     except ValueError:  # StreamReader: a line longer than MAX_LINE
         return _BadRequest("request line or header too long")
 

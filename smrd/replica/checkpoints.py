@@ -19,6 +19,7 @@ import struct
 import zstandard
 
 from ..errors import SmrdError
+from .durable import fsync_dir
 
 _HEAD = struct.Struct("<4sBQQQ")
 _MAGIC = b"SMCK"
@@ -112,11 +113,7 @@ class CheckpointStore:
     def _publish(self, part: str, instance: int) -> None:
         os.rename(part, self.path(instance))
         if self.fsync:
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.directory)
 
     def import_part(self, instance: int, digest: bytes):
         """Verify a transferred file at part_path(instance) against `digest` and store it.

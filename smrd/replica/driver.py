@@ -26,6 +26,7 @@ from .. import core
 from .app_watch import is_local_host
 from .checkpoints import CheckpointError, CheckpointStore
 from ..errors import ProtocolError, SmrdError
+from .durable import durable_touch, durable_unlink
 from .executor import Executor
 from ..ops.observability import Observability
 from ..protocol import messages as m
@@ -54,25 +55,6 @@ RECOVERY_MARK = "recovering"
 
 # How often closed log segments are looked at for compression.
 COMPRESS_EVERY_S = 5.0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _durable_touch(path: Path) -> None:
-    with open(path, "wb") as f:
-        os.fsync(f.fileno())
-    _fsync_dir(path.parent)
-
-
-def _durable_unlink(path: Path) -> None:
-    path.unlink()
-    _fsync_dir(path.parent)
 
 
 def bind_endpoint(host: str, port: int) -> str:
@@ -164,7 +146,7 @@ class Server:
                                resume_recovery=self._recovery_mark.exists())
         self._marked = self._recovery_mark.exists()
         if self.replica.status == RECOVERING and not self._marked and self._recovery_mark.parent.is_dir():
-            _durable_touch(self._recovery_mark)  # before the first record this replica writes
+            durable_touch(self._recovery_mark)  # before the first record this replica writes
             self._marked = True
         me = hosts.replica(self.id)
         self.channels = Channels(hwm=s.hwm, security=config.security)
@@ -326,7 +308,7 @@ class Server:
                 if commit.sync:
                     self.wal.sync()
             if self._marked and rep.status != RECOVERING:
-                _durable_unlink(self._recovery_mark)  # the record that ended recovery is durable
+                durable_unlink(self._recovery_mark)  # the record that ended recovery is durable
                 self._marked = False
             for rd in batch:
                 self._output(rd)

@@ -8,8 +8,9 @@ import types
 import pytest
 
 import smrd.core
+from smrd._switch import no_extensions
 
-_SWITCH_SET = os.environ.get("SMRD_NO_EXTENSIONS", "").strip().lower() in ("1", "true", "yes")
+_SWITCH_SET = no_extensions()
 
 
 def _probe(env_value):

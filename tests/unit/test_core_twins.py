@@ -231,3 +231,17 @@ TestQuorumTwins = QuorumTwins.TestCase
 TestQuorumTwins.settings = STATEFUL
 TestReplyCacheTwins = ReplyCacheTwins.TestCase
 TestReplyCacheTwins.settings = STATEFUL
+
+
+@SETTINGS
+@given(st.integers(0, 255), u16, u64, u64, st.binary(max_size=64), st.binary(max_size=40),
+       st.integers(-2, 80), st.booleans())
+def test_peek_header_agrees(mtype, sender, view, instance, payload, prefix, offset, corrupt):
+    # A frame after some bytes, looked at from various offsets (inside it, past it, before it),
+    # sometimes with its magic broken: both twins see the same header, or the same None.
+    data = bytearray(prefix + P.encode_frame(mtype, sender, view, instance, payload))
+    if corrupt and len(prefix) < len(data):
+        data[len(prefix)] ^= 0xFF
+    assert outcome(C.peek_header, bytes(data), offset) == outcome(P.peek_header, bytes(data), offset)
+    if not corrupt:
+        assert P.peek_header(bytes(data), len(prefix)) == (mtype, sender, 0, view, instance, len(payload))

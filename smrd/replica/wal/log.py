@@ -67,6 +67,7 @@ import zstandard
 
 from ... import core
 from ...errors import ProtocolError, SmrdError
+from ..durable import fsync_dir
 from ...protocol.records import (AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord,
                                DurableState, ViewRecord)
 
@@ -84,8 +85,9 @@ CORRUPT_TAIL = "corrupt_tail"      # the last record is complete but wrong (chec
 CORRUPT_MIDDLE = "corrupt_middle"  # damage with valid records or later segments after it
 
 _SEGMENT = re.compile(r"^wal-([0-9a-f]{16})\.log(\.zst)?$")
-_HEAD = struct.Struct("<2sBBHHQQII")  # the frame header, as documented in smrd/_core.pyi
-_MAGIC = b"SM"
+# The first bytes of every frame (magic, version): a torn tail is told from garbage, and a scan
+# for the next record starts, by them. The rest of the header is smrd.core's (peek_header).
+_PREFIX = b"SM" + bytes([core.VERSION])
 _MAX_PAYLOAD = 64 << 20
 _SIZE = struct.Struct("<Q")  # a checkpoint's size, after its digest
 DIGEST_BYTES = 32            # sha256
@@ -182,12 +184,13 @@ def _parse(data, off: int):
     """The record starting at data[off:], as (record, end), or (None, (torn, reason))."""
     rest = len(data) - off
     if rest < core.HEADER_SIZE:
-        if bytes(data[off:off + 3]) != b"SM\x01"[:min(rest, 3)]:
+        if bytes(data[off:off + 3]) != _PREFIX[:min(rest, 3)]:
             return None, (False, "bad magic in a partial header")
         return None, (True, f"partial header ({rest} of {core.HEADER_SIZE} bytes)")
-    magic, version, _t, _s, _f, _v, _i, length, _c = _HEAD.unpack_from(data, off)
-    if magic != _MAGIC or version != core.VERSION:
-        return None, (False, f"bad magic/version {magic!r}/{version}")
+    head = core.peek_header(data, off)
+    if head is None:
+        return None, (False, f"bad magic/version {bytes(data[off:off + 3])!r}")
+    length = head[5]
     if length > _MAX_PAYLOAD:
         return None, (False, f"absurd payload length {length}")
     end = off + core.HEADER_SIZE + length
@@ -221,10 +224,14 @@ def _index_records(data):
     active segment's unsynced tail."""
     latest, commit, commit_pos = {}, -1, -1
     off, size, head, pos = 0, len(data), core.HEADER_SIZE, 0
+    peek = core.peek_header
     while off + head <= size:
-        magic, version, kind, _s, _f, _v, instance, length, _c = _HEAD.unpack_from(data, off)
+        frame = peek(data, off)
+        if frame is None:
+            break
+        kind, _, _, _, instance, length = frame
         end = off + head + length
-        if magic != _MAGIC or version != core.VERSION or end > size:
+        if end > size:
             break
         if kind == ACCEPT or kind == DECIDE:
             latest[instance] = (pos, off, end)
@@ -271,11 +278,11 @@ def _valid_record_after(data, start: int) -> bool:
     a tail (nothing valid follows: a crash mid-write) from corruption in the middle. A value that
     happens to contain a whole valid frame can make a torn tail look like corrupt_middle: the
     error is on the side of alarm, never of silently dropping records that were complete."""
-    pos = data.find(b"SM\x01", start)
+    pos = data.find(_PREFIX, start)
     while pos >= 0:
         if _parse(data, pos)[0] is not None:
             return True
-        pos = data.find(b"SM\x01", pos + 1)
+        pos = data.find(_PREFIX, pos + 1)
     return False
 
 
@@ -662,11 +669,7 @@ class WriteAheadLog:
 
     def _fsync_dir(self) -> None:
         try:
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.directory)
         except OSError as exc:
             raise StorageError(f"fsync of log directory {self.directory} failed: {exc}") from exc
 
