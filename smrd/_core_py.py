@@ -1,9 +1,10 @@
-# The pure-Python twin of smrd._core: framing, batching, quorum counting and the reply cache in plain
-# Python (struct + zlib). It is the reference the compiled twin is checked against and what the
-# deterministic simulator runs on, so it must stay exact and reasonably fast.
-# Never: I/O, clocks, logging, randomness, or behaviour that the Cython twin does not share
-# (tests/unit/test_core_twins.py compares the two on random inputs: results, exception types,
-# and the exact messages of the errors smrd words itself).
+"""The pure-Python twin of smrd._core: framing, batching, quorum counting and the reply cache in plain
+Python (struct + zlib). It is the reference the compiled twin is checked against and what the
+deterministic simulator runs on, so it must stay exact and reasonably fast.
+Never: I/O, clocks, logging, randomness, or behaviour that the Cython twin does not share
+(tests/unit/test_core_twins.py compares the two on random inputs: results, exception types,
+and the exact messages of the errors smrd words itself).
+"""
 from __future__ import annotations
 
 import operator

@@ -1,8 +1,9 @@
-# Picks the implementation of the hot path: the compiled smrd._core, or its pure-Python twin
-# smrd._core_py when SMRD_NO_EXTENSIONS is 1/true/yes (the switch setup.py honours too).
-# Everything else in smrd imports the hot path from here, never from either twin directly.
-# Never: add behaviour of its own; fall back silently (a missing build costs ~10x on the hot path,
-# so the fallback warns and names the fix).
+"""Picks the implementation of the hot path: the compiled smrd._core, or its pure-Python twin
+smrd._core_py when SMRD_NO_EXTENSIONS is 1/true/yes (the switch setup.py honours too).
+Everything else in smrd imports the hot path from here, never from either twin directly.
+Never: add behaviour of its own; fall back silently (a missing build costs ~10x on the hot path,
+so the fallback warns and names the fix).
+"""
 import warnings
 
 from ._switch import no_extensions

@@ -1,5 +1,6 @@
-# The exceptions that cross module boundaries. Both _core twins raise ProtocolError from here,
-# so callers catch one class whichever twin is loaded.
+"""The exceptions that cross module boundaries. Both _core twins raise ProtocolError from here,
+so callers catch one class whichever twin is loaded.
+"""
 
 
 class SmrdError(Exception):

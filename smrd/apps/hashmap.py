@@ -1,28 +1,29 @@
-# The demo app: an in-memory key-value map served over plain TCP. It stands for "any app" that smrd
-# makes fault-tolerant, so it must never import anything from smrd and must know nothing of
-# replication (it also runs as a bare file: `python hashmap.py`). It owns the map and the wire
-# grammar below. It must never let anything but the request bytes and their order decide a reply or
-# the state: no clocks, no randomness, no iteration over unordered containers in replies, no error
-# text that depends on the process (smrd compares replies across replicas byte for byte).
-#
-# Grammar (one request = one command; tokens are maximal runs of bytes that are not ASCII
-# whitespace, separated by any whitespace; the command word is exact upper case):
-#   PUT <key> <value>   -> OK
-#   GET <key>           -> VALUE <value> | NOT_FOUND
-#   REMOVE <key>        -> OK (it existed) | NOT_FOUND
-#   SIZE                -> SIZE <n>
-#   SCAN                -> SCAN <n> then <key> <value> per key in ascending byte order
-#                          (line framing: all on the one reply line; close framing: one per line)
-#   SNAPSHOT            -> SNAPSHOT <base64 of the canonical serialization of the whole map>
-#   RESTORE <base64>    -> OK (the map is replaced) | ERR bad snapshot: ...
-#   RESTORE SNAPSHOT <base64> (SNAPSHOT's reply verbatim: smrd's restore_request "RESTORE {state}")
-#   anything else       -> ERR <reason>
-# Keys and values are at most MAX_TOKEN_BYTES each. SNAPSHOT and RESTORE are the optional snapshot
-# hooks of DESIGN.md §3: an app without them still works under smrd (it replays the log instead).
-#
-# Framing: `line` = persistent connection, one request per "\n"-terminated line ("\r\n" accepted),
-# replies in order, pipelining allowed; `close` = one connection per request, the request is every
-# byte before the client half-closes, the reply is followed by a "\n" and the server closes.
+"""The demo app: an in-memory key-value map served over plain TCP. It stands for "any app" that smrd
+makes fault-tolerant, so it must never import anything from smrd and must know nothing of
+replication (it also runs as a bare file: `python hashmap.py`). It owns the map and the wire
+grammar below. It must never let anything but the request bytes and their order decide a reply or
+the state: no clocks, no randomness, no iteration over unordered containers in replies, no error
+text that depends on the process (smrd compares replies across replicas byte for byte).
+
+Grammar (one request = one command; tokens are maximal runs of bytes that are not ASCII
+whitespace, separated by any whitespace; the command word is exact upper case):
+  PUT <key> <value>   -> OK
+  GET <key>           -> VALUE <value> | NOT_FOUND
+  REMOVE <key>        -> OK (it existed) | NOT_FOUND
+  SIZE                -> SIZE <n>
+  SCAN                -> SCAN <n> then <key> <value> per key in ascending byte order
+                         (line framing: all on the one reply line; close framing: one per line)
+  SNAPSHOT            -> SNAPSHOT <base64 of the canonical serialization of the whole map>
+  RESTORE <base64>    -> OK (the map is replaced) | ERR bad snapshot: ...
+  RESTORE SNAPSHOT <base64> (SNAPSHOT's reply verbatim: smrd's restore_request "RESTORE {state}")
+  anything else       -> ERR <reason>
+Keys and values are at most MAX_TOKEN_BYTES each. SNAPSHOT and RESTORE are the optional snapshot
+hooks of DESIGN.md §3: an app without them still works under smrd (it replays the log instead).
+
+Framing: `line` = persistent connection, one request per "\n"-terminated line ("\r\n" accepted),
+replies in order, pipelining allowed; `close` = one connection per request, the request is every
+byte before the client half-closes, the reply is followed by a "\n" and the server closes.
+"""
 import argparse
 import asyncio
 import base64

@@ -1,15 +1,16 @@
-# A client for the hashmap grammar (smrd/apps/hashmap.py), spoken either to the app itself or to an
-# smrd gateway in front of it: a CLI plus a small importable API (KVClient, AsyncKVClient) that the
-# end-to-end tests record histories with. It owns request building, reply parsing and the retry
-# rule. It must never retry a request that may already have reached the server unless it is
-# read-only or the caller opted in (a second PUT/REMOVE could run twice), and it must never turn a
-# lost reply into a made-up answer: callers get KVNoReply and must treat the request as "maybe
-# done". Like the app, it imports nothing from smrd.
-#
-# Retry rule (CLI): a failure before any byte was sent (connection refused, connect timeout) is
-# always retried, up to --retries. A failure after the request may have been sent (no reply in
-# time, reset, early close) is retried only for the read-only commands GET, SIZE, SCAN and SNAPSHOT,
-# or for any command with --retry-writes. Between attempts the client backs off exponentially.
+"""A client for the hashmap grammar (smrd/apps/hashmap.py), spoken either to the app itself or to an
+smrd gateway in front of it: a CLI plus a small importable API (KVClient, AsyncKVClient) that the
+end-to-end tests record histories with. It owns request building, reply parsing and the retry
+rule. It must never retry a request that may already have reached the server unless it is
+read-only or the caller opted in (a second PUT/REMOVE could run twice), and it must never turn a
+lost reply into a made-up answer: callers get KVNoReply and must treat the request as "maybe
+done". Like the app, it imports nothing from smrd.
+
+Retry rule (CLI): a failure before any byte was sent (connection refused, connect timeout) is
+always retried, up to --retries. A failure after the request may have been sent (no reply in
+time, reset, early close) is retried only for the read-only commands GET, SIZE, SCAN and SNAPSHOT,
+or for any command with --retry-writes. Between attempts the client backs off exponentially.
+"""
 import argparse
 import asyncio
 import random

@@ -1,13 +1,14 @@
-# The no-op app of the ordering microbenchmark (the counterpart of BFT-SMaRt's ThroughputLatency
-# server): it answers every request with the same fixed 64-byte reply and keeps no state, so a run
-# through smrd measures ordering, logging and reply routing with the app's own cost near zero.
-# Like the hashmap demo it is a plain TCP server that must never import anything from smrd (it
-# also runs as a bare file: `python noop.py`), and it is trivially deterministic.
-#
-# Framing: `line` only — a persistent connection, one request per "\n"-terminated line, one reply
-# line (REPLY, 64 bytes, then "\n") per request, in order; pipelined requests are answered in one
-# write. A line longer than --max-request bytes gets "ERR request too large" and the connection
-# is closed.
+"""The no-op app of the ordering microbenchmark (the counterpart of BFT-SMaRt's ThroughputLatency
+server): it answers every request with the same fixed 64-byte reply and keeps no state, so a run
+through smrd measures ordering, logging and reply routing with the app's own cost near zero.
+Like the hashmap demo it is a plain TCP server that must never import anything from smrd (it
+also runs as a bare file: `python noop.py`), and it is trivially deterministic.
+
+Framing: `line` only — a persistent connection, one request per "\n"-terminated line, one reply
+line (REPLY, 64 bytes, then "\n") per request, in order; pipelined requests are answered in one
+write. A line longer than --max-request bytes gets "ERR request too large" and the connection
+is closed.
+"""
 import argparse
 import asyncio
 import signal

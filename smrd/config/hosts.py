@@ -1,10 +1,11 @@
-# hosts.conf: who the replicas and gateways are and where they listen.
-#
-# Owns: parsing and validating the line-based hosts file into a `Hosts` value, and the small helpers
-# (n, f, quorum, endpoints) every other layer derives from it.
-# Must never: resolve DNS names (a peer pod that is not up yet must not make its neighbours fail to
-# start; names resolve lazily in the transport), open sockets, or log. Problems that are legal but
-# unwise (n < 3, even n) become `Hosts.warnings` for the caller to log.
+"""hosts.conf: who the replicas and gateways are and where they listen.
+
+Owns: parsing and validating the line-based hosts file into a `Hosts` value, and the small helpers
+(n, f, quorum, endpoints) every other layer derives from it.
+Must never: resolve DNS names (a peer pod that is not up yet must not make its neighbours fail to
+start; names resolve lazily in the transport), open sockets, or log. Problems that are legal but
+unwise (n < 3, even n) become `Hosts.warnings` for the caller to log.
+"""
 from __future__ import annotations
 
 import difflib

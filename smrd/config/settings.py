@@ -1,17 +1,17 @@
-# The one typed configuration of a smrd process.
-#
-# Owns: the declaration of every setting (the `Settings` dataclass below: each field carries its
-# type, default, unit, help and checks, once), the layering settings file (TOML) < environment
-# (SMRD_<NAME>) < command-line flags (--name-with-dashes), validation (per value and across values,
-# including against hosts.conf), and the generated views of the table (argparse flags, the docs
-# table, the commented example file).
-# Must never: start anything, open sockets, resolve names, or hand out a Config it could not fully
-# validate. Errors are ConfigError with one line naming the source (file:line, env var or flag)
-# and the fix. Warnings (legal but unwise) are returned for the caller to log.
+"""The one typed configuration of a smrd process.
+
+Owns: the declaration of every setting (the `Settings` dataclass below: each field carries its
+type, default, unit, help and checks, once), the layering settings file (TOML) < environment
+(SMRD_<NAME>) < command-line flags (--name-with-dashes), validation (per value and across values,
+including against hosts.conf), and the generated views of the table (argparse flags, the docs
+table, the commented example file).
+Must never: start anything, open sockets, resolve names, or hand out a Config it could not fully
+validate. Errors are ConfigError with one line naming the source (file:line, env var or flag)
+and the fix. Warnings (legal but unwise) are returned for the caller to log.
+"""
 import argparse
 import os
 import re
-import textwrap
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .hosts import MAX_REPLICAS, GatewayAddr, Hosts, ReplicaAddr, check_host, did_you_mean, load_hosts
+from .hosts import GatewayAddr, Hosts, ReplicaAddr, check_host, did_you_mean, load_hosts
+from .values import KiB, MiB, _human, parse_value
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
 ENV_PREFIX = "SMRD_"
 # SMRD_* variables that belong to other parts of smrd, not to this table; never "unknown".
 FOREIGN_ENV = frozenset({"SMRD_NO_EXTENSIONS", "SMRD_SIM_SEEDS", "SMRD_STATEFULSET"})
@@ -542,123 +540,6 @@ def _line_of(text: str, key: str) -> int:
     return text.count("\n", 0, m.start()) + 1 if m else 1
 
 
-# --- one value -------------------------------------------------------------------------------
-
-_SIZE = re.compile(r"^\s*([0-9]+)\s*(b|k|kib|m|mib|g|gib)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {None: 1, "b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB}
-
-
-def parse_value(spec: Spec, raw: Any, source: Source) -> Any:
-    """Turn a raw value (TOML value, env string or flag string) into the setting's type, checked."""
-    where = source.locate(spec.name)
-    if spec.type is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in ("true", "yes", "on", "1"):
-            return True
-        if text in ("false", "no", "off", "0"):
-            return False
-        raise ConfigError(f"{where}: {raw!r} is not a boolean; use true or false")
-    if spec.type is tuple:
-        value = _parse_ids(raw, where)
-    elif spec.type is int:
-        value = _parse_int(spec, raw, where, from_text=source.kind in ("env", "flag"))
-        lo = spec.min if spec.min is not None else value
-        hi = spec.max if spec.max is not None else value
-        if not lo <= value <= hi:
-            raise ConfigError(
-                f"{where}: {_human(spec, value)} is out of range; use {_human(spec, lo)}..{_human(spec, hi)}"
-            )
-    else:
-        if not isinstance(raw, str):
-            raise ConfigError(f"{where}: expected a string, got {_toml_type(raw)} {raw!r}; quote it")
-        value = raw.strip()
-        if spec.choices:
-            value = value.lower()
-            if value not in spec.choices:
-                raise ConfigError(
-                    f"{where}: {raw!r} is not one of {', '.join(spec.choices)}"
-                    f"{did_you_mean(value, spec.choices)}; pick one of those"
-                )
-    if spec.check is not None:
-        problem = spec.check(value)
-        if problem:
-            raise ConfigError(f"{where}: {problem}; fix the value")
-    return value
-
-
-def _parse_ids(raw: Any, where: str) -> tuple[int, ...] | None:
-    """A set of replica ids: a TOML array of integers, or text like "0,1,2" / "0 1 2" (env,
-    flags); "all" means the default (every replica of the hosts file). Sorted, no duplicates."""
-    if isinstance(raw, str):
-        text = raw.strip()
-        if text.lower() == "all":
-            return None
-        items: list[Any] = [p for p in re.split(r"[\s,]+", text) if p]
-    elif isinstance(raw, (list, tuple)):
-        items = list(raw)
-    else:
-        raise ConfigError(f"{where}: expected a list of replica ids like [0, 1, 2], got {_toml_type(raw)} {raw!r}")
-    if not items:
-        raise ConfigError(f"{where}: no replica ids; list at least one, e.g. 0,1,2 (or all)")
-    ids = []
-    for item in items:
-        if isinstance(item, str) and re.fullmatch(r"[0-9]+", item):
-            item = int(item)
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise ConfigError(f"{where}: {item!r} is not a replica id; write whole numbers like 0,1,2")
-        if not 0 <= item < MAX_REPLICAS:
-            raise ConfigError(f"{where}: replica id {item} is out of range; use 0..{MAX_REPLICAS - 1}")
-        if item in ids:
-            raise ConfigError(f"{where}: replica id {item} is listed twice; list each voter once")
-        ids.append(item)
-    return tuple(sorted(ids))
-
-
-def _parse_int(spec: Spec, raw: Any, where: str, *, from_text: bool) -> int:
-    sizes = spec.unit == "bytes"
-    unit_hint = " (or a size like 64KiB, 1MiB)" if sizes else ""
-    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-        raise ConfigError(f"{where}: expected an integer{unit_hint}, got {_toml_type(raw)} {raw!r}; write a whole number")
-    if isinstance(raw, int):
-        return raw
-    if not raw.strip():
-        raise ConfigError(f"{where}: empty value; give a whole number{unit_hint} or leave the setting out")
-    if sizes:
-        m = _SIZE.match(raw)
-        if m:
-            return int(m.group(1)) * _SIZE_UNITS[m.group(2) and m.group(2).lower()]
-    elif from_text and re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw):
-        return int(raw)
-    if not from_text and not sizes:
-        raise ConfigError(f"{where}: expected an integer, got a string {raw!r}; write it without quotes")
-    raise ConfigError(f"{where}: {raw!r} is not an integer{unit_hint}; write a whole number"
-                      f"{' of ' + spec.unit if spec.unit and not sizes else ''}")
-
-
-def _toml_type(value: Any) -> str:
-    return {bool: "a boolean", float: "a float", str: "a string", int: "an integer", list: "an array"}.get(
-        type(value), type(value).__name__)
-
-
-def _human(spec: Spec, value: Any) -> str:
-    if value is None:
-        return "(none)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    if spec.unit == "bytes" and isinstance(value, int):
-        for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-            if value >= size and value % size == 0:
-                return f"{value // size} {unit}"
-        return f"{value} bytes"
-    if spec.unit in ("ms", "s") and isinstance(value, int):
-        return f"{value} {spec.unit}"
-    return str(value)
-
-
 # --- across values ---------------------------------------------------------------------------
 
 def _cross_check(s: Settings, sources: Mapping[str, Source]) -> None:
@@ -836,93 +717,6 @@ def _effective_metrics_port(s: Settings, hosts: Hosts) -> int:
     return (addr.metrics_port or 0) if addr else 0
 
 
-# --- generated views of the table ------------------------------------------------------------
-
-def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag per setting, grouped; absent flags leave no attribute (argparse.SUPPRESS)."""
-    groups = {key: parser.add_argument_group(f"{title} (flag > SMRD_<NAME> > settings file > default)"
-                                             if key == "role" else title)
-              for key, title in GROUPS.items()}
-    for spec in SETTINGS.values():
-        names = [spec.short, spec.flag] if spec.short else [spec.flag]
-        metavar = "{" + ",".join(spec.choices) + "}" if spec.choices else (
-            "{true,false}" if spec.type is bool else (spec.metavar or spec.unit.upper() or "N"))
-        sizes = " Accepts KiB/MiB/GiB suffixes." if spec.unit == "bytes" else ""
-        text = f"{spec.help}{sizes} Default: {spec.default_text()}. Env: {spec.env}."
-        groups[spec.group].add_argument(
-            *names, dest=spec.name, default=argparse.SUPPRESS, metavar=metavar, help=text.replace("%", "%%")
-        )
-
-
-def settings_markdown() -> str:
-    """The settings table of docs/configuration.md, generated so it cannot drift."""
-    out = []
-    for key, title in GROUPS.items():
-        out += [f"### {title}", "", "| setting | default | unit | env | flag | meaning |", "|---|---|---|---|---|---|"]
-        for spec in SETTINGS.values():
-            if spec.group != key:
-                continue
-            values = f" One of: {', '.join(f'`{c}`' for c in spec.choices)}." if spec.choices else ""
-            values += " Accepts KiB/MiB/GiB suffixes." if spec.unit == "bytes" else ""
-            rng = f" Range {_human(spec, spec.min)}..{_human(spec, spec.max)}." if spec.min is not None else ""
-            file_note = "" if spec.in_file else " Not allowed in the settings file."
-            out.append(
-                f"| `{spec.name}` | {spec.default_text()} | {spec.unit or '-'} | `{spec.env}` | "
-                f"`{spec.flags}` | {spec.help}{values}{rng}{file_note} |"
-            )
-        out.append("")
-    return "\n".join(out)
-
-
-def settings_toml() -> str:
-    """conf/smrd.toml: every setting, commented out at its default."""
-    out = [
-        "# smrd settings file (TOML, flat keys). Every setting is listed, commented out, at its default.",
-        "# Precedence: this file < environment (SMRD_<NAME>) < command-line flags (--name-with-dashes).",
-        "# Relative paths here are relative to this file. Generated by smrd.config.settings.settings_toml();",
-        "# regenerate with: python -m smrd.config.settings --write",
-    ]
-    for key, title in GROUPS.items():
-        out += ["", f"# --- {title} " + "-" * (92 - len(title))]
-        for spec in SETTINGS.values():
-            if spec.group != key or not spec.in_file:
-                continue
-            unit = f" [{spec.unit}]" if spec.unit else ""
-            out += ["", *textwrap.wrap(f"{spec.help}{unit}", 96, initial_indent="# ", subsequent_indent="# ")]
-            if spec.default is None:
-                example = {"role": '"server"', "id": "0", "hosts": '"hosts.conf"',
-                           "voters": "[0, 1, 2]"}.get(spec.name, '"./smrd-data/replica-0"')
-                out.append(f"# {spec.name} = {example}  # default: {spec.default_text()}")
-            elif spec.type is bool:
-                out.append(f"# {spec.name} = {'true' if spec.default else 'false'}")
-            elif spec.type is int:
-                human = _human(spec, spec.default)
-                out.append(f"# {spec.name} = {spec.default}" + (f"  # {human}" if spec.unit == "bytes" else ""))
-            else:
-                out.append(f'# {spec.name} = "{spec.default}"')
-    return "\n".join(out) + "\n"
-
-
-DOC_BEGIN = "<!-- BEGIN GENERATED SETTINGS TABLE (python -m smrd.config.settings --write) -->"
-DOC_END = "<!-- END GENERATED SETTINGS TABLE -->"
-
-
-def render_docs(doc_text: str) -> str:
-    """docs/configuration.md with the generated table put between its markers."""
-    head, _, rest = doc_text.partition(DOC_BEGIN)
-    _, _, tail = rest.partition(DOC_END)
-    return f"{head}{DOC_BEGIN}\n\n{settings_markdown()}\n{DOC_END}{tail}"
-
-
-def _write_generated(root: Path) -> None:
-    doc = root / "docs" / "configuration.md"
-    doc.write_text(render_docs(doc.read_text()))
-    (root / "conf" / "smrd.toml").write_text(settings_toml())
-
-
-if __name__ == "__main__":  # python -m smrd.config.settings --write: refresh the generated docs and example
-    import sys
-
-    if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python -m smrd.config.settings --write   (run from the repository root)")
-    _write_generated(Path.cwd())
+if __name__ == "__main__":  # python -m smrd.config.settings --write: see smrd.config.views
+    from .views import main
+    main()

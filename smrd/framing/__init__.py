@@ -1,10 +1,11 @@
-# Message framing for the four app modes, used both ways: the gateway decodes outside clients'
-# requests and encodes replies to them; a replica's app adapter encodes requests to its app and
-# decodes the app's replies. The wire behaviour of each mode is written in docs/framing.md.
-#
-# Owns: where a message starts and ends, its bounds, and (http) the canonical form that is
-# replicated. Never: I/O outside streams.py, clocks, logging, or any knowledge of replication;
-# never an exception other than FramingError for bad bytes.
+"""Message framing for the four app modes, used both ways: the gateway decodes outside clients'
+requests and encodes replies to them; a replica's app adapter encodes requests to its app and
+decodes the app's replies. The wire behaviour of each mode is written in docs/framing.md.
+
+Owns: where a message starts and ends, its bounds, and (http) the canonical form that is
+replicated. Never: I/O outside streams.py, clocks, logging, or any knowledge of replication;
+never an exception other than FramingError for bad bytes.
+"""
 from .base import ROLES, Decoder
 from .close import CloseDecoder
 from .errors import FramingError, MessageTooLarge

@@ -1,7 +1,8 @@
-# The contract every mode's decoder follows (sans-I/O: bytes in, whole messages out).
-# A decoder owns the bytes of one connection in one direction. It never reads a socket, never
-# buffers more than one message's bound plus a small header overhead, and never lets an exception
-# other than FramingError escape on bad input.
+"""The contract every mode's decoder follows (sans-I/O: bytes in, whole messages out).
+A decoder owns the bytes of one connection in one direction. It never reads a socket, never
+buffers more than one message's bound plus a small header overhead, and never lets an exception
+other than FramingError escape on bad input.
+"""
 from typing import List, Optional, Union
 
 from .errors import FramingError

@@ -1,6 +1,7 @@
-# close mode: one TCP connection per exchange (the paper's mode). The message is every byte the
-# peer sent before it shut down its sending side; nothing inside the bytes delimits anything.
-# Owns: accumulating one message under max_size. Never: look inside the bytes.
+"""close mode: one TCP connection per exchange (the paper's mode). The message is every byte the
+peer sent before it shut down its sending side; nothing inside the bytes delimits anything.
+Owns: accumulating one message under max_size. Never: look inside the bytes.
+"""
 from typing import List
 
 from .base import Buffer, Decoder

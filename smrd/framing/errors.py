@@ -1,7 +1,8 @@
-# The two exceptions every framing decoder raises on purpose, and nothing else.
-# A decoder meets bytes from outside clients (the gateway) and from the app (the replica): anything
-# malformed must surface as FramingError so that callers can answer with an error and drop the
-# connection instead of crashing a task on an IndexError or UnicodeDecodeError.
+"""The two exceptions every framing decoder raises on purpose, and nothing else.
+A decoder meets bytes from outside clients (the gateway) and from the app (the replica): anything
+malformed must surface as FramingError so that callers can answer with an error and drop the
+connection instead of crashing a task on an IndexError or UnicodeDecodeError.
+"""
 from ..errors import SmrdError
 
 

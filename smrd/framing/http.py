@@ -1,17 +1,18 @@
-# http mode: HTTP/1.1 with keep-alive and pipelining, parsed strictly and re-emitted canonically.
-#
-# Owns: finding where each request/response ends (Content-Length, chunked, no body, or connection
-# close for responses), refusing what cannot be replicated safely, and turning every accepted
-# message into one canonical byte string. Rules:
-#   1. The canonical form depends only on the message, never on how its bytes were split: it is
-#      what every replica feeds its app and what the gateway votes on, so it must be a pure
-#      function of the parsed message.
-#   2. It is self-contained: no transfer coding, no hop-by-hop headers, "HTTP/1.1", and a
-#      Content-Length (appended after the other headers) whenever the message has a body.
-#   3. Never buffer more than max_size body bytes, MAX_HEADER_BYTES of header block (and the same
-#      for trailers), or MAX_CHUNK_LINE for one chunk-size line; never raise anything but
-#      FramingError on bad bytes.
-# It never interprets bodies, target URIs or any end-to-end header beyond those listed above.
+"""http mode: HTTP/1.1 with keep-alive and pipelining, parsed strictly and re-emitted canonically.
+
+Owns: finding where each request/response ends (Content-Length, chunked, no body, or connection
+close for responses), refusing what cannot be replicated safely, and turning every accepted
+message into one canonical byte string. Rules:
+  1. The canonical form depends only on the message, never on how its bytes were split: it is
+     what every replica feeds its app and what the gateway votes on, so it must be a pure
+     function of the parsed message.
+  2. It is self-contained: no transfer coding, no hop-by-hop headers, "HTTP/1.1", and a
+     Content-Length (appended after the other headers) whenever the message has a body.
+  3. Never buffer more than max_size body bytes, MAX_HEADER_BYTES of header block (and the same
+     for trailers), or MAX_CHUNK_LINE for one chunk-size line; never raise anything but
+     FramingError on bad bytes.
+It never interprets bodies, target URIs or any end-to-end header beyond those listed above.
+"""
 import re
 from collections import deque
 from typing import Deque, FrozenSet, Iterable, List, Optional, Tuple, Union

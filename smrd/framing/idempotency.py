@@ -1,15 +1,16 @@
-# Idempotency keys: how an outside client marks retries of one logical request, so that a retry
-# through another gateway is answered from the replicas' cache instead of being executed again.
-# Owns: the raw-mode envelope and reading the key back out of a decoded message. Never: decide
-# what a key means (the gateway does) or put it into the replicated bytes in a raw mode.
-#
-# Raw modes (close, line, length): a message that starts with the ASCII bytes
-#     SMRD-IDEM <key> <payload>
-# (one space after "SMRD-IDEM", one after the key; key = 1 to 128 of [A-Za-z0-9._-]) carries
-# <key>; the app only ever sees <payload>. A message starting with "SMRD-IDEM " that does not
-# continue with a valid key and a space is refused, never passed through: that prefix is reserved.
-# http: the Idempotency-Key request header. It stays in the canonical request (it is end-to-end,
-# and the app may use it too), so the replicated bytes are the same whoever extracts the key.
+"""Idempotency keys: how an outside client marks retries of one logical request, so that a retry
+through another gateway is answered from the replicas' cache instead of being executed again.
+Owns: the raw-mode envelope and reading the key back out of a decoded message. Never: decide
+what a key means (the gateway does) or put it into the replicated bytes in a raw mode.
+
+Raw modes (close, line, length): a message that starts with the ASCII bytes
+    SMRD-IDEM <key> <payload>
+(one space after "SMRD-IDEM", one after the key; key = 1 to 128 of [A-Za-z0-9._-]) carries
+<key>; the app only ever sees <payload>. A message starting with "SMRD-IDEM " that does not
+continue with a valid key and a space is refused, never passed through: that prefix is reserved.
+http: the Idempotency-Key request header. It stays in the canonical request (it is end-to-end,
+and the app may use it too), so the replicated bytes are the same whoever extracts the key.
+"""
 import re
 from typing import Optional, Tuple
 

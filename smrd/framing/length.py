@@ -1,5 +1,6 @@
-# length mode: 4-byte big-endian unsigned length, then that many bytes; persistent connection.
-# Owns: the prefix and its bound. Never: allocate for a length before checking it against max_size.
+"""length mode: 4-byte big-endian unsigned length, then that many bytes; persistent connection.
+Owns: the prefix and its bound. Never: allocate for a length before checking it against max_size.
+"""
 from typing import List
 
 from .base import Buffer, Decoder

@@ -1,6 +1,7 @@
-# line mode: newline-delimited messages on a persistent connection.
-# Owns: splitting at b"\n", stripping one "\r" before it, and the writer's inverse. Never: decode
-# text or touch any other byte, so binary-safe except for the newline itself.
+"""line mode: newline-delimited messages on a persistent connection.
+Owns: splitting at b"\n", stripping one "\r" before it, and the writer's inverse. Never: decode
+text or touch any other byte, so binary-safe except for the newline itself.
+"""
 from typing import List
 
 from .base import Buffer, Decoder

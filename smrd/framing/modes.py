@@ -1,4 +1,4 @@
-# The mode selector: one decoder class and one encoder per framing mode, chosen by name.
+"""The mode selector: one decoder class and one encoder per framing mode, chosen by name."""
 from typing import Dict, Type
 
 from . import close, http, length, line

@@ -1,6 +1,7 @@
-# Replies smrd itself writes to an outside client when it cannot forward the app's reply
-# (malformed or too-large request, no answer from the cluster). Owns their exact bytes.
-# Never: let a caller's text break the framing (newlines in a line reply, CRLF in a header).
+"""Replies smrd itself writes to an outside client when it cannot forward the app's reply
+(malformed or too-large request, no answer from the cluster). Owns their exact bytes.
+Never: let a caller's text break the framing (newlines in a line reply, CRLF in a header).
+"""
 from http import HTTPStatus
 from typing import Optional, Union
 

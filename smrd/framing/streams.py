@@ -1,7 +1,8 @@
-# Thin asyncio glue between StreamReader/StreamWriter and the sans-I/O decoders.
-# Owns: reading in bounded chunks and queueing decoded messages. Never: time out, retry, log or
-# close a connection (close mode's half-close is the framing itself): callers own the connection
-# and wrap calls in their own deadlines.
+"""Thin asyncio glue between StreamReader/StreamWriter and the sans-I/O decoders.
+Owns: reading in bounded chunks and queueing decoded messages. Never: time out, retry, log or
+close a connection (close mode's half-close is the framing itself): callers own the connection
+and wrap calls in their own deadlines.
+"""
 import asyncio
 from collections import deque
 from typing import AsyncIterator, Deque, Optional, Union

@@ -1,16 +1,17 @@
-# One outside client's TCP connection to the gateway, as an asyncio Protocol.
-#
-# Owns: decoding the client's requests, handing each to the gateway, and writing the replies back
-# in request order (pipelined clients rely on it), each as soon as it and every reply before it
-# are ready; ending the connection the way its framing says (close mode: the reply, then a
-# half-close; after a malformed request: an error reply, then a half-close, and the close once
-# the client closes or LINGER_S passes); back-pressure (a client that does not read its replies,
-# or has MAX_PIPELINED requests unanswered, stops being read).
-# Never: orders or retries anything (the gateway does), or writes a reply out of order.
-#
-# Why a Protocol and not streams: this is the gateway's per-request path. A StreamReader, a
-# writer task per connection and an awaited drain per reply cost about a third of the gateway's
-# CPU per request; here a request is one data_received call and a reply one done-callback.
+"""One outside client's TCP connection to the gateway, as an asyncio Protocol.
+
+Owns: decoding the client's requests, handing each to the gateway, and writing the replies back
+in request order (pipelined clients rely on it), each as soon as it and every reply before it
+are ready; ending the connection the way its framing says (close mode: the reply, then a
+half-close; after a malformed request: an error reply, then a half-close, and the close once
+the client closes or LINGER_S passes); back-pressure (a client that does not read its replies,
+or has MAX_PIPELINED requests unanswered, stops being read).
+Never: orders or retries anything (the gateway does), or writes a reply out of order.
+
+Why a Protocol and not streams: this is the gateway's per-request path. A StreamReader, a
+writer task per connection and an awaited drain per reply cost about a third of the gateway's
+CPU per request; here a request is one data_received call and a reply one done-callback.
+"""
 import asyncio
 import logging
 from collections import deque

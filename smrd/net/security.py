@@ -1,20 +1,21 @@
-# CURVE keys and the allow-list: who may speak to a smrd process over ZeroMQ.
-#
-# Owns: the key-file format (NAME.key holds a secret key, NAME.pub a public key; each is one line
-# of Z85 text, 40 characters, exactly what zmq.curve_keypair() returns), `smrd keygen`, loading
-# and checking keys at start, re-reading the allow-list directory when it changes (so keys can be
-# added and removed without restarts), and the ZAP decision (RFC 27): is this client key allowed
-# on this kind of port.
-# Never: opens or binds a network socket (transport owns those and hands us sockets to configure
-# and ZAP requests to judge), writes a secret key anywhere but a new mode-0600 file, logs or
-# prints a secret key, or lets a key through that the allow-list does not name (an allow-list
-# that fails to re-read keeps the last good one in force).
-#
-# How a process learns each replica's public key: a DEALER must know its server's public key
-# before it connects, so the allow-list directory holds `replica-<id>.pub` for every replica in
-# hosts.conf, and that file *is* replica <id>'s identity. Keys under other names (gateway-0.pub,
-# ops.pub, ...) belong to processes that only talk to replicas' client ports; only `replica-*`
-# keys are accepted on a peer port, so a gateway's key cannot speak consensus.
+"""CURVE keys and the allow-list: who may speak to a smrd process over ZeroMQ.
+
+Owns: the key-file format (NAME.key holds a secret key, NAME.pub a public key; each is one line
+of Z85 text, 40 characters, exactly what zmq.curve_keypair() returns), `smrd keygen`, loading
+and checking keys at start, re-reading the allow-list directory when it changes (so keys can be
+added and removed without restarts), and the ZAP decision (RFC 27): is this client key allowed
+on this kind of port.
+Never: opens or binds a network socket (transport owns those and hands us sockets to configure
+and ZAP requests to judge), writes a secret key anywhere but a new mode-0600 file, logs or
+prints a secret key, or lets a key through that the allow-list does not name (an allow-list
+that fails to re-read keeps the last good one in force).
+
+How a process learns each replica's public key: a DEALER must know its server's public key
+before it connects, so the allow-list directory holds `replica-<id>.pub` for every replica in
+hosts.conf, and that file *is* replica <id>'s identity. Keys under other names (gateway-0.pub,
+ops.pub, ...) belong to processes that only talk to replicas' client ports; only `replica-*`
+keys are accepted on a peer port, so a gateway's key cannot speak consensus.
+"""
 import os
 import re
 import stat

@@ -1,21 +1,22 @@
-# ZeroMQ channels between smrd processes, driven from an asyncio loop.
-#
-# Owns: sockets, identities, high-water marks, reconnection and lazy name resolution (libzmq
-# resolves a peer's DNS name when it connects and again on every reconnect, so a peer that is not
-# up or not yet in DNS never crashes anyone), and the readiness plumbing that lets one asyncio loop
-# drain many sockets without an await per message.
-# Never: knows what a message means (frames are opaque bytes here) or blocks the loop: a send
-# that would block is dropped and counted, and the protocol's retransmissions recover it.
-#
-# Shape (zguide): every replica binds a ROUTER for its peers and one for gateways; senders use a
-# DEALER per destination with an explicit identity, so a receiver knows who sent each message.
-# A multipart message is one hop's batch: each part is one smrd frame.
-#
-# CURVE (optional, smrd/net/security.py holds the keys): every bound ROUTER is then a CURVE server and
-# every DEALER a CURVE client that knows its replica's public key; a ZAP handler on the asyncio loop
-# checks each connecting key against the allow-list, and a socket monitor reports handshakes that
-# are not CURVE at all. All of it is settled when a connection is made: sending and receiving are
-# the same code, and a process without CURVE runs exactly what it ran before.
+"""ZeroMQ channels between smrd processes, driven from an asyncio loop.
+
+Owns: sockets, identities, high-water marks, reconnection and lazy name resolution (libzmq
+resolves a peer's DNS name when it connects and again on every reconnect, so a peer that is not
+up or not yet in DNS never crashes anyone), and the readiness plumbing that lets one asyncio loop
+drain many sockets without an await per message.
+Never: knows what a message means (frames are opaque bytes here) or blocks the loop: a send
+that would block is dropped and counted, and the protocol's retransmissions recover it.
+
+Shape (zguide): every replica binds a ROUTER for its peers and one for gateways; senders use a
+DEALER per destination with an explicit identity, so a receiver knows who sent each message.
+A multipart message is one hop's batch: each part is one smrd frame.
+
+CURVE (optional, smrd/net/security.py holds the keys): every bound ROUTER is then a CURVE server and
+every DEALER a CURVE client that knows its replica's public key; a ZAP handler on the asyncio loop
+checks each connecting key against the allow-list, and a socket monitor reports handshakes that
+are not CURVE at all. All of it is settled when a connection is made: sending and receiving are
+the same code, and a process without CURVE runs exactly what it ran before.
+"""
 import logging
 import os
 

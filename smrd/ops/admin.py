@@ -1,13 +1,14 @@
-# `smrd admin {members,join,leave}`: read and change the replica group's membership.
-#
-# Owns: asking every replica of hosts.conf for its status and computing the agreed membership
-# (the highest index any replica applied), and submitting membership changes the way a gateway
-# submits requests (a REQUESTS frame to the replicas' client ports, the reserved client id
-# SYSTEM_CLIENT, a fresh random seq per attempt), waiting for the core's answer, retrying with a
-# fresh base when the membership moved, and the join (add-learner, wait until caught up, promote)
-# and leave (remove, wait until it is gone) procedures.
-# Must never: decide anything itself (the leader prechecks, the decided log applies or refuses:
-# this only asks and reports), print a traceback for a refusal, or wait without a deadline.
+"""`smrd admin {members,join,leave}`: read and change the replica group's membership.
+
+Owns: asking every replica of hosts.conf for its status and computing the agreed membership
+(the highest index any replica applied), and submitting membership changes the way a gateway
+submits requests (a REQUESTS frame to the replicas' client ports, the reserved client id
+SYSTEM_CLIENT, a fresh random seq per attempt), waiting for the core's answer, retrying with a
+fresh base when the membership moved, and the join (add-learner, wait until caught up, promote)
+and leave (remove, wait until it is gone) procedures.
+Must never: decide anything itself (the leader prechecks, the decided log applies or refuses:
+this only asks and reports), print a traceback for a refusal, or wait without a deadline.
+"""
 import json
 import logging
 import os

@@ -1,11 +1,12 @@
-# The `smrd` command line: parse argv, load the one Config, configure logging, hand over.
-#
-# Owns: the argument grammar (the role form and the subcommands), logging setup, and the mapping
-# of outcomes to exit codes (0 ok, 1 runtime failure, 2 usage/config error, 70 internal error,
-# 130 interrupted).
-# Must never: print a traceback for a configuration mistake, run a role with a Config that failed
-# validation, or import the drivers eagerly (`smrd --help` must work in a build that lacks them,
-# and must not pay for importing ZeroMQ).
+"""The `smrd` command line: parse argv, load the one Config, configure logging, hand over.
+
+Owns: the argument grammar (the role form and the subcommands), logging setup, and the mapping
+of outcomes to exit codes (0 ok, 1 runtime failure, 2 usage/config error, 70 internal error,
+130 interrupted).
+Must never: print a traceback for a configuration mistake, run a role with a Config that failed
+validation, or import the drivers eagerly (`smrd --help` must work in a build that lacks them,
+and must not pay for importing ZeroMQ).
+"""
 import argparse
 import importlib
 import json
@@ -18,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__
-from ..config.settings import SETTINGS, add_setting_flags, load_config
+from ..config.settings import SETTINGS, load_config
+from ..config.views import add_setting_flags
 from ..errors import ConfigError, SmrdError
 from ..config.hosts import MAX_REPLICAS
 

@@ -1,13 +1,14 @@
-# Kubernetes, seen from inside a replica pod: is this pod going away because its StatefulSet was
-# scaled down, or is it merely restarting?
-#
-# Owns: one read-only GET of the pod's own StatefulSet from the API server, authenticated with the
-# pod's service-account token and verified with its CA (stdlib only), and the answer
-# `spec.replicas <= ordinal`. `smrd admin leave --self --if-scaled-down` (the chart's preStop hook)
-# asks it: a pod removed by a scale-down leaves the membership first; a restart changes nothing.
-# Must never: write to the API, wait longer than its timeout (a preStop hook that hangs holds the
-# pod until its grace period runs out), log, or guess: outside Kubernetes the answer is "not scaled
-# down" (so nothing changes), and an API error is a KubeError, never a silent False or True.
+"""Kubernetes, seen from inside a replica pod: is this pod going away because its StatefulSet was
+scaled down, or is it merely restarting?
+
+Owns: one read-only GET of the pod's own StatefulSet from the API server, authenticated with the
+pod's service-account token and verified with its CA (stdlib only), and the answer
+`spec.replicas <= ordinal`. `smrd admin leave --self --if-scaled-down` (the chart's preStop hook)
+asks it: a pod removed by a scale-down leaves the membership first; a restart changes nothing.
+Must never: write to the API, wait longer than its timeout (a preStop hook that hangs holds the
+pod until its grace period runs out), log, or guess: outside Kubernetes the answer is "not scaled
+down" (so nothing changes), and an API error is a KubeError, never a silent False or True.
+"""
 from __future__ import annotations
 
 import json

@@ -1,14 +1,15 @@
-# `smrd local`: a whole replicated cluster on this machine from built-in defaults — n replicas,
-# the demo hashmap app beside each (its own process, as in a pod), and gateways — as real
-# processes running the same code paths as in production.
-#
-# Owns: choosing ports, writing the cluster's hosts.conf, starting and stopping the processes in
-# order (app, then its replica; gateways last), waiting for each to say it is up (no sleeps), and,
-# with supervise=True (what `smrd local` uses), restarting any process that exits when it was not
-# asked to, with back-off: what a kubelet does for a pod's containers. A replica keeps its data
-# directory, an app starts empty.
-# The LocalCluster class is also the test suite's way to run clusters and inject process faults.
-# Never: starts anything outside 127.0.0.1, or leaves a child running when it exits.
+"""`smrd local`: a whole replicated cluster on this machine from built-in defaults — n replicas,
+the demo hashmap app beside each (its own process, as in a pod), and gateways — as real
+processes running the same code paths as in production.
+
+Owns: choosing ports, writing the cluster's hosts.conf, starting and stopping the processes in
+order (app, then its replica; gateways last), waiting for each to say it is up (no sleeps), and,
+with supervise=True (what `smrd local` uses), restarting any process that exits when it was not
+asked to, with back-off: what a kubelet does for a pod's containers. A replica keeps its data
+directory, an app starts empty.
+The LocalCluster class is also the test suite's way to run clusters and inject process faults.
+Never: starts anything outside 127.0.0.1, or leaves a child running when it exits.
+"""
 import json
 import os
 import random

@@ -1,17 +1,18 @@
-# Observability for one smrd process: Prometheus /metrics, /healthz and /readyz.
-#
-# Owns: a private CollectorRegistry per process (tests run several in one interpreter, so the
-# global registry is never touched), a collector that turns the driver's plain counters into
-# Prometheus series *at scrape time*, three cheap histograms the drivers feed, the psutil figures
-# of this process, and a small HTTP/1.1 server on the driver's own asyncio loop.
-# Never: sits on the hot path (the drivers keep counting in their dicts; nothing here runs per
-# request except the optional observe_* calls, ~0.5 µs each), starts a thread (a handler that
-# answers on the driver's loop is what makes /healthz mean "the loop is responsive"), decides
-# readiness (the driver's ready() callback does; docs/operations.md states the rules), or lets a
-# misbehaving HTTP client hold anything for longer than request_timeout_s.
-#
-# Threads: the observe_* methods and the scrape both run on the driver's loop thread, which is
-# why the histograms need no lock. Calling observe_* from another thread is not supported.
+"""Observability for one smrd process: Prometheus /metrics, /healthz and /readyz.
+
+Owns: a private CollectorRegistry per process (tests run several in one interpreter, so the
+global registry is never touched), a collector that turns the driver's plain counters into
+Prometheus series *at scrape time*, three cheap histograms the drivers feed, the psutil figures
+of this process, and a small HTTP/1.1 server on the driver's own asyncio loop.
+Never: sits on the hot path (the drivers keep counting in their dicts; nothing here runs per
+request except the optional observe_* calls, ~0.5 µs each), starts a thread (a handler that
+answers on the driver's loop is what makes /healthz mean "the loop is responsive"), decides
+readiness (the driver's ready() callback does; docs/operations.md states the rules), or lets a
+misbehaving HTTP client hold anything for longer than request_timeout_s.
+
+Threads: the observe_* methods and the scrape both run on the driver's loop thread, which is
+why the histograms need no lock. Calling observe_* from another thread is not supported.
+"""
 import asyncio
 import bisect
 import ipaddress

@@ -1,5 +1,6 @@
-# `smrd status`: ask every replica in hosts.conf how it is doing, over its gateway port.
-# Owns the status query and its presentation. Never changes anything in the cluster.
+"""`smrd status`: ask every replica in hosts.conf how it is doing, over its gateway port.
+Owns the status query and its presentation. Never changes anything in the cluster.
+"""
 import json
 import os
 import sys

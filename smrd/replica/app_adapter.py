@@ -1,23 +1,24 @@
-# The app adapter: a replica's connection to its local, unmodified app at 127.0.0.1:PORT
-# (DESIGN.md §2 "app adapter", §3 the app contract; wire rules in docs/framing.md).
-#
-# Owns: the TCP connection(s) to the app, framing requests out and replies in, the reply
-# time-out, reconnecting with back-off, the app's readiness as the replica reports it, and close
-# mode's worker thread (its exchanges run there; see "close mode's worker thread" below).
-# Rules, most important first:
-#   1. Never reorder. Requests reach the app in the order given, replies come back in that order;
-#      close mode runs one connection at a time, because the app serves connections concurrently.
-#   2. Never skip, never invent. execute() returns only when every request has the app's own
-#      reply. It may retry only what the app cannot have seen: a connect that failed, or requests
-#      not yet written. A request that was written and then lost its reply (drop, time-out, app
-#      error) may or may not have run: the adapter raises AppError naming it and never resends
-#      it, because exactly-once belongs to the replica (it rebuilds the app from the log).
-#   3. Never guess what the app holds. Whether the app restarted (and lost its state) is the
-#      replica's call; the adapter reports connection trouble (on_state_change, stats) and no more.
-# Never: log above debug (the replica logs the state changes it is told about), sleep without a
-# bound, leave a connection in use after an exchange ended abnormally (its late replies would
-# be taken for the next requests' replies), or call on_state_change or touch stats from the
-# worker thread (the replica's callback touches asyncio objects).
+"""The app adapter: a replica's connection to its local, unmodified app at 127.0.0.1:PORT
+(DESIGN.md §2 "app adapter", §3 the app contract; wire rules in docs/framing.md).
+
+Owns: the TCP connection(s) to the app, framing requests out and replies in, the reply
+time-out, reconnecting with back-off, the app's readiness as the replica reports it, and close
+mode's worker thread (its exchanges run there; see "close mode's worker thread" below).
+Rules, most important first:
+  1. Never reorder. Requests reach the app in the order given, replies come back in that order;
+     close mode runs one connection at a time, because the app serves connections concurrently.
+  2. Never skip, never invent. execute() returns only when every request has the app's own
+     reply. It may retry only what the app cannot have seen: a connect that failed, or requests
+     not yet written. A request that was written and then lost its reply (drop, time-out, app
+     error) may or may not have run: the adapter raises AppError naming it and never resends
+     it, because exactly-once belongs to the replica (it rebuilds the app from the log).
+  3. Never guess what the app holds. Whether the app restarted (and lost its state) is the
+     replica's call; the adapter reports connection trouble (on_state_change, stats) and no more.
+Never: log above debug (the replica logs the state changes it is told about), sleep without a
+bound, leave a connection in use after an exchange ended abnormally (its late replies would
+be taken for the next requests' replies), or call on_state_change or touch stats from the
+worker thread (the replica's callback touches asyncio objects).
+"""
 import asyncio
 import logging
 import queue

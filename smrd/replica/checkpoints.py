@@ -1,16 +1,17 @@
-# Checkpoint files: the app's snapshot plus the session table after a given instance, stored
-# zstd-compressed beside the write-ahead log, named by instance, identified by the sha256 of their
-# uncompressed content (so replicas that executed the same prefix hold byte-identical content,
-# whatever zstd made of it).
-#
-# Owns: the file format, writing (temp file, fsync, rename, fsync of the directory), reading with
-# verification, importing a file fetched from a peer (verified while streaming: memory stays
-# bounded whatever the state's size), listing and deleting.
-# Never: decides when to checkpoint (the protocol core does) or talks to the app or to peers.
-#
-# Content (before compression):
-#   "SMCK" | version u8 | instance u64 | session table length u64 | app state length u64
-#   | session table bytes (smrd.protocol.sessions image) | app state bytes (the snapshot hook's reply)
+"""Checkpoint files: the app's snapshot plus the session table after a given instance, stored
+zstd-compressed beside the write-ahead log, named by instance, identified by the sha256 of their
+uncompressed content (so replicas that executed the same prefix hold byte-identical content,
+whatever zstd made of it).
+
+Owns: the file format, writing (temp file, fsync, rename, fsync of the directory), reading with
+verification, importing a file fetched from a peer (verified while streaming: memory stays
+bounded whatever the state's size), listing and deleting.
+Never: decides when to checkpoint (the protocol core does) or talks to the app or to peers.
+
+Content (before compression):
+  "SMCK" | version u8 | instance u64 | session table length u64 | app state length u64
+  | session table bytes (smrd.protocol.sessions image) | app state bytes (the snapshot hook's reply)
+"""
 import hashlib
 import os
 import re

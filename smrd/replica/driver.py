@@ -1,12 +1,13 @@
-# `smrd --role server`: one replica beside its app.
-#
-# Owns the loop: receive -> step -> persist -> send -> hand to the executor -> reply, in that order
-# for every Ready (persisting before sending is what makes a vote count; see
-# smrd/protocol/ready.py), the routing of replies back to the gateway that asked, and the
-# replica's lifecycle (start from the write-ahead log, stop on a signal).
-# Never: decides anything about order (the protocol core does), talks to the app (smrd.replica.executor
-# does, in its own task, fed in decided order), or answers a request it did not execute or find
-# in the reply cache.
+"""`smrd --role server`: one replica beside its app.
+
+Owns the loop: receive -> step -> persist -> send -> hand to the executor -> reply, in that order
+for every Ready (persisting before sending is what makes a vote count; see
+smrd/protocol/ready.py), the routing of replies back to the gateway that asked, and the
+replica's lifecycle (start from the write-ahead log, stop on a signal).
+Never: decides anything about order (the protocol core does), talks to the app (smrd.replica.executor
+does, in its own task, fed in decided order), or answers a request it did not execute or find
+in the reply cache.
+"""
 import asyncio
 import glob
 import ipaddress
@@ -37,7 +38,8 @@ from ..protocol.ready import group_commit
 from ..protocol.records import CheckpointRecord
 from ..protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, NOT_EXECUTING, SYSTEM, Sessions
 from .state_transfer import StateTransfer
-from .wal.log import CORRUPT_MIDDLE, CORRUPT_SUFFIX, StorageError, WriteAheadLog
+from .wal.log import CORRUPT_MIDDLE, CORRUPT_SUFFIX, WriteAheadLog
+from .wal.records import StorageError
 from ..net.transport import Channels, parse_replica_identity, replica_identity
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from .checkpoints import CheckpointError, CheckpointStore
 from ..config.settings import data_paths
 from ..protocol.messages import reply_digest
 from ..protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, SYSTEM, plan_batch
-from .wal.log import StorageError
+from .wal.records import StorageError
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,14 @@
-# State transfer between replicas: serving stored checkpoints to peers and fetching one when the
-# protocol core says the log this replica needs was truncated (Ready.transfer).
-#
-# Owns: the STATE_* messages (smrd/protocol/messages.py), choosing a checkpoint that f+1 peers
-# report with the same digest, fetching it in chunks (a window of requests, another peer when one
-# stops answering) into a part file, verifying it by hash while streaming (memory stays bounded by
-# the window, whatever the state's size), rate-limiting what this replica serves so that serving
-# never stalls ordering, and progress (log lines and the numbers behind the metrics).
-# Never: touches the protocol core or the app (the server installs what this hands it), keeps a
-# whole checkpoint in memory, or accepts bytes whose hash no quorum of peers vouched for.
+"""State transfer between replicas: serving stored checkpoints to peers and fetching one when the
+protocol core says the log this replica needs was truncated (Ready.transfer).
+
+Owns: the STATE_* messages (smrd/protocol/messages.py), choosing a checkpoint that f+1 peers
+report with the same digest, fetching it in chunks (a window of requests, another peer when one
+stops answering) into a part file, verifying it by hash while streaming (memory stays bounded by
+the window, whatever the state's size), rate-limiting what this replica serves so that serving
+never stalls ordering, and progress (log lines and the numbers behind the metrics).
+Never: touches the protocol core or the app (the server installs what this hands it), keeps a
+whole checkpoint in memory, or accepts bytes whose hash no quorum of peers vouched for.
+"""
 import asyncio
 import logging
 import os

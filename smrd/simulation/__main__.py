@@ -1,6 +1,7 @@
-# Command line for the simulator: run a range of seeds (soak), or replay one seed with a trace.
-#   python -m smrd.simulation --seeds 100000 --jobs 2      # long soak
-#   python -m smrd.simulation --seed 1234 --trace          # replay one run, printing every event
+"""Command line for the simulator: run a range of seeds (soak), or replay one seed with a trace.
+  python -m smrd.simulation --seeds 100000 --jobs 2      # long soak
+  python -m smrd.simulation --seed 1234 --trace          # replay one run, printing every event
+"""
 import argparse
 import functools
 import multiprocessing

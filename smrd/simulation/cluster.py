@@ -1,121 +1,32 @@
-# A deterministic simulation of a whole cluster: n protocol replicas, closed-loop clients, a
-# network that loses, delays, reorders, duplicates and partitions messages, replicas that crash
-# (at any point, including between persisting and sending) and restart from what they persisted.
-# Membership changes happen among those faults: replicas outside the bootstrap voters start later
-# as fresh pods and join, members are asked to leave and maybe come back (disk kept or lost), and
-# an operator submits changes of its own, often stale or concurrent with others.
-#
-# Owns: simulated time, the network, the fault schedule, the membership scenario, the reference
-# execution (requests and membership changes) and the invariant checks. One seed fixes
-# everything: the same seed replays the same run exactly.
-# It must never use wall-clock time, threads, or randomness other than its seeded generators.
+"""A deterministic simulation of a whole cluster: n protocol replicas, closed-loop clients, a
+network that loses, delays, reorders, duplicates and partitions messages, replicas that crash
+(at any point, including between persisting and sending) and restart from what they persisted.
+Membership changes happen among those faults: replicas outside the bootstrap voters start later
+as fresh pods and join, members are asked to leave and maybe come back (disk kept or lost), and
+an operator submits changes of its own, often stale or concurrent with others.
+
+Owns: simulated time, the network, the fault schedule, the membership scenario, the reference
+execution (requests and membership changes) and the invariant checks. One seed fixes
+everything: the same seed replays the same run exactly.
+It must never use wall-clock time, threads, or randomness other than its seeded generators.
+"""
 import bisect
 import hashlib
 import heapq
 import random
-from dataclasses import dataclass, field, replace
 
 from .. import core
 from ..gateway.calls import CallBook
 from ..protocol import messages as m
-from ..protocol.options import Options
 from ..protocol.quorum import CrashFaultPolicy
 from ..protocol.ready import group_commit
 from ..protocol.records import AcceptRecord, CheckpointRecord, DecideRecord, DurableState
-from ..protocol.membership import ADD_LEARNER, OPS, PROMOTE, SYSTEM_CLIENT, Change, Membership
+from ..protocol.membership import SYSTEM_CLIENT, Change, Membership
 from ..protocol.replica import Replica
 from ..protocol.sessions import DUPLICATE, EXECUTE, SYSTEM, Sessions, plan_batch, run_plan
 from .kvapp import KVApp
-
-
-class Violation(AssertionError):
-    """An invariant failed. The message says which, where and when."""
-
-
-@dataclass(frozen=True)
-class Params:
-    n: int = 3
-    clients: int = 3
-    client_window: int = 2       # requests a client keeps outstanding
-    reply_cache: int = 8         # k; must be >= client_window
-    keys: int = 4
-    drop: float = 0.0
-    duplicate: float = 0.0
-    max_delay: int = 2           # ticks; random delays reorder messages
-    crash: float = 0.0           # chance per tick that some replica crashes
-    crash_mid_ready: float = 0.0 # chance that a crash lands between persist and send
-    wipe: float = 0.0            # chance per tick that a replica dies and loses its disk
-    restart_after: int = 40      # ticks a crashed replica stays down (at most)
-    partition: float = 0.0       # chance per tick that the link pattern changes
-    fault_ticks: int = 400
-    liveness_ticks: int = 3000   # after healing, every request must complete within this
-    encode: bool = False         # push every message through the wire codec
-    evict_keep: int = -1         # >= 0: values more than this far below applied leave memory
-    directed: float = 0.0        # chance that a client's first send of a request goes to one random
-                                 # replica alone, marked directed (a gateway's leader hint, often stale)
-    # Membership (all off: the n replicas are the voters for good, as before membership changes).
-    voters: tuple = None         # the bootstrap voters; None: all n
-    joiners: tuple = ()          # (replica, tick): a replica outside `voters` starts at that tick as
-                                 # a fresh pod (empty disk) with auto_join; 0: from the start
-    leave: float = 0.0           # chance per tick that a member is asked to leave (request_leave)
-    rejoin: float = 0.0          # chance per tick that a replica asked to leave is asked back
-    admin: float = 0.0           # chance per tick that an operator submits changes itself
-    options: Options = field(default_factory=lambda: Options(
-        window=2, batch_max_requests=8, batch_max_bytes=4096, heartbeat_ticks=3,
-        election_ticks=20, request_ticks=40, retransmit_ticks=6, max_view_change_backoff=4))
-
-    @property
-    def membership(self) -> bool:
-        """Does this run change its membership?"""
-        return bool(self.voters is not None or self.joiners or self.leave or self.rejoin or self.admin)
-
-    def without_membership(self) -> "Params":
-        """The same run with a fixed membership: what the seed drew before membership changes."""
-        return replace(self, voters=None, joiners=(), leave=0.0, rejoin=0.0, admin=0.0)
-
-    @classmethod
-    def swarm(cls, seed: int, membership: bool = True) -> "Params":
-        """Each seed draws its own cluster size, fault mix and workload (swarm testing)."""
-        r = random.Random(seed * 7919 + 17)
-        window = r.choice([1, 2, 4])
-        # Drawn from its own generator so that adding checkpoints left every older seed's
-        # scenario as it was (the pinned regression seeds replay what once failed).
-        extra = random.Random(seed * 31 + 5)
-        every = extra.choice([0, 0, 3, 16])
-        evict_keep = extra.choice([-1, -1, 0, 4])
-        opts = Options(window=window, batch_max_requests=r.choice([1, 3, 16]),
-                       batch_max_bytes=r.choice([64, 4096]), heartbeat_ticks=3,
-                       election_ticks=20, request_ticks=40, retransmit_ticks=6,
-                       max_view_change_backoff=4, catchup_max_entries=r.choice([1, 4, 64]),
-                       checkpoint_every=every)
-        client_window = r.choice([1, 2, 3])
-        p = cls(
-            n=r.choice([3, 3, 5, 5, 7]), clients=r.randint(1, 4), client_window=client_window,
-            reply_cache=client_window + r.choice([0, 1, 4]), keys=r.choice([1, 3, 8]),
-            drop=r.choice([0.0, 0.01, 0.05, 0.15]), duplicate=r.choice([0.0, 0.02, 0.1]),
-            max_delay=r.choice([0, 1, 3, 8]), crash=r.choice([0.0, 0.003, 0.01, 0.02]),
-            crash_mid_ready=r.choice([0.0, 0.3]), restart_after=r.choice([5, 40, 150]),
-            partition=r.choice([0.0, 0.005, 0.02]), fault_ticks=r.choice([200, 400, 600]),
-            wipe=r.choice([0.0, 0.0, 0.002, 0.006]),
-            encode=r.random() < 0.25, options=opts, evict_keep=evict_keep)
-        # Membership changes come from a third generator, for the same reason; about a third of
-        # the seeds keep a fixed membership and run exactly the scenario they ran before.
-        mem = random.Random(seed * 4099 + 11)
-        if not membership or mem.random() < 0.3:
-            return p
-        n = p.n
-        if mem.random() < 0.35:
-            voters = tuple(range(n))
-        else:
-            voters = tuple(sorted(mem.sample(range(n), mem.randint(1, n - 1))))
-        joiners = tuple((c, 0 if mem.random() < 0.3 else mem.randint(1, p.fault_ticks - 1))
-                        for c in range(n) if c not in voters)
-        leave = mem.choice([0.0, 0.002, 0.005])
-        rejoin = mem.choice([0.0, 0.004, 0.01])
-        admin = mem.choice([0.0, 0.0, 0.004, 0.02])
-        if not joiners and not leave and not admin:
-            leave = 0.003  # every membership seed changes something
-        return replace(p, voters=voters, joiners=joiners, leave=leave, rejoin=rejoin, admin=admin)
+from .membership_scenario import _STEPS, MembershipScenario, _Admin
+from .params import Params, Result, Violation
 
 
 class _Install:
@@ -143,25 +54,7 @@ class _Client:
         self.completed = 0
 
 
-class _Admin:
-    """An operator submitting membership changes straight to replicas, as a controller or an
-    admin command would: each change names the membership it was made for (the current one, a
-    stale one, or one not there yet), and two operators sometimes submit at once. It does not
-    retransmit: a change that is lost is simply not made."""
-    ORIGIN = ("a", 0)
-
-    def __init__(self):
-        self.next_seq = 1 << 62  # above the seqs replicas give their own changes (tick << 16 | count)
-        self.sent = {}           # seq -> Change
-        self.answers = {"OK": 0, "REFUSED": 0}
-
-
-# Role steps a single membership change may make (smrd.protocol.membership): the chain of
-# memberships moves one replica by one step at a time, so consecutive majorities intersect.
-_STEPS = {("none", "learner"), ("learner", "voter"), ("learner", "none"), ("voter", "none")}
-
-
-class Simulation:
+class Simulation(MembershipScenario):
     def __init__(self, seed: int, params: Params = None, replica_class=Replica,
                  policy_class=CrashFaultPolicy, trace=None, membership_rule=None,
                  group_commit=group_commit):
@@ -650,139 +543,6 @@ class Simulation:
             return f"GET {key}".encode()
         return f"REMOVE {key}".encode()
 
-    # ------------------------------------------------------------------ membership scenario
-
-    def _membership_events(self):
-        p, rng, n = self.p, self.mrng, self.p.n
-        cfg = self.history[-1]
-        for r in range(n):
-            if self.intent[r] == "leave" and r not in self.left and r not in cfg.members \
-                    and self.replicas[r] is not None:
-                # Out of the membership: the scale-down deletes its pod, or (half the time) the
-                # pod lingers, a replica outside the membership.
-                self.left.add(r)
-                if rng.random() < 0.5:
-                    self._stop(r, "it left the membership: its pod is deleted")
-        if p.leave and rng.random() < p.leave:
-            staying = [r for r in range(n) if self.intent[r] == "join"]
-            members = [r for r in staying if r in cfg.members and self.replicas[r] is not None]
-            if len(staying) >= 2 and members:  # someone must stay a voter
-                r = rng.choice(members)
-                self.intent[r] = "leave"
-                self.leaves += 1
-                self.replicas[r].request_leave()
-                self._log(f"replica {r} is asked to leave ({cfg.role(r)} of membership {cfg.index})")
-        if p.rejoin and rng.random() < p.rejoin:
-            leavers = [r for r in range(n) if self.intent[r] == "leave"]
-            if leavers:
-                self._rejoin(rng.choice(leavers), cfg)
-        if p.admin and rng.random() < p.admin:
-            self._admin_submit(cfg)
-
-    def _rejoin(self, r, cfg):
-        rng = self.mrng
-        self.intent[r] = "join"
-        self.left.discard(r)
-        self.rejoins += 1
-        rep = self.replicas[r]
-        if r in cfg.members:
-            # Asked back before it was out: the running process changes its mind (a crashed one
-            # restarts with auto_join).
-            if rep is not None:
-                rep.leaving = False
-                rep.auto_join = True
-            self._log(f"replica {r} is asked to stay after all")
-            return
-        # A new pod with the same id, on the old disk or on a new one.
-        if rep is not None:
-            self._stop(r, "its pod is replaced to rejoin")
-        lost = ""
-        if rng.random() < 0.5 and self._may_lose_disk(r):
-            self._lose_disk(r)
-            lost = ", with a new disk"
-        self.stopped.add(r)
-        self.start_at[r] = self.t + rng.randint(1, self.p.restart_after)
-        self._log(f"replica {r} is asked to rejoin{lost} (its pod starts at t={self.start_at[r]})")
-
-    def _admin_submit(self, cfg):
-        rng, n = self.mrng, self.p.n
-        joining = [r for r in range(n) if self.intent[r] == "join"]
-        for _ in range(rng.choice([1, 1, 2])):  # sometimes two operators at once
-            op = rng.choice(OPS)
-            if op == ADD_LEARNER:
-                pool = [r for r in joining if r not in cfg.members]
-            elif op == PROMOTE:
-                pool = [r for r in joining if r in cfg.learners]
-            else:
-                pool = sorted(cfg.members)
-            if not pool or rng.random() < 0.15:
-                pool = list(range(n + 1))  # whatever it is, including an id not in hosts.conf
-            change = Change(op, rng.choice(pool), max(0, cfg.index + rng.choice([0, 0, 0, -1, 1])))
-            seq = self.admin.next_seq
-            self.admin.next_seq += 1
-            self.admin.sent[seq] = change
-            batch = core.pack_batch([(SYSTEM_CLIENT, seq, change.encode())])
-            targets = rng.sample(range(n), rng.randint(1, n))
-            self._log(f"operator submits {change} to {sorted(targets)}")
-            for r in targets:
-                self._send(_Admin.ORIGIN, r, m.Requests(batch))
-
-    def _admin_receive(self, msg):
-        for client_id, seq, data in core.Batch(msg.batch):
-            status, reply = data[0], bytes(data[1:])
-            if client_id != SYSTEM_CLIENT or seq not in self.admin.sent or status != SYSTEM:
-                raise Violation(f"operator got a reply to something it never sent: {client_id} {seq} {status}")
-            if reply.startswith(b"OK "):
-                self._run_reference()
-                if reply not in self.system_answers.get(seq, ()):
-                    raise Violation(f"operator's change {self.admin.sent[seq]} answered {reply!r}; the decided "
-                                    f"order answers {self.system_answers.get(seq)}")
-                self.admin.answers["OK"] += 1
-            elif reply.startswith(b"REFUSED "):
-                self.admin.answers["REFUSED"] += 1
-            else:
-                raise Violation(f"operator's change {self.admin.sent[seq]} answered {reply!r}")
-
-    def _memberships_in_force(self):
-        """Every membership some replica may count votes by: from the oldest one a replica holds
-        (or restarts into, from its disk) to the newest decided one, and the ones leaders expect
-        their proposed changes to lead to. Conservative: a replica without state counts none."""
-        lo = len(self.history) - 1
-        ahead = []
-        for r in range(self.p.n):
-            rep = self.replicas[r]
-            if rep is not None:
-                if rep.status != "recovering":
-                    lo = min(lo, rep.membership.index)
-                    ahead.extend(c for _, c in rep.pending_changes)
-            elif self.durable[r]:
-                # It restarts into its checkpoint's membership (or the bootstrap one) and replays.
-                checkpoint = DurableState.fold(self.durable[r]).checkpoint
-                lo = min(lo, bisect.bisect_right(self.history_at, checkpoint.instance) if checkpoint else 0)
-        return self.history[lo:] + ahead
-
-    def _may_lose_disk(self, v):
-        """May replica v lose its disk now without leaving the fault model? At most f voters of a
-        membership in force may be without durable state: one wiped replica at a time, and none
-        that votes in a membership of fewer than three voters (f = 0 there)."""
-        self.wiped = {r for r in self.wiped if self.replicas[r] is None
-                      or self.replicas[r].status == "recovering"}
-        counted = [c for c in self._memberships_in_force() if v in c.voters]
-        return not counted or (not self.wiped and all(len(c.voters) >= 3 for c in counted))
-
-    def _lose_disk(self, v):
-        if any(v in c.voters for c in self._memberships_in_force()):
-            self.wiped.add(v)  # it held votes: it counts against f until it recovers
-        self.durable[v] = []
-        self.recovery_mark[v] = False
-        self.stored[v] = {}
-        self.disk_lost.add(v)
-
-    def _over_fault_model(self, stateless):
-        """The memberships in force in which more than f voters hold no durable state."""
-        return [c for c in self._memberships_in_force()
-                if sum(1 for r in stateless if r in c.voters) > (len(c.voters) - 1) // 2]
-
     # ------------------------------------------------------------------ faults
 
     def _faults(self):
@@ -919,19 +679,6 @@ class Simulation:
                 "leaves": self.leaves, "rejoins": self.rejoins, "operator": dict(self.admin.answers),
                 "operator_sent": len(self.admin.sent)}
         return summary
-
-
-@dataclass
-class Result:
-    seed: int
-    params: Params
-    ok: bool
-    violation: str
-    summary: dict
-
-    def replay_command(self):
-        directed = f" --directed {self.params.directed:g}" if self.params.directed else ""
-        return f"python -m smrd.simulation --seed {self.seed}{directed} --trace"
 
 
 def run_seed(seed: int, **kw) -> Result:

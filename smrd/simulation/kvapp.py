@@ -1,6 +1,7 @@
-# The simulator's app: a deterministic in-memory key-value map with the demo hashmap's grammar
-# (PUT/GET/REMOVE/SIZE). A plain function of its inputs, so every replica's copy and the
-# reference execution must agree byte for byte.
+"""The simulator's app: a deterministic in-memory key-value map with the demo hashmap's grammar
+(PUT/GET/REMOVE/SIZE). A plain function of its inputs, so every replica's copy and the
+reference execution must agree byte for byte.
+"""
 
 
 class KVApp:

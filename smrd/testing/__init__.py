@@ -1,2 +1,3 @@
-# Test support that ships with the package (so end-to-end suites and operators can use it):
-# checkers and recorders. Nothing here runs inside a replica or a gateway.
+"""Test support that ships with the package (so end-to-end suites and operators can use it):
+checkers and recorders. Nothing here runs inside a replica or a gateway.
+"""

@@ -1,25 +1,26 @@
-# Linearizability checking of key-value histories recorded by clients (DESIGN.md §6, level 3).
-# It owns the model of one key (a register with put/get/remove), the Wing-Gong search with Lowe's
-# memoization (as Porcupine does it, plus the prunings explained in _check_key) and the History
-# recorder. It must never pass a violation nor report one that is not: where the record leaves a
-# choice open (equal timestamps, an op that never answered) it takes the reading that allows more
-# orders, so a reported violation is a real one. tests/unit/test_linearizability.py checks every
-# verdict against a brute-force oracle on small random histories.
-#
-# Cost: linear on ordinary histories (thousands of ops per key with a dozen or more clients take
-# well under a second); the worst case stays exponential in how many ops overlap in time.
-#
-# Rules the search relies on:
-# - P-compositionality: a history is linearizable iff each key's sub-history is, so every key is
-#   searched alone (and small searches stay small).
-# - An op with complete=None may have taken effect at any moment after its invoke, or never. Its
-#   output is unknown. An unanswered get constrains nothing and is dropped; an unanswered put or
-#   remove is always acceptable to the model, so the search succeeds as soon as every *answered* op
-#   is linearized: the unanswered ones left over are "never took effect" (or "took effect last").
-# - Times only order ops when one's complete is strictly before another's invoke; equal times
-#   count as overlapping.
-# - SIZE and SCAN span keys, so they cannot be checked per key; they are ignored (counted in
-#   CheckResult.ignored). Compare SCAN output across replicas instead.
+"""Linearizability checking of key-value histories recorded by clients (DESIGN.md §6, level 3).
+It owns the model of one key (a register with put/get/remove), the Wing-Gong search with Lowe's
+memoization (as Porcupine does it, plus the prunings explained in _check_key) and the History
+recorder. It must never pass a violation nor report one that is not: where the record leaves a
+choice open (equal timestamps, an op that never answered) it takes the reading that allows more
+orders, so a reported violation is a real one. tests/unit/test_linearizability.py checks every
+verdict against a brute-force oracle on small random histories.
+
+Cost: linear on ordinary histories (thousands of ops per key with a dozen or more clients take
+well under a second); the worst case stays exponential in how many ops overlap in time.
+
+Rules the search relies on:
+- P-compositionality: a history is linearizable iff each key's sub-history is, so every key is
+  searched alone (and small searches stay small).
+- An op with complete=None may have taken effect at any moment after its invoke, or never. Its
+  output is unknown. An unanswered get constrains nothing and is dropped; an unanswered put or
+  remove is always acceptable to the model, so the search succeeds as soon as every *answered* op
+  is linearized: the unanswered ones left over are "never took effect" (or "took effect last").
+- Times only order ops when one's complete is strictly before another's invoke; equal times
+  count as overlapping.
+- SIZE and SCAN span keys, so they cannot be checked per key; they are ignored (counted in
+  CheckResult.ignored). Compare SCAN output across replicas instead.
+"""
 import threading
 import time
 from dataclasses import dataclass, field, fields

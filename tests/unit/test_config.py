@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from smrd.config.settings import (
-    SETTINGS, Settings, add_setting_flags, load_config, render_docs, settings_markdown, settings_toml,
-)
+from smrd.config.settings import SETTINGS, Settings, load_config
+from smrd.config.views import add_setting_flags, render_docs, settings_markdown, settings_toml
 from smrd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from smrd import core
-from smrd.replica.wal import log as storage
+from smrd.replica.wal import records
 from smrd.protocol.records import (AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord,
                                    DurableState, ViewRecord)
-from smrd.replica.wal.log import (CORRUPT_MIDDLE, CORRUPT_TAIL, TORN_TAIL, StorageError, WriteAheadLog,
-                          decode_record, encode_record)
+from smrd.replica.wal.log import (CORRUPT_MIDDLE, CORRUPT_TAIL, TORN_TAIL, StorageError, WriteAheadLog)
+from smrd.replica.wal.records import decode_record, encode_record
 
 REPO = Path(__file__).resolve().parents[2]
 # Every segment starts with a header; a fresh log's first one is ViewRecord(0), CommitRecord(0).
@@ -85,7 +85,7 @@ def test_every_record_kind_round_trips_through_one_frame():
     for record in sample(30, checkpoints=True):
         frame = encode_record(record)
         assert decode_record(frame) == record
-        kinds = (storage.VIEW, storage.ACCEPT, storage.DECIDE, storage.COMMIT, storage.CHECKPOINT)
+        kinds = (records.VIEW, records.ACCEPT, records.DECIDE, records.COMMIT, records.CHECKPOINT)
         assert core.decode_frame(frame)[0] in kinds
     with pytest.raises(TypeError):
         encode_record(("not", "a", "record"))

@@ -14,12 +14,12 @@ import pytest
 import zstandard
 
 from smrd import core
-from smrd.replica.wal import log as storage
+from smrd.replica.wal import records
 from smrd.errors import ProtocolError
 from smrd.protocol.records import (AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord,
                                    DurableState, ViewRecord)
-from smrd.replica.wal.log import (CORRUPT_MIDDLE, TORN_TAIL, StorageError, WriteAheadLog, decode_record,
-                          encode_record, segment_name)
+from smrd.replica.wal.log import (CORRUPT_MIDDLE, TORN_TAIL, StorageError, WriteAheadLog)
+from smrd.replica.wal.records import decode_record, encode_record, segment_name
 
 
 def checkpoint(instance, tag=b""):
@@ -35,7 +35,7 @@ def reopen(directory, **kw):
 
 def files(directory):
     """Segment files on disk (.log and .log.zst), in sequence order."""
-    return sorted((p for p in Path(directory).iterdir() if storage._SEGMENT.match(p.name)),
+    return sorted((p for p in Path(directory).iterdir() if records._SEGMENT.match(p.name)),
                   key=lambda p: p.name)
 
 
@@ -51,7 +51,7 @@ def content(path):
 def records_in(path):
     data, out, off = content(path), [], 0
     while off < len(data):
-        record, end = storage._parse(data, off)
+        record, end = records._parse(data, off)
         assert record is not None, (path, off, end)
         out.append(record)
         off = end
@@ -106,7 +106,7 @@ ALL = [r for g in GROUPS for r in g]
 def test_checkpoint_record_round_trips_and_is_validated():
     record = checkpoint(12345)
     frame = encode_record(record)
-    assert core.decode_frame(frame)[0] == storage.CHECKPOINT == 104
+    assert core.decode_frame(frame)[0] == records.CHECKPOINT == 104
     assert decode_record(frame) == record and len(frame) == core.HEADER_SIZE + 40
     big = CheckpointRecord((1 << 64) - 1, bytes(range(32)), (1 << 64) - 1)
     assert decode_record(encode_record(big)) == big
@@ -555,9 +555,9 @@ def test_a_compression_that_does_not_read_back_keeps_the_log(tmp_path, monkeypat
     wal = write_groups(tmp_path, GROUPS, segment_bytes=1)
 
     def bad(raw):
-        raise storage._Damaged("simulated bit rot")
+        raise records._Damaged("simulated bit rot")
 
-    monkeypatch.setattr(storage, "_decompress", bad)
+    monkeypatch.setattr("smrd.replica.wal.upkeep._decompress", bad)  # where compression reads back
     with pytest.raises(StorageError, match="does not read back.*simulated bit rot"):
         wal.compress_closed()
     monkeypatch.undo()

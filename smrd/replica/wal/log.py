@@ -1,79 +1,75 @@
-# The replica's write-ahead log: the bytes, files and fsyncs behind `Ready.persist`.
-#
-# Owns: encoding durable records as smrd frames, segment files `wal-<seq>.log` in one directory,
-# the directory lock, group commit (many append() calls, one fsync per sync()), recovery:
-# replaying the segments in order, cutting off a torn or corrupt tail and saying so, and the
-# upkeep that keeps the directory small: deleting segments a checkpoint covers (truncate_before)
-# and compressing closed segments to `wal-<seq>.log.zst` (compress_closed), and reading decided
-# values back for a replica that evicted them from memory (read_decided).
-# Never: decides anything about the protocol (the meaning of a record and how records combine
-# belong to smrd.protocol.records), silently accepts damaged bytes, or keeps going after an
-# fsync failed (after a failed fsync the kernel may already have dropped the dirty pages, so a
-# retry that "succeeds" proves nothing; the only safe answer is to stop, see StorageError).
-#
-# On disk a record is exactly one smrd frame (smrd.core.encode_frame): the frame's CRC-32 and
-# its bounds-checked decoder detect torn and flipped bytes, and there is one codec to trust.
-#   type 100 ViewRecord      view in the header, no payload
-#   type 101 AcceptRecord    view and instance in the header, the value as payload
-#   type 102 DecideRecord    instance in the header, the value as payload
-#   type 103 CommitRecord    commit point in the header's instance field, no payload
-#   type 104 CheckpointRecord instance in the header, payload = sha256 digest (32) + size (<Q)
-#
-# Segments. Every segment starts with a header: the summary of every record written before it,
-# as [CheckpointRecord(latest), if any] ViewRecord(highest view) CommitRecord(highest commit),
-# written in the same write as the first group that goes into the segment (never alone, except
-# when truncate_before needs a fresh segment: a log that was never written stays empty). So each
-# segment, on its own, folds to the log's view, commit point and checkpoint as of its end, and a
-# prefix of segments can be deleted once a checkpoint covers every value in them. The checkpoint
-# comes first so that a header cut short by a crash is recognisable from the segment alone (the
-# first records are a proper prefix of the pattern), and such a segment is never appended to.
-# Header records are pure repetition: folding them again changes nothing (maxima and the latest
-# checkpoint), so the fold of the log is the fold of everything appended.
-#
-# Segment numbers are gap-free from the first segment on disk. A missing prefix is what
-# truncate_before leaves (accepted if the log holds a checkpoint, which truncation requires);
-# a missing segment between two present ones is corrupt_middle, as it always was.
-#
-# Compression (compress_closed): a closed segment is compressed to wal-<seq>.log.zst (one zstd
-# frame, level 3, content size and content checksum), read back and compared, fsynced, the
-# directory fsynced, and only then is the .log unlinked (and the directory fsynced again). So a
-# .zst is complete before its .log is gone: if both exist (a crash in between), recovery uses the
-# .log and deletes the .zst; a .zst that does not decompress, or decompresses into anything but
-# whole valid records, is corrupt_middle (its bytes are kept aside, like any corrupt_middle).
-#
-# Threads: no thread inside. append() only encodes into a memory buffer; sync() writes that
-# buffer with one os.write and fsyncs once. Two locks make it safe for the driver to run sync()
-# in a worker thread (asyncio.to_thread) while the loop keeps calling append(): append() holds
-# the buffer lock only to extend the buffer, sync() holds it only to take the buffer, and holds
-# a second lock for the write+fsync so that two concurrent sync() calls never reorder writes.
-# A third lock (a condition) guards the per-segment bookkeeping: sync() takes it briefly to
-# record what it wrote, compress_closed() and truncate_before() (worker threads: they read,
-# write, unlink and fsync whole files) take it only to claim a segment, to publish a change and
-# to wait for each other; the compression itself runs with no lock held. A segment is claimed
-# by one of them at a time (busy); truncate_before asks a compression of a segment it is about
-# to delete to give up and waits for it, and close() waits for both before it lets the
-# directory lock go.
+"""The replica's write-ahead log: the bytes, files and fsyncs behind `Ready.persist`.
+
+Owns: encoding durable records as smrd frames, segment files `wal-<seq>.log` in one directory,
+the directory lock, group commit (many append() calls, one fsync per sync()), recovery:
+replaying the segments in order, cutting off a torn or corrupt tail and saying so, and the
+upkeep that keeps the directory small: deleting segments a checkpoint covers (truncate_before)
+and compressing closed segments to `wal-<seq>.log.zst` (compress_closed), and reading decided
+values back for a replica that evicted them from memory (read_decided).
+Never: decides anything about the protocol (the meaning of a record and how records combine
+belong to smrd.protocol.records), silently accepts damaged bytes, or keeps going after an
+fsync failed (after a failed fsync the kernel may already have dropped the dirty pages, so a
+retry that "succeeds" proves nothing; the only safe answer is to stop, see StorageError).
+
+On disk a record is exactly one smrd frame (smrd.core.encode_frame): the frame's CRC-32 and
+its bounds-checked decoder detect torn and flipped bytes, and there is one codec to trust.
+  type 100 ViewRecord      view in the header, no payload
+  type 101 AcceptRecord    view and instance in the header, the value as payload
+  type 102 DecideRecord    instance in the header, the value as payload
+  type 103 CommitRecord    commit point in the header's instance field, no payload
+  type 104 CheckpointRecord instance in the header, payload = sha256 digest (32) + size (<Q)
+
+Segments. Every segment starts with a header: the summary of every record written before it,
+as [CheckpointRecord(latest), if any] ViewRecord(highest view) CommitRecord(highest commit),
+written in the same write as the first group that goes into the segment (never alone, except
+when truncate_before needs a fresh segment: a log that was never written stays empty). So each
+segment, on its own, folds to the log's view, commit point and checkpoint as of its end, and a
+prefix of segments can be deleted once a checkpoint covers every value in them. The checkpoint
+comes first so that a header cut short by a crash is recognisable from the segment alone (the
+first records are a proper prefix of the pattern), and such a segment is never appended to.
+Header records are pure repetition: folding them again changes nothing (maxima and the latest
+checkpoint), so the fold of the log is the fold of everything appended.
+
+Segment numbers are gap-free from the first segment on disk. A missing prefix is what
+truncate_before leaves (accepted if the log holds a checkpoint, which truncation requires);
+a missing segment between two present ones is corrupt_middle, as it always was.
+
+Compression (compress_closed): a closed segment is compressed to wal-<seq>.log.zst (one zstd
+frame, level 3, content size and content checksum), read back and compared, fsynced, the
+directory fsynced, and only then is the .log unlinked (and the directory fsynced again). So a
+.zst is complete before its .log is gone: if both exist (a crash in between), recovery uses the
+.log and deletes the .zst; a .zst that does not decompress, or decompresses into anything but
+whole valid records, is corrupt_middle (its bytes are kept aside, like any corrupt_middle).
+
+Threads: no thread inside. append() only encodes into a memory buffer; sync() writes that
+buffer with one os.write and fsyncs once. Two locks make it safe for the driver to run sync()
+in a worker thread (asyncio.to_thread) while the loop keeps calling append(): append() holds
+the buffer lock only to extend the buffer, sync() holds it only to take the buffer, and holds
+a second lock for the write+fsync so that two concurrent sync() calls never reorder writes.
+A third lock (a condition) guards the per-segment bookkeeping: sync() takes it briefly to
+record what it wrote, compress_closed() and truncate_before() (worker threads: they read,
+write, unlink and fsync whole files) take it only to claim a segment, to publish a change and
+to wait for each other; the compression itself runs with no lock held. A segment is claimed
+by one of them at a time (busy); truncate_before asks a compression of a segment it is about
+to delete to give up and waits for it, and close() waits for both before it lets the
+directory lock go.
+"""
 import fcntl
-import hashlib
 import logging
 import os
-import re
-import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-import zstandard
-
-from ... import core
-from ...errors import ProtocolError, SmrdError
-from ..durable import fsync_dir
 from ...protocol.records import (AcceptRecord, CheckpointRecord, CommitRecord, DecideRecord,
-                               DurableState, ViewRecord)
+                                 DurableState, ViewRecord)
+from ..durable import fsync_dir
+from .records import (_SEGMENT, StorageError, _Damaged, _decompress, _has_header, _replay,
+                      _valid_record_after, encode_record, segment_name)
+from .upkeep import Upkeep
 
 log = logging.getLogger(__name__)
 
-VIEW, ACCEPT, DECIDE, COMMIT, CHECKPOINT = 100, 101, 102, 103, 104  # messages use 1..99
 DURABILITY_MODES = ("fsync", "nosync", "memory")
 LOCK_NAME = "LOCK"
 CORRUPT_SUFFIX = ".corrupt"
@@ -83,27 +79,6 @@ CORRUPT_SUFFIX = ".corrupt"
 TORN_TAIL = "torn_tail"            # the last record is incomplete (or the file ends in zeros)
 CORRUPT_TAIL = "corrupt_tail"      # the last record is complete but wrong (checksum, magic, type)
 CORRUPT_MIDDLE = "corrupt_middle"  # damage with valid records or later segments after it
-
-_SEGMENT = re.compile(r"^wal-([0-9a-f]{16})\.log(\.zst)?$")
-# The first bytes of every frame (magic, version): a torn tail is told from garbage, and a scan
-# for the next record starts, by them. The rest of the header is smrd.core's (peek_header).
-_PREFIX = b"SM" + bytes([core.VERSION])
-_MAX_PAYLOAD = 64 << 20
-_SIZE = struct.Struct("<Q")  # a checkpoint's size, after its digest
-DIGEST_BYTES = 32            # sha256
-ZSTD_LEVEL = 3
-_CHUNK = 1 << 20             # bytes read at a time while compressing
-
-
-def segment_name(seq: int, compressed: bool = False) -> str:
-    """The file name of segment `seq`: wal-<16 hex digits>.log, or .log.zst once compressed."""
-    return f"wal-{seq:016x}.log" + (".zst" if compressed else "")
-
-
-class StorageError(SmrdError):
-    """The log cannot be used: the directory is locked by someone else, a write or an fsync
-    failed, or it was used after close(). After a failed write or fsync every later call raises
-    too: the driver must stop the replica (it may have promised or voted without durability)."""
 
 
 @dataclass(frozen=True)
@@ -131,159 +106,6 @@ class RecoveryReport:
     @property
     def clean(self) -> bool:
         return self.damage is None
-
-
-# ------------------------------------------------------------------------------------ encoding
-
-def encode_record(record) -> bytes:
-    """One record as one smrd frame. Raises TypeError for anything that is not a durable
-    record, ValueError/OverflowError for out-of-range numbers (before anything is written)."""
-    kind = type(record)
-    if kind is AcceptRecord:
-        return core.encode_frame(ACCEPT, 0, record.view, record.instance, record.value)
-    if kind is ViewRecord:
-        return core.encode_frame(VIEW, 0, record.view, 0)
-    if kind is CommitRecord:
-        return core.encode_frame(COMMIT, 0, 0, record.commit)
-    if kind is DecideRecord:
-        return core.encode_frame(DECIDE, 0, 0, record.instance, record.value)
-    if kind is CheckpointRecord:
-        digest, size = record.digest, record.size
-        if not isinstance(digest, (bytes, bytearray)) or len(digest) != DIGEST_BYTES:
-            raise ValueError(f"a checkpoint digest is {DIGEST_BYTES} bytes (sha256), "
-                             f"not {digest!r}")
-        if not 0 <= size < 1 << 64:
-            raise OverflowError(f"checkpoint size out of range: {size}")
-        return core.encode_frame(CHECKPOINT, 0, 0, record.instance,
-                                 bytes(digest) + _SIZE.pack(size))
-    raise TypeError(f"not a durable record: {record!r}")
-
-
-def decode_record(frame):
-    """The record in exactly one frame. ProtocolError on anything but a valid, known record."""
-    mtype, _sender, flags, view, instance, payload = core.decode_frame(frame)
-    if flags:
-        raise ProtocolError(f"record type {mtype} with unknown flags 0x{flags:04x}")
-    if mtype == ACCEPT:
-        return AcceptRecord(instance, view, bytes(payload))
-    if mtype == DECIDE and not view:
-        return DecideRecord(instance, bytes(payload))
-    if mtype == VIEW and not instance and not len(payload):
-        return ViewRecord(view)
-    if mtype == COMMIT and not view and not len(payload):
-        return CommitRecord(instance)
-    if mtype == CHECKPOINT and not view and len(payload) == DIGEST_BYTES + _SIZE.size:
-        return CheckpointRecord(instance, bytes(payload[:DIGEST_BYTES]),
-                                _SIZE.unpack_from(payload, DIGEST_BYTES)[0])
-    if mtype in (VIEW, DECIDE, COMMIT, CHECKPOINT):
-        raise ProtocolError(f"malformed record of type {mtype}")
-    raise ProtocolError(f"unknown record type {mtype}")
-
-
-def _parse(data, off: int):
-    """The record starting at data[off:], as (record, end), or (None, (torn, reason))."""
-    rest = len(data) - off
-    if rest < core.HEADER_SIZE:
-        if bytes(data[off:off + 3]) != _PREFIX[:min(rest, 3)]:
-            return None, (False, "bad magic in a partial header")
-        return None, (True, f"partial header ({rest} of {core.HEADER_SIZE} bytes)")
-    head = core.peek_header(data, off)
-    if head is None:
-        return None, (False, f"bad magic/version {bytes(data[off:off + 3])!r}")
-    length = head[5]
-    if length > _MAX_PAYLOAD:
-        return None, (False, f"absurd payload length {length}")
-    end = off + core.HEADER_SIZE + length
-    if end > len(data):
-        return None, (True, f"partial record ({rest} of {end - off} bytes)")
-    try:
-        return decode_record(data[off:end]), end
-    except ProtocolError as exc:
-        return None, (False, str(exc))
-
-
-def _replay(data):
-    """Every valid record from the start of data, as (records, off, why): off is where the
-    valid records end; why is (torn, reason) when off < len(data), else None."""
-    records, off, why = [], 0, None
-    end = len(data)
-    while off < end:
-        record, nxt = _parse(data, off)
-        if record is None:
-            why = nxt
-            break
-        records.append(record)
-        off = nxt
-    return records, off, why
-
-
-def _index_records(data):
-    """Index a segment from its frame headers alone (values are decoded, and checked, only when
-    used): ({instance: (ordinal, start, end) of its last Accept/Decide record}, the last commit
-    point recorded, that record's ordinal). Stops at the first incomplete or foreign frame: the
-    active segment's unsynced tail."""
-    latest, commit, commit_pos = {}, -1, -1
-    off, size, head, pos = 0, len(data), core.HEADER_SIZE, 0
-    peek = core.peek_header
-    while off + head <= size:
-        frame = peek(data, off)
-        if frame is None:
-            break
-        kind, _, _, _, instance, length = frame
-        end = off + head + length
-        if end > size:
-            break
-        if kind == ACCEPT or kind == DECIDE:
-            latest[instance] = (pos, off, end)
-        elif kind == COMMIT and instance >= commit:
-            commit, commit_pos = instance, pos
-        off = end
-        pos += 1
-    return latest, commit, commit_pos
-
-
-def _has_header(records) -> bool:
-    """Does a segment holding `records` start with a complete header (see the top)?"""
-    i = 1 if records and type(records[0]) is CheckpointRecord else 0
-    return (len(records) >= i + 2 and type(records[i]) is ViewRecord
-            and type(records[i + 1]) is CommitRecord)
-
-
-class _Damaged(Exception):
-    pass
-
-
-def _decompress(raw) -> bytes:
-    """The content of a compressed segment: exactly one complete zstd frame with its content
-    size and checksum, nothing after it. _Damaged otherwise."""
-    try:
-        params = zstandard.get_frame_parameters(raw)
-        if not params.has_checksum:
-            raise _Damaged("zstd frame without a content checksum")
-        dobj = zstandard.ZstdDecompressor().decompressobj()
-        data = dobj.decompress(raw)
-    except zstandard.ZstdError as exc:
-        raise _Damaged(str(exc)) from exc
-    if not dobj.eof:
-        raise _Damaged(f"incomplete zstd frame ({len(raw)} bytes)")
-    if dobj.unused_data:
-        raise _Damaged(f"{len(dobj.unused_data)} bytes after the zstd frame")
-    if params.content_size != len(data):
-        raise _Damaged(f"content size {params.content_size} in the frame, {len(data)} decoded")
-    return data
-
-
-def _valid_record_after(data, start: int) -> bool:
-    """Is there any valid record starting at or after `start`? Used only after damage, to tell
-    a tail (nothing valid follows: a crash mid-write) from corruption in the middle. A value that
-    happens to contain a whole valid frame can make a torn tail look like corrupt_middle: the
-    error is on the side of alarm, never of silently dropping records that were complete."""
-    pos = data.find(_PREFIX, start)
-    while pos >= 0:
-        if _parse(data, pos)[0] is not None:
-            return True
-        pos = data.find(_PREFIX, pos + 1)
-    return False
 
 
 # ----------------------------------------------------------------------------------------- log
@@ -345,7 +167,7 @@ class _Segment:
         return segment_name(self.seq, self.compressed)
 
 
-class WriteAheadLog:
+class WriteAheadLog(Upkeep):
     """Segmented write-ahead log with group commit, truncation and compression.
 
     open() -> (DurableState, RecoveryReport); then append(records) any number of times (cheap:
@@ -779,303 +601,6 @@ class WriteAheadLog:
                 self._refuse()
 
     # ------------------------------------------------------------------------------ upkeep
-
-    def truncate_before(self, instance: int) -> tuple:
-        """Delete the oldest segments that hold no Accept/Decide record above `instance`;
-        -> (segments deleted, bytes freed on disk).
-
-        Precondition: a CheckpointRecord with an instance >= `instance` was appended and
-        synced (ValueError otherwise): the checkpoint file it names holds everything the
-        deleted values produced, and must be durable before the record is appended.
-
-        First it syncs what was appended (like sync()). If the active segment holds an
-        Accept/Decide record, all at or below `instance` (or it has no header yet), that write
-        goes to a new segment, written and fsynced now even if nothing was appended, whose
-        header repeats the view, commit point and checkpoint (an active segment with a value
-        above `instance` stays: it could not be deleted anyway). Then it deletes closed
-        segments oldest first, while each one's highest Accept/Decide instance is <=
-        `instance`, and stops earlier if the first segment left would not start with a
-        complete header; so the segments left are gap-free, and the fold of what is left equals
-        the fold of everything (the values deleted are all covered by the checkpoint). It
-        fsyncs the directory after each deletion, so that a crash leaves a prefix deleted (the
-        order of unlinks is not otherwise durable). A segment being compressed is waited for (its compression is told
-        to give up). Blocks on disk I/O: call from a worker thread. "memory": does nothing."""
-        if self._memory:
-            return 0, 0
-        with self._truncate_lock:
-            with self._sync_lock:
-                self._check_open()
-                cp = self._wsum.checkpoint
-                if cp is None or cp.instance < instance:
-                    raise ValueError(
-                        f"truncate_before({instance}) needs a synced checkpoint at or above "
-                        f"{instance}; the latest synced one is "
-                        f"{'none' if cp is None else cp.instance}")
-                active = self._segs[self._seq]
-                self._sync_locked(not self._size or not active.header
-                                  or 0 <= active.top <= instance)
-            victims = self._claim_prefix(instance)
-            deleted = freed = 0
-            try:
-                for seg in victims:
-                    # The .zst first: one that a failed compression left beside the .log must
-                    # not outlive it. One directory fsync per file: a crash must leave a prefix
-                    # deleted, never an older segment brought back after a newer one went.
-                    for name in (segment_name(seg.seq, True), segment_name(seg.seq)):
-                        try:
-                            os.unlink(os.path.join(self.directory, name))
-                        except FileNotFoundError:
-                            continue
-                        except OSError as exc:
-                            raise StorageError(f"write-ahead log {self.directory}: cannot "
-                                               f"delete {name}: {exc}") from exc
-                        self._fsync_dir_or_fail(f"deleting {name}")
-                    with self._meta:
-                        del self._segs[seg.seq]
-                    deleted += 1
-                    freed += seg.size
-            finally:
-                with self._meta:
-                    for seg in victims:
-                        seg.busy = False
-                    self._meta.notify_all()
-                self.segments_deleted += deleted
-                self.bytes_deleted += freed
-            if deleted:
-                log.info("write-ahead log %s: deleted %d segment(s) up to instance %d (%d bytes)",
-                         self.directory, deleted, instance, freed)
-            return deleted, freed
-
-    def _claim_prefix(self, instance: int) -> list:
-        with self._meta:
-            while True:
-                victims = []
-                for seq in sorted(self._segs):
-                    seg = self._segs[seq]
-                    if seq >= self._seq or seg.top > instance:
-                        break
-                    victims.append(seg)
-                # Whatever is left must start with a self-sufficient segment. The segment after
-                # the last victim exists: victims are closed, and numbers have no gaps.
-                while victims and not self._segs[victims[-1].seq + 1].header:
-                    victims.pop()
-                busy = [seg for seg in victims if seg.busy]
-                if not busy:
-                    for seg in self._segs.values():
-                        seg.cancel = False
-                    for seg in victims:
-                        seg.busy = True
-                    return victims
-                for seg in busy:
-                    seg.cancel = True
-                self._meta.wait()
-
-    def compress_closed(self) -> tuple:
-        """Compress every closed segment still stored as wal-<seq>.log into wal-<seq>.log.zst,
-        oldest first; -> (segments compressed, bytes before, bytes after). Never the active
-        segment. Each: compress (zstd level 3, content size and checksum), fsync it, read it
-        back and compare, fsync the directory, unlink the .log, fsync the directory. A failure
-        removes the .zst and raises StorageError; the .log stays and the log goes on (a failed
-        fsync stops the log, as everywhere). Runs with no lock held while it compresses: call it from a worker thread while the loop goes on
-        appending and syncing. "memory": does nothing."""
-        if self._memory:
-            return 0, 0, 0
-        self._check_open()
-        done = before = after = 0
-        with self._compress_lock:
-            while True:
-                with self._meta:
-                    if self._state != "open":
-                        break
-                    # not one that truncate_before() is waiting to delete (cancel)
-                    seg = next((s for seq, s in sorted(self._segs.items()) if seq < self._seq
-                                and not (s.compressed or s.busy or s.cancel)), None)
-                    if seg is None:
-                        break
-                    seg.busy = True
-                try:
-                    sizes = self._compress(seg)
-                finally:
-                    with self._meta:
-                        seg.busy = False
-                        self._meta.notify_all()
-                if sizes is not None:
-                    done += 1
-                    before += sizes[0]
-                    after += sizes[1]
-                    self.segments_compressed += 1
-        if done:
-            log.info("write-ahead log %s: compressed %d segment(s), %d -> %d bytes",
-                     self.directory, done, before, after)
-        return done, before, after
-
-    def _compress(self, seg: _Segment):
-        """Compress one claimed segment; (bytes before, after), or None if it gave up because
-        truncate_before() wants the segment or the log closed."""
-        src = os.path.join(self.directory, segment_name(seg.seq))
-        dst = os.path.join(self.directory, segment_name(seg.seq, True))
-        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True,
-                                        write_content_size=True)
-        created = False
-        try:
-            with open(src, "rb") as fin:
-                size = os.fstat(fin.fileno()).st_size
-                digest = hashlib.blake2b()
-                cobj = cctx.compressobj(size=size)
-                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-                created = True
-                with open(fd, "wb") as fout:
-                    left = size
-                    while left:
-                        if seg.cancel or self._state != "open":
-                            return self._give_up(dst)
-                        chunk = fin.read(min(_CHUNK, left))
-                        if not chunk:
-                            raise OSError(f"{src} shrank while being compressed")
-                        digest.update(chunk)
-                        fout.write(cobj.compress(chunk))
-                        left -= len(chunk)
-                    fout.write(cobj.flush())
-                    fout.flush()
-                    packed = fout.tell()
-                    if self._fsync:
-                        try:
-                            os.fsync(fout.fileno())
-                        except OSError as exc:
-                            self._fail(f"fsync of {dst}", exc)
-            # Read it back the way recovery will: the .log goes only if this gives its bytes.
-            with open(dst, "rb") as f:
-                raw = f.read()
-            try:
-                content = _decompress(raw)
-            except _Damaged as exc:
-                raise OSError(f"{dst} does not read back: {exc}") from exc
-            if len(content) != size or hashlib.blake2b(content).digest() != digest.digest():
-                raise OSError(f"{dst} reads back different bytes than {src}")
-            del content, raw
-        except StorageError:
-            raise
-        except (OSError, zstandard.ZstdError) as exc:
-            if created:
-                self._give_up(dst)
-            raise StorageError(f"write-ahead log {self.directory}: cannot compress {src}: "
-                               f"{exc}") from exc
-        self._fsync_dir_or_fail(f"writing {dst}")
-        with self._meta:
-            # Under _meta: close() waits for busy segments before it lets the directory lock go,
-            # so the .log is never unlinked once another process may own the directory.
-            if seg.cancel or self._state != "open":
-                give_up = True
-            else:
-                give_up = False
-                try:
-                    os.unlink(src)
-                except OSError as exc:  # both files stay: recovery keeps the .log
-                    raise StorageError(f"cannot remove {src} after compressing it: {exc}") from exc
-                seg.compressed, seg.size = True, packed
-        if give_up:
-            return self._give_up(dst)
-        self._fsync_dir_or_fail(f"removing {src}")
-        return size, packed
-
-    def _give_up(self, dst: str) -> None:
-        # The .zst must be gone durably before truncate_before() unlinks its .log: a .zst that
-        # outlived its .log would be read as a complete segment.
-        self._remove_quietly(dst)
-        self._fsync_dir_or_fail(f"removing {dst}")
-        return None
-
-    def _remove_quietly(self, path: str) -> None:
-        try:
-            os.unlink(path)
-        except OSError as exc:
-            log.warning("write-ahead log %s: cannot remove %s: %s", self.directory, path, exc)
-
-    def read_decided(self, start: int, upto: int, max_entries: int, max_bytes: int) -> list:
-        """The decided values of instances start, start+1, ... (never beyond `upto`, which the
-        caller must know decided: at most its commit point), as [(instance, value)], at most
-        max_entries and about max_bytes (at least one entry), read back from the segment files:
-        catch-up for a peer, or a replay, once the values left memory. An instance's value is
-        the last record of it in the log: once it is decided no record of it follows (the core
-        never re-accepts a decided slot), and every record of a decided instance was synced
-        before the commit point passed it. Blocking file reads: call it from a worker thread.
-        Stops early (fewer entries) at a gap, e.g. instances covered by a checkpoint."""
-        if self._memory or start > upto:
-            return []
-        self._check_open()
-        with self._meta:
-            seqs = sorted(seq for seq, seg in self._segs.items() if seg.top >= start)
-        found = {}                      # instance -> (seq, ordinal, data, start, end) of its last record
-        last = min(upto, start + max_entries - 1)
-        for seq in seqs:
-            loaded = self._read_segment_for_catchup(seq)
-            if loaded is None:
-                continue  # deleted meanwhile (truncated behind a checkpoint)
-            data, latest, final_commit, final_pos = loaded
-            for i in range(start, last + 1):
-                where = latest.get(i)
-                if where is not None:
-                    found[i] = (seq, where[0], data, where[1], where[2])
-            # What max_bytes lets us send, as far as we know the values (at least one).
-            size, i = 0, start
-            while i <= last and i in found:
-                n = found[i][4] - found[i][3]
-                if i > start and size + n > max_bytes:
-                    last = i - 1
-                    break
-                size += n
-                i += 1
-            if i <= last:
-                continue  # some wanted instance is further on
-            # Final once a commit point >= last follows every record taken from this segment:
-            # no record of those instances can come after it.
-            newest = max((f[1] for f in found.values() if f[0] == seq), default=-1)
-            if final_commit >= last and final_pos > newest:
-                break
-        out, size = [], 0
-        for i in range(start, last + 1):
-            where = found.get(i)
-            if where is None:
-                break
-            data, off, end = where[2:]
-            value = decode_record(data[off:end]).value  # checksum checked here, for what we send
-            if out and size + len(value) > max_bytes:
-                break
-            out.append((i, value))
-            size += len(value)
-        return out
-
-    def _read_segment_for_catchup(self, seq: int):
-        # Serving a long catch-up walks the segments in order, a chunk per call: keep the last
-        # closed segment read, with an index of its records (closed segments never change).
-        cache = self._catchup_cache
-        if seq in cache:
-            return cache[seq]
-        data = self._load_segment(seq)
-        if data is None:
-            return None
-        loaded = (data, *_index_records(data))
-        if seq < self._seq:
-            if len(cache) >= 2:  # a chunk may straddle two segments: keep both
-                del cache[next(iter(cache))]
-            cache[seq] = loaded
-        return loaded
-
-    def _load_segment(self, seq: int):
-        for compressed in (False, True):  # a compression may replace the .log while we look
-            path = os.path.join(self.directory, segment_name(seq, compressed))
-            try:
-                with open(path, "rb") as f:
-                    raw = f.read()
-            except FileNotFoundError:
-                continue
-            if not compressed:
-                return raw
-            try:
-                return _decompress(raw)
-            except _Damaged as exc:
-                raise StorageError(f"log segment {path} is damaged: {exc}") from exc
-        return None
 
     def stats(self) -> dict:
         """What is on disk now, for metrics: segments (files), bytes (their sizes, compressed
