@@ -17,11 +17,12 @@ from .records import (
 )
 from .replica import NORMAL, RECOVERING, VIEW_CHANGE, Replica
 from .sessions import Sessions
+from .status import LogEntry, ReplicaSnapshot
 
 __all__ = [
     "Accepted", "Ack", "CatchupReply", "CatchupRequest", "Commit", "DoViewChange", "Forward", "Message",
     "Propose", "Replies", "ReplyErrors", "Requests", "StartView", "StartViewChange", "Options",
     "CrashFaultPolicy", "QuorumPolicy", "Ready", "AcceptRecord", "CommitRecord", "DecideRecord",
     "DurableState", "ViewRecord", "NORMAL", "RECOVERING", "VIEW_CHANGE", "Replica", "Sessions",
-    "Recovery", "RecoveryResponse", "LogTruncated", "CheckpointRecord",
+    "Recovery", "RecoveryResponse", "LogTruncated", "CheckpointRecord", "LogEntry", "ReplicaSnapshot",
 ]

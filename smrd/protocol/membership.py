@@ -1,17 +1,18 @@
-# Which replicas vote, as part of the replicated state.
-#
-# Owns: the Membership value (voters, learners, how many changes made it), the membership-change
-# entries that travel through consensus like requests, and the one deterministic rule that applies
-# a change or refuses it. Every replica applies the same decided changes in the same order, so
-# every replica computes the same membership at the same instance.
-# Must never: look at clocks, liveness or sockets. "Would this lose quorum?" depends on who is up,
-# so the leader asks it before it proposes a change (smrd.protocol.replica), not here.
-#
-# Why one change at a time, each adding or removing a single voter: any majority of a membership
-# and any majority of the next one intersect, so a decision taken by either is seen by a view
-# change that gathers either. Each change names the membership it applies to (`base`); a change
-# decided after another one took effect is refused at execution, which is what keeps two changes
-# proposed concurrently (by two leaders of different views) from both taking effect.
+"""Which replicas vote, as part of the replicated state.
+
+Owns: the Membership value (voters, learners, how many changes made it), the membership-change
+entries that travel through consensus like requests, and the one deterministic rule that applies
+a change or refuses it. Every replica applies the same decided changes in the same order, so
+every replica computes the same membership at the same instance.
+Must never: look at clocks, liveness or sockets. "Would this lose quorum?" depends on who is up,
+so the leader asks it before it proposes a change (smrd.protocol.membership_changes), not here.
+
+Why one change at a time, each adding or removing a single voter: any majority of a membership
+and any majority of the next one intersect, so a decision taken by either is seen by a view
+change that gathers either. Each change names the membership it applies to (`base`); a change
+decided after another one took effect is refused at execution, which is what keeps two changes
+proposed concurrently (by two leaders of different views) from both taking effect.
+"""
 import json
 from dataclasses import dataclass
 

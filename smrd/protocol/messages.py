@@ -1,7 +1,8 @@
-# The protocol's messages and their wire encoding. Every message travels as one smrd frame
-# (smrd.core.encode_frame: versioned header + checksum); lists of entries reuse the batch layout
-# (smrd.core.pack_batch) with (instance, view, value) in place of (client_id, seq, payload).
-# This module owns message types and codecs; it never decides what to send.
+"""The protocol's messages and their wire encoding. Every message travels as one smrd frame
+(smrd.core.encode_frame: versioned header + checksum); lists of entries reuse the batch layout
+(smrd.core.pack_batch) with (instance, view, value) in place of (client_id, seq, payload).
+This module owns message types and codecs; it never decides what to send.
+"""
 import hashlib
 import struct
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
-# Tunables of the consensus core, in ticks and counts. The core never reads a clock: the driver
-# calls tick() every tick_ms and converts the user's millisecond settings into ticks here.
+"""Tunables of the consensus core, in ticks and counts. The core never reads a clock: the driver
+calls tick() every tick_ms and converts the user's millisecond settings into ticks here.
+"""
 from dataclasses import dataclass
 
 

@@ -1,7 +1,8 @@
-# The seam between the protocol and its fault model: quorum sizes, how many matching replies a
-# gateway needs, and message authentication. The crash-fault policy is the one shipped; a
-# Byzantine policy (n >= 3f+1, signed messages, f+1 matching replies) plugs in here without
-# touching the replica's or the drivers' code.
+"""The seam between the protocol and its fault model: quorum sizes, how many matching replies a
+gateway needs, and message authentication. The crash-fault policy is the one shipped; a
+Byzantine policy (n >= 3f+1, signed messages, f+1 matching replies) plugs in here without
+touching the replica's or the drivers' code.
+"""
 
 
 class QuorumPolicy:

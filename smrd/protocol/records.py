@@ -1,6 +1,7 @@
-# What a replica must remember across a crash, as records the driver appends to durable storage,
-# and the fold that rebuilds the replica's durable state from them. This module owns the meaning
-# of each record; storage (the WAL) owns bytes, files and fsync.
+"""What a replica must remember across a crash, as records the driver appends to durable storage,
+and the fold that rebuilds the replica's durable state from them. This module owns the meaning
+of each record; storage (the WAL) owns bytes, files and fsync.
+"""
 from dataclasses import dataclass, field
 from typing import Optional
 

@@ -1,8 +1,9 @@
+"""Exactly-once execution: which decided requests run on the app and which are answered from the
+reply cache. Every decision here is a function of the decided order alone (request ids and the
+leader's batch timestamps), so all replicas make the same ones. Never reads a clock.
+"""
 import struct
 
-# Exactly-once execution: which decided requests run on the app and which are answered from the
-# reply cache. Every decision here is a function of the decided order alone (request ids and the
-# leader's batch timestamps), so all replicas make the same ones. Never reads a clock.
 from .. import core
 from .membership import SYSTEM_CLIENT, Membership
 
