@@ -29,6 +29,7 @@ from .checkpoints import CheckpointError, CheckpointStore
 from ..errors import ProtocolError, SmrdError
 from .durable import durable_touch, durable_unlink
 from .executor import Executor
+from .reporting import ReplicaReporting, _answer_text
 from ..ops.observability import Observability
 from ..protocol import messages as m
 from ..protocol.options import Options
@@ -48,8 +49,6 @@ STATUS_REQUEST = m.STATUS_REQUEST
 ROUTES_MIN = 4096  # routes kept before pruning those of sessions the table no longer holds
 STATUS_REPLY = m.STATUS_REPLY
 
-# A replica further behind than this (instances) reports itself not ready.
-READY_MAX_LAG = 64
 # In the data directory while a replica that started with an empty disk has not finished its
 # recovery (docs/PROTOCOL.md, "Recovery"): a crash in between must not pass for a normal restart.
 RECOVERY_MARK = "recovering"
@@ -69,7 +68,7 @@ def bind_endpoint(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
-class Server:
+class Server(ReplicaReporting):
     def __init__(self, config):
         s = config.settings
         self.config = config
@@ -143,11 +142,12 @@ class Server:
         # A recovery that began and never ended (the mark is still on disk) is resumed: what the
         # log holds then are decided values it caught up, not the votes it lost with its disk.
         self._recovery_mark = Path(data_dir) / RECOVERY_MARK
-        self.replica = Replica(self.id, CrashFaultPolicy(self.n), self.options, sessions,
+        self.policy = CrashFaultPolicy(self.n)
+        self.replica = Replica(self.id, self.policy, self.options, sessions,
                                durable, recovery_nonce=nonce, voters=s.voters, auto_join=s.auto_join,
                                resume_recovery=self._recovery_mark.exists())
         self._marked = self._recovery_mark.exists()
-        if self.replica.status == RECOVERING and not self._marked and self._recovery_mark.parent.is_dir():
+        if self.replica.snapshot().status == RECOVERING and not self._marked and self._recovery_mark.parent.is_dir():
             durable_touch(self._recovery_mark)  # before the first record this replica writes
             self._marked = True
         me = hosts.replica(self.id)
@@ -167,7 +167,7 @@ class Server:
         self.routes = {}
         self._routes_limit = ROUTES_MIN
         self.transfer = StateTransfer(
-            self.id, hosts.peers_of(self.id).keys(), self.replica.policy.max_faults + 1, self.store,
+            self.id, hosts.peers_of(self.id).keys(), self.policy.max_faults + 1, self.store,
             self._send_state, s.state_transfer_rate_mb * 1_000_000, self._transfer_done,
             self._transfer_failed)
         self._compressing = False
@@ -184,10 +184,10 @@ class Server:
             self.stats[key] = 0
         self.stopping = asyncio.Event()
         self.executor = Executor(self, self.checkpoint_dir if s.durability == "memory" else data_dir,
-                                 restored, app_state)
+                                 sessions, restored, app_state)
         self.process = psutil.Process()
         self.recovered_bytes, self.recovered_records = report.bytes, report.records
-        self.obs = Observability("server", self.id, self._snapshot, self.ready)
+        self.obs = Observability("server", self.id, self._metrics, self.ready)
         self._last_role = None
         self._last_membership = None
         self._refused_seen = 0      # the core's count of refused changes already logged
@@ -201,7 +201,7 @@ class Server:
         self._bad_frames_logged = 0
         self.started = time.time()
         log.info("replica %d of %d starting: view %d, commit %d, log top %d, data %s (%s)",
-                 self.id, self.n, self.replica.view, self.replica.commit, self.replica.top,
+                 self.id, self.n, *(lambda s: (s.view, s.commit, s.top))(self.replica.snapshot()),
                  data_dir, s.durability)
         self._on_membership()
 
@@ -309,7 +309,7 @@ class Server:
                     self._send_all(commit.early)
                 if commit.sync:
                     self.wal.sync()
-            if self._marked and rep.status != RECOVERING:
+            if self._marked and rep.progress()[1] != RECOVERING:
                 durable_unlink(self._recovery_mark)  # the record that ended recovery is durable
                 self._marked = False
             for rd in batch:
@@ -362,98 +362,20 @@ class Server:
             peer, instance = rd.transfer
             log.info("event=state_transfer_start commit=%d peer=%d peer_checkpoint=%d (the log "
                      "this replica needs was truncated: fetching a checkpoint)",
-                     rep.commit, peer, instance)
+                     rep.progress()[2], peer, instance)
             self.transfer.start(peer, instance)
-
-    def _log_changes(self):
-        rep = self.replica
-        role = (rep.view, rep.status)
-        if role != self._last_role:
-            old = self._last_role
-            self._last_role = role
-            if rep.status == RECOVERING:
-                log.info("event=recovering (the log is empty: asking the other replicas for the "
-                         "current state before taking part)")
-            elif old and old[1] == RECOVERING:
-                log.info("event=recovered view=%d leader=%d commit_target=%d", rep.view,
-                         rep.leader, rep.catchup_target)
-            if rep.status == NORMAL:
-                log.info("event=view_active view=%d leader=%d self=%s previous_view=%s",
-                         rep.view, rep.leader, rep.is_leader, old[0] if old else "-")
-            elif rep.status != RECOVERING:
-                log.info("event=view_change view=%d new_leader=%d old_leader=%s reason=%r",
-                         rep.view, rep.leader, rep.leader_of(old[0]) if old else "-",
-                         rep.view_change_reason)
-        if not self._live_member and rep.role != "none" and (rep.is_leader or (
-                rep.leader_commit > 0 and rep.commit + READY_MAX_LAG >= rep.leader_commit)):
-            self._live_member = True  # (a leader hears no leader's commit point: it is the one)
-        if rep.membership is not self._last_membership:
-            self._on_membership()
-        refused = rep.stats.get("membership_refused", 0)
-        if refused > self._refused_seen and time.monotonic() >= self._refused_quiet_until:
-            # Changes that reached this leader through another replica (a copy of an operator's
-            # change, or a replica's own auto_join or leave request) and were refused: no answer
-            # goes back from here, and a replica asking for itself asks again every election
-            # timeout, so say it at most every 10 s.
-            count, self._refused_seen = refused - self._refused_seen, refused
-            self._refused_quiet_until = time.monotonic() + 10.0
-            log.warning("event=membership_change_refused when=proposal count=%d reason=%r", count,
-                        "forwarded by another replica: it would lose quorum, or its base is stale "
-                        "(whoever asked directly got the reason; a replica asking for itself asks "
-                        "again later)")
-        if self._lagging != (rep.commit < rep.catchup_target):
-            self._lagging = not self._lagging
-            if self._lagging:
-                log.info("event=catching_up commit=%d target=%d", rep.commit, rep.catchup_target)
-            else:
-                log.info("event=caught_up commit=%d", rep.commit)
-
-    def _on_membership(self):
-        """The applied membership changed (or is seen for the first time): say so, and size the
-        checkpoint agreement of state transfers to the voters (f+1 of them)."""
-        rep = self.replica
-        old, new = self._last_membership, rep.membership
-        self._last_membership = new
-        self._size_transfer()
-        if old is None:
-            log.info("event=membership index=%d voters=%s learners=%s role=%s auto_join=%s (%s)",
-                     new.index, sorted(new.voters), sorted(new.learners), rep.role, rep.auto_join,
-                     "the bootstrap voters, until a change is applied" if new.index == 0 else
-                     "the replicated membership, from this replica's checkpoint and log; catching up "
-                     "may move it on")
-            return
-        if old == new:
-            return
-        log.info("event=membership_changed index=%d voters=%s learners=%s role=%s previous_index=%d",
-                 new.index, sorted(new.voters), sorted(new.learners), rep.role, old.index)
-        if old.role(self.id) != "none" and rep.role == "none":
-            if rep.auto_join and self._live_member:
-                # Removed while running (smrd admin leave, a scale-down's preStop): stay out. A
-                # restart with auto_join asks again, as a new pod would.
-                rep.auto_join = False
-            log.info("event=removed_from_membership index=%d auto_join=%s (this replica no longer votes "
-                     "or receives the stream; stop it, or join it again)", new.index, rep.auto_join)
-            self._live_member = False
 
     def _size_transfer(self):
         """State transfers ask the members of the membership this replica knows (not every
         candidate of hosts.conf: one that is not running would make each query wait its whole
         timeout) and need f+1 of its voters to agree on a checkpoint. After a transfer failed,
         the next one asks every candidate: the group may have moved on without this replica."""
-        cfg = self.replica.membership
+        cfg = self.replica.progress()[5]
         self.transfer.need = (len(cfg.voters) - 1) // 2 + 1
         members = tuple(sorted(r for r in cfg.members if r != self.id))
         if self._transfer_wide or len(members) < self.transfer.need:
             members = tuple(sorted(self.config.hosts.peers_of(self.id)))
         self.transfer.peers = members
-
-    def _log_change_answer(self, instance, answer):
-        text = _answer_text(answer)
-        if text.startswith("REFUSED"):
-            log.warning("event=membership_change_refused when=execution instance=%d reason=%r",
-                        instance, text.removeprefix("REFUSED "))
-        else:
-            log.info("event=membership_change_applied instance=%d answer=%r", instance, text)
 
     def _send_all(self, messages):
         by_dest = defaultdict(list)
@@ -473,7 +395,7 @@ class Server:
         # its own) would stay here for good. Keep those the session table still knows; a request
         # whose session is not in it yet loses its route at worst, and its gateway's
         # retransmission brings it back.
-        cache = self.replica.sessions.cache
+        cache = self.executor.sessions.cache
         self.routes = {cid: route for cid, route in self.routes.items() if cid in cache}
         self._routes_limit = max(ROUTES_MIN, 2 * len(self.routes))
 
@@ -524,7 +446,7 @@ class Server:
 
     def set_sessions(self, sessions) -> None:
         """The executor rebuilds the app with this exactly-once table (the core plans with it)."""
-        self.replica.sessions = sessions
+        self.replica.replace_sessions(sessions)
 
     def storage_failed(self, e):
         self._storage_failed(e)
@@ -543,8 +465,9 @@ class Server:
     def _peer_lost(self, r):
         # A leader killed (or its pod gone) closes its connections at once: suspecting it then
         # takes ~2 heartbeats instead of the election timeout (docs/PROTOCOL.md, "Leader change").
-        if r == self.replica.leader:
-            log.info("event=leader_connection_lost leader=%d view=%d", r, self.replica.view)
+        snap = self.replica.snapshot()
+        if r == snap.leader:
+            log.info("event=leader_connection_lost leader=%d view=%d", r, snap.view)
         self.replica.peer_lost(r)
         self._flush()
 
@@ -562,9 +485,10 @@ class Server:
     async def _serve_log(self, peer, start):
         rep, opt = self.replica, self.options
         try:
-            entries = await asyncio.to_thread(self.wal.read_decided, start, rep.commit,
+            entries = await asyncio.to_thread(self.wal.read_decided, start, rep.progress()[2],
                                               opt.catchup_max_entries, opt.catchup_max_bytes)
-            self._send_state(peer, m.CatchupReply(rep.view, rep.commit, tuple(entries)))
+            view, _, commit = rep.progress()[:3]
+            self._send_state(peer, m.CatchupReply(view, commit, tuple(entries)))
         except StorageError as e:
             log.error("cannot serve catch-up from the log files: %s", e)
         finally:
@@ -573,14 +497,15 @@ class Server:
     def values(self, first, last):
         # Decided values first..last, from memory or (evicted ones) read back from the log files.
         rep = self.replica
+        evicted = rep.snapshot().evicted
         i = first
         while i <= last:
-            slot = rep.log.get(i)
-            if slot is not None:
-                yield i, slot.value
+            value = rep.value_of(i)
+            if value is not None:
+                yield i, value
                 i += 1
                 continue
-            chunk = self.wal.read_decided(i, min(last, rep.evicted), 4096, 64 << 20)
+            chunk = self.wal.read_decided(i, min(last, evicted), 4096, 64 << 20)
             if not chunk:
                 raise StorageError(f"instance {i} is neither in memory nor in the log files")
             yield from chunk
@@ -593,7 +518,7 @@ class Server:
 
     def _transfer_done(self, instance, digest, size, sessions_blob, app_state):
         rep = self.replica
-        if instance <= rep.commit:
+        if instance <= rep.progress()[2]:
             rep.transfer_failed()  # caught up from the log meanwhile
             self._flush()
             return
@@ -603,8 +528,8 @@ class Server:
         sessions = self._sessions(sessions_blob)
         self.wal.append([CheckpointRecord(instance, digest, size)])
         self.wal.sync()
-        self.executor.install(instance, app_state)
-        rep.install_checkpoint(instance, sessions)
+        if rep.install_checkpoint(instance, sessions):
+            self.executor.install(instance, app_state, sessions)
         self._flush()
 
     def _transfer_failed(self, why):
@@ -627,76 +552,6 @@ class Server:
 
     # ------------------------------------------------------------------ status and lifecycle
 
-    def _snapshot(self) -> dict:
-        d = self.status()
-        rep, wal, app = self.replica, self.wal, self.executor.adapter.stats
-        d.update(known_commit=max(rep.catchup_target, rep.leader_commit, rep.commit),
-                 app_errors=app.get("errors", 0), app_timeouts=app.get("timeouts", 0),
-                 app_reconnects=app.get("reconnects", 0), app_retries=app.get("retries", 0),
-                 log_bytes=self.recovered_bytes + wal.bytes_written,
-                 log_records=self.recovered_records + wal.records_written,
-                 wal_bytes_written=wal.bytes_written, wal_records_written=wal.records_written,
-                 wal_syncs=wal.syncs)
-        t = self.transfer
-        d.update(state_transfer_bytes=t.received, state_transfer_size=t.size)
-        cfg = rep.membership
-        d.update(membership_index=cfg.index, membership_voters=len(cfg.voters),
-                 membership_learners=len(cfg.learners),
-                 membership_changes=rep.stats.get("membership_changes", 0),
-                 membership_refused=rep.stats.get("membership_refused", 0))
-        return d
-
-    def ready(self):
-        """In the current view and normal, caught up within READY_MAX_LAG, app reachable."""
-        rep = self.replica
-        if self.stopping.is_set():
-            return False, "stopping"
-        if rep.status == RECOVERING:
-            return False, "recovering: learning the cluster's state before taking part"
-        if self.transfer.active:
-            t = self.transfer
-            return False, f"state transfer: {t.received} of {t.size or '?'} bytes of checkpoint {t.instance}"
-        role = rep.role
-        known = max(rep.catchup_target, rep.leader_commit, rep.commit)
-        if role == "learner":
-            return False, f"learner: catching up (commit {rep.commit} of {known})"
-        if role != "voter":
-            cfg = rep.membership
-            return False, (f"not a member of the replica group (membership {cfg.index}: voters "
-                           f"{sorted(cfg.voters)})")
-        if rep.status != NORMAL:
-            return False, f"view change to view {rep.view} in progress"
-        if rep.is_leader and not rep.has_quorum_contact():
-            return False, "leader without contact to a quorum (view change expected)"
-        if known - rep.commit > READY_MAX_LAG:
-            return False, f"catching up: decided {rep.commit} of {known}"
-        state, reason = self.executor.describe()
-        if state != "executing":
-            return False, f"{state}: {reason}"
-        executed = self.executor.executed
-        if rep.commit - executed > READY_MAX_LAG:
-            return False, f"executing: {executed} of {rep.commit} applied to the app"
-        return True, "ready"
-
-    def status(self) -> dict:
-        if self.replica.membership is not self._last_membership:
-            # A change applied earlier in this burst of messages: act on it (auto_join after a
-            # removal) before describing it, as the end of the burst would.
-            self._on_membership()
-        d = self.replica.describe()  # "role": voter | learner | none; "membership": the applied one
-        ex = self.executor
-        execution, reason = ex.describe()
-        d.update(process="server", auto_join=self.replica.auto_join, executed=ex.executed, pid=os.getpid(),
-                 app_ready=ex.adapter._state is not False, halted=ex.halted, execution=execution,
-                 execution_reason=reason, can_execute=ex.can_execute,
-                 rss_bytes=self.process.memory_info().rss, ready=self.ready()[0],
-                 connections_refused=self.channels.refused, messages_sent=self.channels.sent,
-                 messages_received=self.channels.received,
-                 peer_contact_s={r: round((self.replica.now - t) * self.settings.tick_ms / 1000, 3)
-                                 for r, t in self.replica.contact.items()}, uptime_s=round(time.time() - self.started, 3),
-                 n=self.n, **{k: v for k, v in self.stats.items()}, **self.transfer.describe())
-        return d
-
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
         self._next_compress = self.loop.time() + COMPRESS_EVERY_S
@@ -711,9 +566,10 @@ class Server:
                 self.channels.close()
                 return 1
             log.info("metrics and health on port %d (/metrics, /healthz, /readyz)", port)
-        if self.replica.commit and self.executor.pending_reset is None:
+        commit = self.replica.progress()[2]
+        if commit and self.executor.pending_reset is None:
             log.info("replaying %d decided instances into the app at %s:%d (a new app, started "
-                     "empty)", self.replica.commit, self.settings.app_host, self.settings.app_port)
+                     "empty)", commit, self.settings.app_host, self.settings.app_port)
         executor = asyncio.create_task(self.executor.run())
         self.loop.call_soon(self._tick)
         log.info("replica %d ready: peers on port %d, gateways on port %d, app %s:%d (%s framing)",
@@ -745,16 +601,18 @@ class Server:
         rep = self.replica
         if not rep.transfer_leadership():
             return
-        old_view = rep.view - 1
-        log.info("handing leadership of view %d to replica %d before stopping", old_view, rep.leader)
+        s = rep.snapshot()
+        old_view = s.view - 1
+        log.info("handing leadership of view %d to replica %d before stopping", old_view, s.leader)
         self._flush()
         end = self.loop.time() + deadline_s
-        while self.loop.time() < end and not (rep.status == NORMAL and rep.view > old_view):
+        while self.loop.time() < end and not (s.status == NORMAL and s.view > old_view):
             await asyncio.sleep(self.settings.tick_ms / 1000)
             rep.tick(int(time.time() * 1000))
             self._flush()
-        if rep.status == NORMAL:
-            log.info("view %d is active under replica %d; stopping", rep.view, rep.leader)
+            s = rep.snapshot()
+        if s.status == NORMAL:
+            log.info("view %d is active under replica %d; stopping", s.view, s.leader)
         else:
             log.warning("no new view within %.1f s; stopping anyway (the others will elect one)", deadline_s)
 
@@ -763,10 +621,6 @@ class Server:
             os._exit(1)  # a second signal: leave now
         log.info("received %s: stopping", signal.Signals(sig).name)
         self.stopping.set()
-
-
-def _answer_text(answer) -> str:
-    return bytes(answer).decode("utf-8", "replace")
 
 
 def run(config) -> int:

@@ -90,11 +90,14 @@ class _CannotRebuild(Exception):
 
 
 class Executor:
-    def __init__(self, server, data_dir: str, restored=None, restored_state=None):
+    def __init__(self, server, data_dir: str, sessions, restored=None, restored_state=None):
         s = server.settings
         self.server = server
         self.settings = s
         self.rep = server.replica
+        # The exactly-once table the core plans with (the same object): execution fills in the
+        # replies. Replaced on a rebuild (_replay) and by a state transfer (install).
+        self.sessions = sessions
         self.stats = server.stats
         self.hooks = bool(s.snapshot_request)
         self.data_paths = data_paths(s.app_data_paths)
@@ -168,15 +171,17 @@ class Executor:
             self.queue.extend(apply)
         self.wakeup.set()
 
-    def install(self, instance: int, app_state: bytes) -> None:
-        """A state transfer ended: the app's state becomes the checkpoint's."""
+    def install(self, instance: int, app_state: bytes, sessions) -> None:
+        """A state transfer ended: the app's state becomes the checkpoint's, and the table the
+        core plans with from now on is `sessions` (the checkpoint's)."""
+        self.sessions = sessions
         self.queue.append(_RestoreApp(instance, app_state))
         self.wakeup.set()
 
     def diverged(self, client_id: int, seq: int, digest: bytes, majority: int) -> None:
         """A gateway saw a majority of the replicas answer (client_id, seq) with a reply whose
         blake2b-16 is `digest`, and this replica answer otherwise."""
-        mine = self.rep.sessions.reply(client_id, seq)
+        mine = self.sessions.reply(client_id, seq)
         if mine is None or reply_digest(mine) == digest or self.pending_reset is not None:
             return  # no longer cached (cannot tell), or it agrees after all
         log.error("event=divergence_reported client_id=%x seq=%d majority=%d action=reset (this "
@@ -244,7 +249,7 @@ class Executor:
         # If this raises, what happens next (a rebuild, a reset) plans again from the log.
         results = await self.adapter.execute(payloads) if payloads else []
         self.fresh = False
-        sessions = self.rep.sessions
+        sessions = self.sessions
         replies = []
         append = replies.append
         it = iter(results)
@@ -351,7 +356,8 @@ class Executor:
                 server.storage_failed(e)
                 return
             log.info("event=checkpoint instance=%d bytes=%d state_bytes=%d seconds=%.3f log_from=%d",
-                     instance, size, len(state), time.monotonic() - started, self.rep.low + 1)
+                     instance, size, len(state), time.monotonic() - started,
+                     self.rep.snapshot().low + 1)
             if low:
                 try:
                     deleted, freed = await asyncio.to_thread(server.wal.truncate_before, low)
@@ -430,9 +436,9 @@ class Executor:
         await self._pace(why)
         self.queue.clear()
         self.open_images = []
-        if self.hooks and (self.rep.checkpoints or self._base_state() is not None):
-            log.warning("event=app_reset reason=%r action=restore checkpoint=%d", why,
-                        self.rep.checkpoints[-1] if self.rep.checkpoints else 0)
+        checkpoint = self.rep.snapshot().checkpoint
+        if self.hooks and (checkpoint or self._base_state() is not None):
+            log.warning("event=app_reset reason=%r action=restore checkpoint=%d", why, checkpoint)
             try:
                 self._replay(f"reset: {why}", restore_base=True)
                 if self.queue and type(self.queue[0]) is _RestoreApp:
@@ -501,12 +507,13 @@ class Executor:
         and as on every other replica."""
         rep, server = self.rep, self.server
         self._last_replay = (why, restore_base)
-        self.fresh = self.fresh and not rep.checkpoints
+        snap = rep.snapshot()
+        self.fresh = self.fresh and not snap.checkpoints
         self.queue.clear()
         self.open_images = []
         start, app_state, sessions = 0, None, None
-        if rep.checkpoints:
-            start = rep.checkpoints[-1]
+        if snap.checkpoints:
+            start = snap.checkpoint
             digest = dict((i, d) for i, _, d in server.store.info()).get(start)
             try:
                 if digest is None:
@@ -524,13 +531,11 @@ class Executor:
         if app_state is not None:
             self.queue.append(_RestoreApp(start, app_state))
         log.warning("event=app_rebuild reason=%r checkpoint=%d instances=%d..%d (no replies until "
-                    "it is done)", why, start, start + 1, rep.applied)
-        # The membership is replicated state the core applied up to rep.applied, which is where
-        # the replay ends: keep it (neither an empty table nor the checkpoint's would be right).
-        sessions.membership = rep.sessions.membership
-        server.set_sessions(sessions)
+                    "it is done)", why, start, start + 1, snap.applied)
+        server.set_sessions(sessions)  # the core gives it the membership it applied
+        self.sessions = sessions
         try:
-            for i, value in server.values(start + 1, rep.applied):
+            for i, value in server.values(start + 1, snap.applied):
                 self.queue.append((i, value, plan_batch(sessions, value)))
         except StorageError as e:
             self.queue.clear()
@@ -538,7 +543,7 @@ class Executor:
                 f"the app's state cannot be rebuilt: {e}; move the data directory aside to rejoin "
                 f"with an empty disk (the state is then fetched from the peers)") from None
         self.executed = 0
-        self.quiet_until = rep.applied
+        self.quiet_until = snap.applied
         self._set_state(REBUILDING, why)
         if not self.queue:
             self._rebuilt()  # nothing was decided yet: the new app is all there is

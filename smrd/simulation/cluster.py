@@ -89,6 +89,8 @@ class Simulation(MembershipScenario):
         self.replicas = [None] * n
         self.apps = [None] * n
         self.executed = [None] * n     # per incarnation: (client_id, seq) run on the app
+        self.incarnation = [None] * n  # per replica: the start (self.incarnations) it runs as
+        self.tables = [None] * n       # per replica: the exactly-once table its core plans with
         self.down_until = [0] * n
         self.clients = [_Client(j, 1000 + j, self.p) for j in range(self.p.clients)]
         self.net = []                  # heap of (due tick, sequence, src, dst, message)
@@ -161,7 +163,8 @@ class Simulation(MembershipScenario):
         if self.intent.get(r) == "leave":
             rep.request_leave()
         self.replicas[r] = rep
-        rep.sim_incarnation = self.incarnations
+        self.incarnation[r] = self.incarnations  # which start of replica r a transfer was for
+        self.tables[r] = sessions  # the exactly-once table replica r plans with
         self.executed[r] = set()
         role = f", {self.intent[r]}" if self.mem else ""
         self._log(f"replica {r} starts (view {rep.view}, commit {rep.commit}{role})")
@@ -257,7 +260,7 @@ class Simulation(MembershipScenario):
         expected = self.ref_results.get(instance)
         if expected is None:
             raise Violation(f"replica {r} applied instance {instance} before instances below it were decided anywhere")
-        results = run_plan(self.replicas[r].sessions, plan, self.apps[r].execute)
+        results = run_plan(self.tables[r], plan, self.apps[r].execute)
         if results != expected:
             raise Violation(f"replica {r} instance {instance}: replies {results} differ from the "
                             f"sequential execution of the decided order {expected}")
@@ -313,7 +316,7 @@ class Simulation(MembershipScenario):
         # up and asks again), while everything else keeps happening.
         src = self.stored[peer] if self.replicas[peer] is not None else {}
         usable = [c for c in src if c >= instance]
-        incarnation = self.replicas[r].sim_incarnation
+        incarnation = self.incarnation[r]
         self.transfers += 1
         if not usable or (not self.healed and self.rng.random() < self.p.drop):
             due, payload = self.t + self.p.options.retransmit_ticks, None
@@ -325,7 +328,7 @@ class Simulation(MembershipScenario):
 
     def _install(self, r, msg):
         rep = self.replicas[r]
-        if rep is None or rep.sim_incarnation != msg.incarnation or rep.transfer_from is None:
+        if rep is None or self.incarnation[r] != msg.incarnation or rep.snapshot().transfer_from is None:
             return
         if msg.payload is None:
             rep.transfer_failed()
@@ -340,7 +343,9 @@ class Simulation(MembershipScenario):
         self.apps[r].data = dict(data)
         self.stored[r][instance] = (data, blob, digest)
         self.durable[r].append(CheckpointRecord(instance, digest, len(blob)))
-        rep.install_checkpoint(instance, Sessions.restore(self.p.reply_cache, 10 ** 12, blob))
+        table = Sessions.restore(self.p.reply_cache, 10 ** 12, blob)
+        if rep.install_checkpoint(instance, table):
+            self.tables[r] = table
         self._drain(r)
 
     # ------------------------------------------------------------------ reference and invariants

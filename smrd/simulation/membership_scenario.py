@@ -74,8 +74,7 @@ class MembershipScenario:
             # Asked back before it was out: the running process changes its mind (a crashed one
             # restarts with auto_join).
             if rep is not None:
-                rep.leaving = False
-                rep.auto_join = True
+                rep.request_join()
             self._log(f"replica {r} is asked to stay after all")
             return
         # A new pod with the same id, on the old disk or on a new one.

@@ -14,7 +14,7 @@ def test_routes_of_sessions_the_table_forgot_are_pruned_and_the_limit_follows_th
     for cid in range(10):
         sessions.cache.put(cid, 1, b"OK", timestamp=0)
     routes = {cid: (b"gw", 1) for cid in range(10 * ROUTES_MIN)}
-    server = SimpleNamespace(replica=SimpleNamespace(sessions=sessions), routes=routes,
+    server = SimpleNamespace(executor=SimpleNamespace(sessions=sessions), routes=routes,
                              _routes_limit=ROUTES_MIN)
     Server._prune_routes(server)
     assert server.routes == {cid: (b"gw", 1) for cid in range(10)}
