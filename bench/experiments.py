@@ -46,7 +46,7 @@ PROFILES = {
         "clients": [1, 4, 16, 64], "gateways": [1, 2], "replicas": [3, 5],
         "replica_clients": [1, 16, 64], "close_clients": [16, 64],
         "etcd_clients": {"put": [64], "mixed": [64]}, "noop_clients": [1, 4, 16, 64],
-        "durability_clients": [64],
+        "durability_clients": [64], "latency_requests": 1000, "memory_requests": 1_000_000,
     },
     "full": {
         "seconds": 10.0, "warmup": 2.0, "repeats": 3,
@@ -55,6 +55,7 @@ PROFILES = {
         "close_clients": [1, 2, 4, 8, 16, 32, 64],
         "etcd_clients": {"put": [1, 4, 16, 64], "mixed": [1, 4, 16, 64]},
         "noop_clients": [1, 4, 16, 64], "durability_clients": [16, 64],
+        "latency_requests": 3000, "memory_requests": 1_000_000,
     },
 }
 HEADLINE_CLIENTS = 64
@@ -64,7 +65,13 @@ TARGETS = {
     "line_vs_direct": 0.35, "close_vs_direct": 0.33, "put_vs_etcd": 2.0,
     "noop64_ops": 24_000, "noop64_replica_cpu_us": 40.0, "noop1_p50_us": 300.0,
     "replica_rss_mb": 60.0,
+    # issue #17: one client vs the 8-hop floor; the disk's cost in fsyncs; close framing.
+    "c1_put_vs_floor": 2.0, "disk_minus_tmpfs_fsyncs": 1.5, "close_vs_direct_17": 0.20,
+    "close_replica_cpu_us": 200.0,
 }
+# Measured by their own functions rather than as load points: one client hop by hop beside the
+# 8-hop floor and an fsync (bench.latency), and replica RSS after 1 M requests (bench.memory).
+SPECIAL_GROUPS = ("latency", "memory")
 
 
 @dataclass
@@ -243,6 +250,26 @@ def run_groups(groups, prof, ctx, args, results, save):
             save()
 
 
+def run_special(names, prof, ctx, results, save):
+    from bench import latency, memory
+    for name in names:
+        print(f"{name}: measuring (bench.{name})", file=sys.stderr, flush=True)
+        try:
+            if name == "latency":
+                out = {"floor": latency.measure_chain(5000)}
+                for storage, root in (("tmpfs", ctx.tmpfs), ("disk", ctx.disk)):
+                    out[storage] = latency.measure_storage(root, prof["latency_requests"])
+                    out[storage]["fsync_us"] = latency.measure_fsync(root)
+                results["latency"] = out
+            else:
+                results["memory"] = memory.measure_memory(ctx.tmpfs / "memory", prof["memory_requests"])
+        except Exception as e:
+            results["failures"].append({"group": name, "error": f"{type(e).__name__}: {e}",
+                                        "traceback": traceback.format_exc()[-3000:]})
+            print(f"group {name} FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        save()
+
+
 def measure_point(system, run, prof, args):
     return measure(system, clients=run.clients, mix=run.mix, seconds=prof["seconds"],
                    warmup=prof["warmup"], procs=args.loadgen_procs)
@@ -325,6 +352,41 @@ def headline(results):
         row(f"ordering microbenchmark (no-op app, 64 B), C = {n}",
             f"{ops:,.0f} ops/s, p50 {p50:,.0f} µs, replicas {rcpu:.0f} + gateway {gcpu:.0f} µs/op",
             f"no-op app alone {dops:,.0f} ops/s", f"{ops / dops:.1%}" if dops else "-", target, met)
+    pr = paired(results, "close", "direct", "smrd", c, "mixed")
+    if pr:
+        met = (pr["ratio"] >= TARGETS["close_vs_direct_17"]
+               and pr["replica_cpu"] <= TARGETS["close_replica_cpu_us"])
+        row(f"close framing, {c} clients (issue #17): smrd vs the app alone, and the replicas' CPU",
+            f"{pr['ratio']:.1%}, replicas {pr['replica_cpu']:.0f} µs/op (three together)",
+            f"{pr['base_ops']:,.0f} ops/s", f"{pr['ratio']:.1%}",
+            f"≥ {TARGETS['close_vs_direct_17']:.0%} and replicas ≤ {TARGETS['close_replica_cpu_us']:.0f} µs/op",
+            met)
+    lat = results.get("latency")
+    if lat and "floor" in lat and "tmpfs" in lat:
+        ratio = lat["tmpfs"]["p50_us"] / lat["floor"]["chain_p50_us"]
+        row("one client, hashmap PUT p50, logs on tmpfs, vs the 8-hop floor (bench.hop_floor chain)",
+            f"p50 {lat['tmpfs']['p50_us']:,.0f} µs ({lat['tmpfs']['ops_per_s']:,} ops/s)",
+            f"floor p50 {lat['floor']['chain_p50_us']:,.0f} µs", f"{ratio:.2f}×",
+            f"≤ {TARGETS['c1_put_vs_floor']:.1f}×", ratio <= TARGETS["c1_put_vs_floor"],
+            "the hop-by-hop table: results.json latency.tmpfs.hops")
+    if lat and "tmpfs" in lat and "disk" in lat:
+        extra = lat["disk"]["p50_us"] - lat["tmpfs"]["p50_us"]
+        fsync = lat["disk"]["fsync_us"]
+        row("one client, logs on disk: p50(disk) - p50(tmpfs), in fsyncs of that directory",
+            f"p50 {lat['disk']['p50_us']:,.0f} µs on disk (+{extra:,.0f} µs)",
+            f"p50 {lat['tmpfs']['p50_us']:,.0f} µs on tmpfs; one fsync {fsync:,.0f} µs",
+            f"{extra / fsync:.2f} fsyncs", f"≤ {TARGETS['disk_minus_tmpfs_fsyncs']}",
+            extra <= TARGETS["disk_minus_tmpfs_fsyncs"] * fsync)
+    mem = results.get("memory")
+    if mem:
+        etcd = [v for p in results["points"] if p["system"] == "etcd"
+                for k, v in p["rss_mb"].items() if v]
+        row(f"RSS per replica after {mem['requests']:,} put-only requests, 64 clients, defaults",
+            f"{max(mem['rss_mb_final']):.1f} MB at the end, at most {mem['rss_mb_max']} MB",
+            f"etcd members at most {max(etcd):.1f} MB (same run, shorter)" if etcd else "-", "-",
+            f"≤ {TARGETS['replica_rss_mb']:.0f} MB after 1 M", max(mem["rss_mb_final"]) <=
+            TARGETS["replica_rss_mb"] and mem["requests"] >= 1_000_000,
+            f"{mem['ops_per_s']:,} ops/s over {mem['seconds']:.0f} s")
     rss = [(v, p) for p in results["points"] if p["system"] == "smrd"
            for k, v in p["rss_mb"].items() if k.startswith("replica") and v]
     if rss:
@@ -380,7 +442,7 @@ def main(argv=None):
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     ap.add_argument("--out", type=Path, required=True, help="directory for results.json, headline.md, *.png, logs/")
     ap.add_argument("--only", help="comma-separated group names or prefixes (line, close, etcd, noop, "
-                    "durability, gateways, replicas); default all")
+                    "durability, gateways, replicas, latency, memory); default all")
     ap.add_argument("--no-etcd", action="store_true", help="skip the etcd baseline")
     ap.add_argument("--seconds", type=float, help="override the profile's measured window")
     ap.add_argument("--repeats", type=int, help="override the profile's repeated pairs")
@@ -401,9 +463,11 @@ def main(argv=None):
         prof["repeats"] = args.repeats
     make_out_dir(ap, args.out)
     groups = plan(prof, with_etcd=not args.no_etcd)
+    special = list(SPECIAL_GROUPS)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         groups = [g for g in groups if any(g.name == w or g.name.startswith(w + "-") for w in wanted)]
+        special = [g for g in special if g in wanted]
     if not args.no_etcd and any(g.name == "etcd" for g in groups):
         try:
             ensure_etcd()
@@ -427,6 +491,7 @@ def main(argv=None):
           file=sys.stderr, flush=True)
     try:
         run_groups(groups, prof, ctx, args, results, save)
+        run_special(special, prof, ctx, results, save)
     finally:
         ctx.cleanup()
         if not args.disk:

@@ -25,7 +25,7 @@ from .values import KiB, MiB, _human, parse_value
 
 ENV_PREFIX = "SMRD_"
 # SMRD_* variables that belong to other parts of smrd, not to this table; never "unknown".
-FOREIGN_ENV = frozenset({"SMRD_NO_EXTENSIONS", "SMRD_SIM_SEEDS", "SMRD_STATEFULSET"})
+FOREIGN_ENV = frozenset({"SMRD_NO_EXTENSIONS", "SMRD_SIM_SEEDS", "SMRD_STATEFULSET", "SMRD_TRACE"})
 # A batch travels inside one frame whose payload _core caps at 64 MiB; half leaves room for headers.
 MAX_BATCH_BYTES = 32 * MiB
 # "Far below": a retransmission must stop long before the session (and its cached replies) expire.

@@ -17,6 +17,7 @@ import logging
 from collections import deque
 
 from ..framing import FramingError, MessageTooLarge, encode, error_reply, make_decoder
+from ..ops import trace
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,8 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     reply = error_reply(mode, str(e), status=503)
             pending.popleft()
+            if trace.ON and not isinstance(head, bytes):
+                trace.stamp("gw_write", getattr(head, "key", None))
             try:
                 out.append(encode(mode, reply))
             except FramingError as e:

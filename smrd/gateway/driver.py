@@ -18,6 +18,7 @@ from .. import core
 from ..errors import ProtocolError
 from ..framing import FramingError, error_reply, split_idempotency
 from ..net.transport import Channels, gateway_identity
+from ..ops import trace
 from ..ops.observability import Observability
 from ..protocol import messages as m
 from .calls import IDEMPOTENT_BIT, REACHABLE_S, CallBook, Notice
@@ -122,6 +123,9 @@ class Gateway:
                 entries.append((call.key[0], call.key[1], call.payload))
                 size += len(call.payload) + core.ENTRY_HEADER_SIZE
             frames.append(m.encode(0, m.Requests(core.pack_batch(entries), out.directed)))
+            if trace.ON:
+                for call in out.calls:
+                    trace.stamp("gw_send", call.key)
             for r in out.to:
                 self.channels.send(socks[r], frames)
 
@@ -212,6 +216,8 @@ class Gateway:
                 continue
             if isinstance(msg, m.Replies):
                 for client_id, seq, reply in core.Batch(msg.batch):
+                    if trace.ON:
+                        trace.stamp("gw_reply", (client_id, seq), replica)
                     book.on_reply(replica, (client_id, seq), bytes(reply), now)
             elif isinstance(msg, m.ReplyErrors):
                 for client_id, seq, data in core.Batch(msg.batch):
@@ -241,6 +247,8 @@ class Gateway:
         call = self.try_submit(payload, key)
         if call is None:  # window full: wait for it in a task (rare)
             return asyncio.ensure_future(self.submit(payload, key))
+        if trace.ON:
+            trace.stamp("gw_read", call.key)
         return call
 
     # ------------------------------------------------------------------ lifecycle
@@ -249,6 +257,7 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
+        trace.start(f"gateway-{self.config.settings.id or 0}")
         me = self.config.gateway
         self.channels.start(self.loop, self._on_message, lambda: None)
         try:

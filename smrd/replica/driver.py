@@ -30,13 +30,14 @@ from ..errors import ProtocolError, SmrdError
 from .durable import durable_touch, durable_unlink
 from .executor import Executor
 from .reporting import ReplicaReporting, _answer_text
+from ..ops import trace
 from ..ops.observability import Observability
 from ..protocol import messages as m
 from ..protocol.options import Options
 from ..protocol.quorum import CrashFaultPolicy
 from ..protocol.replica import NORMAL, RECOVERING, Replica
 from ..protocol.ready import group_commit
-from ..protocol.records import CheckpointRecord
+from ..protocol.records import AcceptRecord, CheckpointRecord
 from ..protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, NOT_EXECUTING, SYSTEM, Sessions
 from .state_transfer import StateTransfer
 from .wal.log import CORRUPT_MIDDLE, CORRUPT_SUFFIX, WriteAheadLog
@@ -235,6 +236,9 @@ class Server(ReplicaReporting):
                 if type(msg) in m.STATE_MESSAGES:
                     self.transfer.on_message(sender, msg)
                     continue
+                if trace.ON and type(msg) in (m.Propose, m.Accepted):
+                    trace.stamp("propose_recv" if type(msg) is m.Propose else "accepted_recv",
+                                msg.instance, sender)
                 self.replica.step(sender, msg)
         else:
             for frame in parts[1:]:
@@ -270,6 +274,9 @@ class Server(ReplicaReporting):
             if route is None or route[1] < seq or route[0] != identity:
                 routes[client_id] = (identity, seq)
         self.stats["requests_received"] += len(batch)
+        if trace.ON:
+            for client_id, seq, _ in batch:
+                trace.stamp("r_recv", (client_id, seq))
         self.replica.step(identity, msg)
         if msg.directed and not self.executor.can_execute:
             # Sent to this replica alone, which orders it but cannot answer it: say so now, so
@@ -306,9 +313,16 @@ class Server(ReplicaReporting):
                 if commit.records:
                     self.wal.append(commit.records)
                 if commit.early:
+                    if trace.ON:  # stamped as it leaves (the hop then includes the sending)
+                        for _, msg in commit.early:
+                            trace.stamp("propose", msg.instance)
                     self._send_all(commit.early)
                 if commit.sync:
                     self.wal.sync()
+                if trace.ON:
+                    for record in commit.records:
+                        if type(record) is AcceptRecord:
+                            trace.stamp("persisted", record.instance)
             if self._marked and rep.progress()[1] != RECOVERING:
                 durable_unlink(self._recovery_mark)  # the record that ended recovery is durable
                 self._marked = False
@@ -331,6 +345,10 @@ class Server(ReplicaReporting):
     def _output(self, rd):
         rep = self.replica
         if rd.messages:
+            if trace.ON:
+                for _, msg in rd.messages:
+                    if type(msg) is m.Accepted:
+                        trace.stamp("accepted_sent", msg.instance)
             self._send_all(rd.messages)
         if rd.replies:
             for _, _, _, status, reply in rd.replies:
@@ -341,6 +359,11 @@ class Server(ReplicaReporting):
             self.send_replies([(o, c, q, st, r) for o, c, q, st, r in rd.replies])
         if rd.apply:
             self.executor.feed(rd.apply, rd.checkpoints)
+            if trace.ON:
+                for instance, _, plan in rd.apply:
+                    trace.stamp("decided", instance)
+                    for client_id, seq, _, _ in plan:
+                        trace.stamp("planned", (client_id, seq), instance)
             if self.mem_budget is not None:
                 for instance, value, _ in rd.apply:
                     self.mem_values.append((instance, len(value)))
@@ -406,6 +429,8 @@ class Server(ReplicaReporting):
         routes = self.routes
         last_client = route = None  # a gateway's requests come in runs of one client id
         for identity, client_id, seq, status, reply in replies:
+            if trace.ON:
+                trace.stamp("reply_send", (client_id, seq))
             if identity is None:
                 if client_id != last_client:
                     last_client, route = client_id, routes.get(client_id)
@@ -554,6 +579,7 @@ class Server(ReplicaReporting):
 
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
+        trace.start(f"replica-{self.id}")
         self._next_compress = self.loop.time() + COMPRESS_EVERY_S
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, sig)

@@ -28,6 +28,7 @@ from .app_reset import ResetFailed, end_app, wait_for_new_app
 from .app_watch import AppIdentity, AppRestarted, AppWatch
 from .checkpoints import CheckpointError, CheckpointStore
 from ..config.settings import data_paths
+from ..ops import trace
 from ..protocol.messages import reply_digest
 from ..protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, SYSTEM, plan_batch
 from .wal.records import StorageError
@@ -247,7 +248,15 @@ class Executor:
             plan += batch_plan
             payloads += [bytes(entry[3]) for entry in batch_plan if entry[2] == EXECUTE]
         # If this raises, what happens next (a rebuild, a reset) plans again from the log.
+        if trace.ON:
+            for client_id, seq, status, _ in plan:
+                if status == EXECUTE:
+                    trace.stamp("app_write", (client_id, seq))
         results = await self.adapter.execute(payloads) if payloads else []
+        if trace.ON:
+            for client_id, seq, status, _ in plan:
+                if status == EXECUTE:
+                    trace.stamp("app_reply", (client_id, seq))
         self.fresh = False
         sessions = self.sessions
         replies = []

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("command", ["app_concurrency", "failover", "hop_floor", "memory", "state_transfer"])
+@pytest.mark.parametrize("command", ["app_concurrency", "failover", "hop_floor", "latency", "memory", "state_transfer"])
 def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, command):
     taken = tmp_path / "results"
     taken.write_text("not a directory\n")
