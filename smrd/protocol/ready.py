@@ -13,9 +13,17 @@ that a crash then forgets. Two exceptions, argued in docs/PROTOCOL.md ("What is 
   - a Ready holding only a commit point (CommitRecord) needs no fsync: the commit point is
     learned again from the leader or the log;
   - a leader's PROPOSEs may leave before the fsync of its own accept (as in Raft, §10.2.1): a
-    PROPOSE promises nothing, and the leader's vote counts only once a follower's ACCEPTED comes
-    back, after this fsync. Never when the burst holds a view promise (ViewRecord) or any
-    record other than votes before that Ready: those must be durable before any message.
+    PROPOSE promises nothing, and the leader's own vote decides nothing until another voter's
+    ACCEPTED answers it, which a driver must not hand to the core before this fsync returned
+    (the daemon's loop fsyncs a burst before it reads the next message; an fsync done elsewhere
+    must keep that). Never when the burst holds a view promise (ViewRecord) or any record other
+    than votes before that Ready: those must be durable before any message. And never a PROPOSE
+    whose commit point covers an instance accepted in this burst: a single voter's own vote is
+    a quorum, so it decides at once, in memory, and a later PROPOSE of the same burst would
+    carry that decision to learners, which execute it while a crash can still erase its only
+    vote; it waits for the fsync like the rest. (Where an instance takes two voters or more
+    to decide, the other voter's ACCEPTED is read in a later burst, so no PROPOSE of the burst
+    that accepted it announces it: this holds nothing back there.)
 """
 from dataclasses import dataclass, field
 
@@ -62,6 +70,7 @@ def group_commit(readies) -> GroupCommit:
     the fsync out of their Ready's `messages` into `early`; the rest leave after it."""
     records, early = [], []
     sync = promised = False
+    accepted = None  # the lowest instance accepted in this burst so far: not durable before the fsync
     for rd in readies:
         if not rd.persist:
             continue
@@ -69,11 +78,21 @@ def group_commit(readies) -> GroupCommit:
         if all(type(r) is CommitRecord for r in rd.persist):
             continue
         sync = True
+        for r in rd.persist:
+            if type(r) is AcceptRecord and (accepted is None or r.instance < accepted):
+                accepted = r.instance
         if not all(type(r) in VOTE_RECORDS for r in rd.persist):
             promised = True
         elif rd.messages and not promised:
-            proposals = [(d, msg) for d, msg in rd.messages if type(msg) is Propose]
-            if proposals:
-                early += proposals
-                rd.messages = [(d, msg) for d, msg in rd.messages if type(msg) is not Propose]
+            # A PROPOSE's commit point tells learners what they may execute. One that covers an
+            # instance accepted in this burst announces a decision whose vote a crash before the
+            # fsync can still erase (a single voter decides by its own vote, at once): it waits.
+            later = []
+            for out in rd.messages:
+                msg = out[1]
+                if type(msg) is Propose and (accepted is None or msg.commit < accepted):
+                    early.append(out)
+                else:
+                    later.append(out)
+            rd.messages = later
     return GroupCommit(records, sync, early)

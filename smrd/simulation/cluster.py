@@ -1,9 +1,12 @@
 """A deterministic simulation of a whole cluster: n protocol replicas, closed-loop clients, a
 network that loses, delays, reorders, duplicates and partitions messages, replicas that crash
-(at any point, including between persisting and sending) and restart from what they persisted.
+(at any point, including between writing and the fsync) and restart from what was durable: what
+an fsync covered, and a prefix of what they wrote after it.
 Membership changes happen among those faults: replicas outside the bootstrap voters start later
 as fresh pods and join, members are asked to leave and maybe come back (disk kept or lost), and
 an operator submits changes of its own, often stale or concurrent with others.
+A replica's Readies are handled after every message it steps, or (Params.bursts) once per time
+step, after every message delivered to it then and its tick: the bursts the daemon's loop makes.
 
 Owns: simulated time, the network, the fault schedule, the membership scenario, the reference
 execution (requests and membership changes) and the invariant checks. One seed fixes
@@ -77,7 +80,15 @@ class Simulation(MembershipScenario):
         self.t = 0
         self.healed = False
         n = self.p.n
+        # Each replica's log: what an fsync made durable, and what was written after its last
+        # fsync, which a crash loses but for a prefix. A crash that is not mid-Ready draws that
+        # prefix from its own generator: the fault schedule's draws stay what they were.
         self.durable = [[] for _ in range(n)]
+        self.unsynced = [[] for _ in range(n)]
+        # With bursts: per replica, (view, instance) -> the value an ACCEPTED stepped since its last
+        # drain vouches for (the slot may change again before the burst is handled).
+        self.vouched = [{} for _ in range(n)]
+        self.krng = random.Random(seed * 5381 + 29)
         # The daemon's recovery mark (smrd/replica/driver.py): made on disk when a replica starts empty,
         # removed once the record that ends its recovery is durable.
         self.recovery_mark = [False] * n
@@ -170,19 +181,47 @@ class Simulation(MembershipScenario):
         self._log(f"replica {r} starts (view {rep.view}, commit {rep.commit}{role})")
         self._drain(r)
 
-    def _crash(self, r, why):
+    def _crash(self, r, why, keep=None):
         self._log(f"replica {r} crashes ({why})")
+        self._lose_unsynced(r, keep)
+        self.vouched[r] = {}
         self.replicas[r] = None
         self.down_until[r] = self.t + self.rng.randint(1, self.p.restart_after)
 
     def _stop(self, r, why):
         """The replica's pod goes away on purpose; it starts again only if start_at says when."""
         self._log(f"replica {r} stops ({why})")
+        self._lose_unsynced(r)
+        self.vouched[r] = {}
         self.replicas[r] = None
         self.stopped.add(r)
         self.start_at.pop(r, None)
 
+    # ------------------------------------------------------------------ the disk
+
+    def _write(self, r, records):
+        self.unsynced[r].extend(records)
+
+    def _fsync(self, r):
+        """Everything replica r wrote before it is durable: one fsync covers the whole log."""
+        records, self.unsynced[r] = self.unsynced[r], []
+        self._persist(r, records)
+
+    def _lose_unsynced(self, r, keep=None):
+        # The process dies with the machine (power loss, a kernel panic: the worst case), so the
+        # page cache goes too. A log is written in order: a prefix of what was written since the
+        # last fsync may have reached the disk, never a record without those before it (torn
+        # writes are the WAL's checksums' business). `keep`: how many, when the caller drew it.
+        unsynced, self.unsynced[r] = self.unsynced[r], []
+        if unsynced:
+            if keep is None:
+                keep = self.krng.randint(0, len(unsynced))
+            self._persist(r, unsynced[:keep])
+            self._log(f"replica {r}: {keep} of the {len(unsynced)} records written since its last fsync survive")
+
     def _persist(self, r, records):
+        # Durable from here on. A vote is recorded (`support`) only now: an accept that a crash
+        # can still erase must not count toward the quorum the checks look for.
         self.durable[r].extend(records)
         for record in records:
             if type(record) is AcceptRecord and record.instance > self.ref_applied:
@@ -193,36 +232,47 @@ class Simulation(MembershipScenario):
 
     def _votes_sent(self, r, msg):
         # An ACCEPTED is a vote for whatever the sender holds in those slots (a slot it holds
-        # decided is voted for without a new record).
-        log = self.replicas[r].log
+        # decided is voted for without a new record), when it is made: with bursts, what
+        # `vouched` kept then.
+        log, vouched = self.replicas[r].log, self.vouched[r]
         for i in range(max(msg.instance, self.ref_applied + 1), msg.instance + msg.count):
-            slot = log.get(i)
-            value = slot.value if slot is not None else self.decided.get(i)
+            value = vouched.get((msg.view, i))
+            if value is None:
+                slot = log.get(i)
+                value = slot.value if slot is not None else self.decided.get(i)
             if value is not None:
                 self._support(i, msg.view, value, r)
 
     def _drain(self, r):
         # Each Ready as the daemon handles a burst of them (smrd.protocol.ready's rules, the same
         # function): records written, early messages sent, the fsync, then the rest in order.
+        # Without bursts a Ready holds what one message (or tick) produced; with them, what every
+        # message delivered to r in this time step and its tick produced (Params.bursts).
         rep = self.replicas[r]
         while rep is not None and rep.has_ready():
             rd = rep.ready()
             commit = self.group_commit([rd])
             if commit.records and not self.healed and self.rng.random() < self.p.crash * self.p.crash_mid_ready:
-                # The crash lands before the fsync: a prefix of the records survives, and what
-                # the rules let leave early has left.
-                keep = self.rng.randint(0, len(commit.records))
-                self._persist(r, commit.records[:keep])
+                # The crash lands after the write, before the fsync: a prefix of what was written
+                # since the last fsync (this burst's records and any unsynced ones before them)
+                # survives, and what the rules let leave early has left.
+                self._write(r, commit.records)
+                keep = self.rng.randint(0, len(self.unsynced[r]))
                 for dst, msg in commit.early:
                     self._send(r, dst, msg)
-                self._crash(r, f"mid-ready: {keep}/{len(commit.records)} records durable, "
-                               f"{len(commit.early)} sent")
+                self._crash(r, f"mid-ready: before the fsync, {len(commit.early)} sent", keep=keep)
                 return
+            # A burst with sync=False (commit points only, by the rules) is written and not
+            # waited for: it becomes durable with the replica's next fsync, or a crash loses it.
+            self._write(r, commit.records)
             for dst, msg in commit.early:
                 self._send(r, dst, msg)
-            self._persist(r, commit.records)
+            if commit.sync:
+                self._fsync(r)
+            # As the daemon does, synced burst or not (the Ready that ends a recovery holds a view
+            # promise, so its burst was synced).
             if self.recovery_mark[r] and rep.status != "recovering":
-                self.recovery_mark[r] = False  # the Ready that ended the recovery is durable
+                self.recovery_mark[r] = False
             for dst, msg in rd.messages:
                 if type(msg) is m.Accepted:
                     self._votes_sent(r, msg)
@@ -249,6 +299,8 @@ class Simulation(MembershipScenario):
             if self.p.evict_keep >= 0:
                 self.replicas[r].evict(self.replicas[r].applied - self.p.evict_keep)
             self._check_replica(r)
+        if self.vouched[r]:
+            self.vouched[r] = {}
 
     def _apply(self, r, instance, value, plan):
         known = self.decided.get(instance)
@@ -288,7 +340,8 @@ class Simulation(MembershipScenario):
             self._crash(r, f"while storing the checkpoint at {instance}")
             return
         self.stored[r][instance] = (data, blob, digest)
-        self.durable[r].append(CheckpointRecord(instance, digest, len(blob)))
+        self._write(r, [CheckpointRecord(instance, digest, len(blob))])  # as the daemon: append, fsync
+        self._fsync(r)
         low = rep.checkpoint_stored(instance)
         for old in [c for c in self.stored[r] if c < low]:
             del self.stored[r][old]
@@ -300,7 +353,8 @@ class Simulation(MembershipScenario):
         rep = self.replicas[r]
         last = min(rep.commit, start + rep.opt.catchup_max_entries - 1)
         values = {}
-        for record in self.durable[r]:  # the last record of an instance holds its value
+        # The log files as the process reads them: unsynced writes included (the page cache).
+        for record in self.durable[r] + self.unsynced[r]:  # the last record of an instance holds its value
             if type(record) in (AcceptRecord, DecideRecord) and start <= record.instance <= last:
                 values[record.instance] = record.value
         entries = []
@@ -342,7 +396,8 @@ class Simulation(MembershipScenario):
         self._log(f"replica {r} installs checkpoint {instance} (its commit was {rep.commit})")
         self.apps[r].data = dict(data)
         self.stored[r][instance] = (data, blob, digest)
-        self.durable[r].append(CheckpointRecord(instance, digest, len(blob)))
+        self._write(r, [CheckpointRecord(instance, digest, len(blob))])
+        self._fsync(r)
         table = Sessions.restore(self.p.reply_cache, 10 ** 12, blob)
         if rep.install_checkpoint(instance, table):
             self.tables[r] = table
@@ -460,6 +515,8 @@ class Simulation(MembershipScenario):
 
     def _deliver(self, src, dst, msg):
         if type(msg) is _Install:
+            if self.p.bursts:
+                self._drain(dst)  # the burst so far is handled before the transfer completes
             if (src, dst) in self.cut:
                 msg.payload = None  # the transfer's connection broke: it fails, and is retried
             self._install(dst, msg)
@@ -483,7 +540,16 @@ class Simulation(MembershipScenario):
         # A client's origin is its address, never a replica id (the leader judges quorum
         # contact by the replica ids it hears from).
         rep.step(src, msg)
-        self._drain(dst)
+        if not self.p.bursts:
+            self._drain(dst)
+        elif type(msg) in (m.Propose, m.StartView):
+            # What its ACCEPTED (if it made one) vouches for, before later messages of the burst
+            # change those slots; drained after its tick (step()).
+            instances = [msg.instance] if type(msg) is m.Propose else [i for i, _ in msg.entries]
+            for i in instances:
+                slot = rep.log.get(i)
+                if slot is not None:
+                    self.vouched[dst][(rep.view, i)] = slot.value
 
     # ------------------------------------------------------------------ clients
 

@@ -158,6 +158,7 @@ class MembershipScenario:
         if any(v in c.voters for c in self._memberships_in_force()):
             self.wiped.add(v)  # it held votes: it counts against f until it recovers
         self.durable[v] = []
+        self.unsynced[v] = []
         self.recovery_mark[v] = False
         self.stored[v] = {}
         self.disk_lost.add(v)

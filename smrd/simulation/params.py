@@ -13,6 +13,10 @@ class Violation(AssertionError):
     """An invariant failed. The message says which, where and when."""
 
 
+# The share of swarm seeds that handle Readies in bursts (Params.bursts).
+BURSTS = 0.3
+
+
 @dataclass(frozen=True)
 class Params:
     n: int = 3
@@ -34,6 +38,11 @@ class Params:
     evict_keep: int = -1         # >= 0: values more than this far below applied leave memory
     directed: float = 0.0        # chance that a client's first send of a request goes to one random
                                  # replica alone, marked directed (a gateway's leader hint, often stale)
+    bursts: bool = False         # handle Readies as the daemon's loop does: a replica steps every
+                                 # message delivered to it in a time step, then its tick, and only
+                                 # then are the Readies handled (one group commit, one fsync), so a
+                                 # Ready holds what many messages produced. False: after every
+                                 # message and every tick, so a Ready holds what one produced
     # Membership (all off: the n replicas are the voters for good, as before membership changes).
     voters: tuple = None         # the bootstrap voters; None: all n
     joiners: tuple = ()          # (replica, tick): a replica outside `voters` starts at that tick as
@@ -55,8 +64,9 @@ class Params:
         return replace(self, voters=None, joiners=(), leave=0.0, rejoin=0.0, admin=0.0)
 
     @classmethod
-    def swarm(cls, seed: int, membership: bool = True) -> "Params":
-        """Each seed draws its own cluster size, fault mix and workload (swarm testing)."""
+    def swarm(cls, seed: int, membership: bool = True, bursts: bool = True) -> "Params":
+        """Each seed draws its own cluster size, fault mix and workload (swarm testing).
+        membership=False / bursts=False: what the seed drew before membership changes / bursts."""
         r = random.Random(seed * 7919 + 17)
         window = r.choice([1, 2, 4])
         # Drawn from its own generator so that adding checkpoints left every older seed's
@@ -78,7 +88,10 @@ class Params:
             crash_mid_ready=r.choice([0.0, 0.3]), restart_after=r.choice([5, 40, 150]),
             partition=r.choice([0.0, 0.005, 0.02]), fault_ticks=r.choice([200, 400, 600]),
             wipe=r.choice([0.0, 0.0, 0.002, 0.006]),
-            encode=r.random() < 0.25, options=opts, evict_keep=evict_keep)
+            encode=r.random() < 0.25, options=opts, evict_keep=evict_keep,
+            # Bursts come from a generator of their own too: a seed drawn without them runs the
+            # scenario it ran before they existed. (The same draw with membership=False.)
+            bursts=bursts and random.Random(seed * 2003 + 19).random() < BURSTS)
         # Membership changes come from a third generator, for the same reason; about a third of
         # the seeds keep a fixed membership and run exactly the scenario they ran before.
         mem = random.Random(seed * 4099 + 11)
@@ -109,4 +122,6 @@ class Result:
 
     def replay_command(self):
         directed = f" --directed {self.params.directed:g}" if self.params.directed else ""
+        if self.params.bursts != Params.swarm(self.seed).bursts:
+            directed += " --bursts" if self.params.bursts else " --no-bursts"
         return f"python -m smrd.simulation --seed {self.seed}{directed} --trace"

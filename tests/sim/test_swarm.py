@@ -2,8 +2,9 @@
 # duplication, delay/reordering, symmetric and asymmetric partitions, crashes including between
 # persist and send, lost disks), workload and, for about two seeds in three, membership changes
 # (replicas joining late, members leaving and coming back, operators' own concurrent and stale
-# changes); invariants are checked after every step, then liveness after healing. A failure
-# prints the seed and the command that replays it.
+# changes) and, for about three seeds in ten, Readies handled in bursts as the daemon's loop
+# makes them (Params.bursts); invariants are checked after every step, then liveness after
+# healing. A failure prints the seed and the command that replays it.
 import os
 from dataclasses import replace
 

@@ -4,12 +4,14 @@ import random
 from dataclasses import replace
 
 from smrd import core
-from smrd.protocol import CrashFaultPolicy, Replica
-from smrd.protocol.membership import Change, Membership
-from smrd.protocol.ready import group_commit
+from smrd.protocol import CrashFaultPolicy, Replica, Sessions
+from smrd.protocol.membership import ADD_LEARNER, SYSTEM_CLIENT, Change, Membership
+from smrd.protocol.messages import Propose, Requests
+from smrd.protocol.ready import VOTE_RECORDS, GroupCommit, group_commit
+from smrd.protocol.records import AcceptRecord, CommitRecord
 from smrd.protocol.replica import _change_in
 from smrd.protocol.sessions import SYSTEM
-from smrd.simulation import Params, run_seed
+from smrd.simulation import Params, Simulation, run_seed
 
 BOUND = 60
 
@@ -271,6 +273,171 @@ def test_a_driver_that_sends_before_persisting_is_caught():
 
 
 def test_the_safe_rules_pass_the_same_seeds():
+    # The real rules with the crashes the two driver variants above are caught with.
     for seed in range(BOUND):
         result = run_seed(seed, params=_mid_ready_crashes(seed))
+        assert result.ok, f"seed {seed}: {result.violation}"
+
+
+def count_own_vote_before_fsync(readies):
+    """A driver that lets the leader go on without the fsync of its own accepts (as an fsync
+    handed to another thread whose completion nobody waits for would): a burst of votes that
+    holds PROPOSEs is written and not synced, so the leader reads the followers' ACCEPTED and
+    counts its own vote while its AcceptRecord can still be lost."""
+    proposes = any(type(msg) is Propose for rd in readies for _, msg in rd.messages)
+    commit = group_commit(readies)
+    if proposes and all(type(r) in VOTE_RECORDS for r in commit.records):
+        commit.sync = False
+    return commit
+
+
+def test_a_leader_that_counts_its_own_vote_before_its_fsync_is_caught():
+    # What the Raft overlap (PROPOSEs before the leader's own fsync) stands on, in
+    # docs/PROTOCOL.md ("What is persisted when"): the quorum that decides holds durable votes.
+    # The simulator counts a vote once it is durable, so the quorum check fires at the first
+    # instance the leader's unsynced accept helped decide, crash or not.
+    seed, violation = _first_violation(group_commit=count_own_vote_before_fsync, params=_mid_ready_crashes)
+    assert seed is not None, f"no violation in {BOUND} seeds when the leader's own accepts are not synced"
+    assert "quorum" in violation
+
+
+class _WrittenVotesCount(Simulation):
+    """Counts a vote once it is written, not once it is durable: the quorum check no longer sees
+    an unsynced vote, and only a crash that loses one can show what it did."""
+
+    def _write(self, r, records):
+        super()._write(r, records)
+        for record in records:
+            if type(record) is AcceptRecord and record.instance > self.ref_applied:
+                self._support(record.instance, record.view, record.value, r)
+
+
+def _leader_crashes(seed):
+    # Three replicas, so a lost leader vote leaves a decided value on one follower alone, and
+    # crashes often and short, so a new view forms without that follower before it is repaired.
+    return replace(_mid_ready_crashes(seed), n=3, crash=0.05, restart_after=5)
+
+
+def test_a_crash_loses_the_leaders_unsynced_vote():
+    # The harm itself, and the disk model under it: a leader that crashes before any fsync of its
+    # accepts restarts without them, a new view decides other values, and agreement breaks.
+    for seed in range(BOUND):
+        result = _WrittenVotesCount(seed, _leader_crashes(seed), group_commit=count_own_vote_before_fsync).run()
+        if not result.ok:
+            assert "agreement" in result.violation or "differ" in result.violation, result.violation
+            return
+    raise AssertionError(f"no violation in {BOUND} seeds when crashes lose the leader's unsynced votes")
+
+
+def test_the_safe_rules_pass_leader_crashes():
+    for seed in range(BOUND):
+        result = run_seed(seed, params=_leader_crashes(seed))
+        assert result.ok, f"seed {seed}: {result.violation}"
+
+
+# ---------------------------------------------------------------- one voter, bursts
+#
+# A single voter's own vote is a quorum: it decides an instance the moment it accepts it, in
+# memory. In a burst (several messages stepped, then one group commit) a later PROPOSE carries
+# that decision in its commit point, and learners execute what it covers. So a PROPOSE whose
+# commit point covers an accept of its own burst must wait for the fsync (smrd.protocol.ready).
+
+
+def early_proposes_whatever_their_commit(readies):
+    """The rule before that: every PROPOSE of a burst of votes leaves before the fsync, whatever
+    commit point it carries."""
+    records, early = [], []
+    sync = promised = False
+    for rd in readies:
+        if not rd.persist:
+            continue
+        records.extend(rd.persist)
+        if all(type(r) is CommitRecord for r in rd.persist):
+            continue
+        sync = True
+        if not all(type(r) in VOTE_RECORDS for r in rd.persist):
+            promised = True
+        elif rd.messages and not promised:
+            early += [(d, msg) for d, msg in rd.messages if type(msg) is Propose]
+            rd.messages = [(d, msg) for d, msg in rd.messages if type(msg) is not Propose]
+    return GroupCommit(records, sync, early)
+
+
+def _leader_burst(voters, learners=()):
+    """Replica 0 leads `voters` (with `learners`), steps two client requests and hands over
+    every Ready it has then: one burst, as the daemon's loop makes it."""
+    rep = Replica(0, n=len(voters) + len(learners), sessions=Sessions(4, 10 ** 9), voters=voters,
+                  recovery_nonce=None)
+    for t in range(10, 60, 10):
+        rep.tick(t)
+        while rep.has_ready():
+            rep.ready()
+    for k, learner in enumerate(learners):
+        change = Change(ADD_LEARNER, learner, rep.membership.index)
+        rep.step(("admin", 0), Requests(core.pack_batch([(SYSTEM_CLIENT, (1 << 62) + k, change.encode())])))
+        while rep.has_ready():
+            rep.ready()
+    assert rep.is_leader and rep.membership.learners == frozenset(learners)
+    rep.step(("g", 1), Requests(core.pack_batch([(1000, 1, b"PUT a 1")])))
+    rep.step(("g", 2), Requests(core.pack_batch([(1001, 1, b"PUT b 2")])))
+    readies = []
+    while rep.has_ready():
+        readies.append(rep.ready())
+    return readies
+
+
+def _proposes(messages):
+    return sorted((msg.instance, msg.commit) for _, msg in messages if type(msg) is Propose)
+
+
+def test_a_single_voters_propose_that_announces_its_bursts_decision_waits_for_the_fsync():
+    readies = _leader_burst(voters=[0], learners=[1])
+    commit = group_commit(readies)
+    assert commit.sync and [r.instance for r in commit.records if type(r) is AcceptRecord] == [2, 3]
+    # Instance 1 (the learner's addition) is durable; 2 and 3 are accepted in this burst, and the
+    # voter's own vote decided 2 at once. PROPOSE(2) announces only 1: it may leave early.
+    # PROPOSE(3) announces 2, which a crash before the fsync erases: it leaves after the fsync.
+    assert _proposes(commit.early) == [(2, 1)]
+    assert _proposes(m for rd in readies for m in rd.messages) == [(3, 2)]
+    # The old rule lets PROPOSE(3) out with the rest: the test tells the two apart.
+    old = early_proposes_whatever_their_commit(_leader_burst(voters=[0], learners=[1]))
+    assert _proposes(old.early) == [(2, 1), (3, 2)]
+
+
+def test_proposes_of_a_burst_still_leave_early_with_three_voters():
+    # Deciding takes another voter's ACCEPTED, read in a later burst: no PROPOSE of this burst
+    # announces an instance it accepted, and all of them leave before the fsync, as before.
+    readies = _leader_burst(voters=[0, 1, 2])
+    commit = group_commit(readies)
+    assert commit.sync
+    assert _proposes(commit.early) == [(1, 0), (1, 0), (2, 0), (2, 0)]
+    assert not _proposes(m for rd in readies for m in rd.messages)
+
+
+def _single_voter_bursts(seed):
+    # One bootstrap voter; the other two start at once and join (as learners, then promoted), and
+    # members leave, come back and are changed by operators, so memberships of one voter with
+    # learners recur. Bursts, and crashes that land before the fsync. Catch-up in chunks of 64:
+    # a single voter runs far ahead of learners that were down, and chunks of one would not
+    # catch up within the liveness budget.
+    p = Params.swarm(seed, membership=False)
+    return replace(p, n=3, voters=(0,), joiners=((1, 0), (2, 0)), leave=0.005, rejoin=0.01, admin=0.01,
+                   crash=0.03, crash_mid_ready=0.8, restart_after=5, wipe=0.0, clients=4, client_window=3,
+                   reply_cache=7, bursts=True, options=replace(p.options, window=4, catchup_max_entries=64))
+
+
+def test_a_single_voters_early_propose_announcing_an_unsynced_decision_is_caught():
+    # A learner executes an instance whose only vote (the voter's unsynced accept) a crash then
+    # erases: the quorum check fires (a decided value no voter durably accepted), or agreement
+    # breaks once the restarted voter decides that instance again. (Without bursts it is not
+    # caught: a Ready then holds what one message produced.)
+    seed, violation = _first_violation(group_commit=early_proposes_whatever_their_commit,
+                                       params=_single_voter_bursts)
+    assert seed is not None, f"no violation in {BOUND} seeds when a single voter's PROPOSEs announce unsynced decisions"
+    assert "quorum" in violation or "agreement" in violation or "differ" in violation
+
+
+def test_the_safe_rules_pass_single_voter_bursts():
+    for seed in range(BOUND):
+        result = run_seed(seed, params=_single_voter_bursts(seed))
         assert result.ok, f"seed {seed}: {result.violation}"
