@@ -14,7 +14,7 @@
 #
 # Batch (little-endian): u32 count, u32 flags, u64 timestamp, then `count` entries of
 #   u64 client_id, u64 seq, u32 length, payload[length]
-from typing import Iterable, Iterator, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -103,3 +103,26 @@ class ReplyCache:
     def __len__(self) -> int: ...  # clients known
     def __contains__(self, client_id: int) -> bool: ...
     def clients(self) -> list: ...  # sorted client ids (for snapshots and tests)
+
+
+class CloseRun:
+    """What one CloseLink.exchange call did (close framing; read by the app adapter)."""
+    stop: bool
+    connections: int
+    timed_out: bool
+    failed: Optional[Tuple[str, object]]  # ("connect", errno or text), ("connect-timeout", None), ("closed", None)
+    lost: Optional[Tuple[str, object]]    # ("timeout", None), ("error", errno), ("too-large", bytes received)
+    raised: Optional[BaseException]       # what check raised (nothing was written)
+
+    def __init__(self) -> None: ...
+
+
+class CloseLink:
+    """Close framing's connections to the app: one per request, strictly one at a time, the next
+    opened ahead and written only after the previous reply is complete (the one part of _core
+    that does I/O; it runs without the GIL)."""
+
+    def __init__(self, addresses: Iterable[Tuple[str, int]], timeout_s: float, max_reply: int,
+                 recheck_s: float = 0.05, ahead: bool = True) -> None: ...
+    def exchange(self, requests: List[bytes], replies: List[bytes], run: CloseRun,
+                 check: Optional[object] = None) -> None: ...

@@ -5,7 +5,9 @@ packing/unpacking, per-instance quorum counting and the reply cache; smrd/_core.
 contract and smrd/_core_py.py the pure-Python reference twin it must agree with, byte for byte
 and error for error (tests/unit/test_core_twins.py).
 Never: I/O, clocks, logging, asyncio/zmq imports, or a decode path that raises anything but
-ProtocolError on bad bytes or allocates before a length has been checked against the buffer.
+ProtocolError on bad bytes or allocates before a length has been checked against the buffer. One
+exception to "no I/O": _core_close.pxi, close framing's per-connection exchanges with the app,
+which run without the GIL (the only place plain system calls are cheaper than the event loop).
 
 Rules the loops below follow:
 - Integers on the wire are little-endian and are assembled byte by byte: compilers turn that into
@@ -235,3 +237,4 @@ include "_core_framing.pxi"
 include "_core_batch.pxi"
 include "_core_quorum.pxi"
 include "_core_cache.pxi"
+include "_core_close.pxi"

@@ -1,14 +1,22 @@
-"""The pure-Python twin of smrd._core: framing, batching, quorum counting and the reply cache in plain
-Python (struct + zlib). It is the reference the compiled twin is checked against and what the
-deterministic simulator runs on, so it must stay exact and reasonably fast.
+"""The pure-Python twin of smrd._core: framing, batching, quorum counting and the reply cache in
+plain Python (struct + zlib), and close framing's exchanges with the app (CloseLink, CloseRun).
+It is the reference the compiled twin is checked against and what the deterministic simulator
+runs on, so it must stay exact and reasonably fast.
 Never: I/O, clocks, logging, randomness, or behaviour that the Cython twin does not share
 (tests/unit/test_core_twins.py compares the two on random inputs: results, exception types,
-and the exact messages of the errors smrd words itself).
+and the exact messages of the errors smrd words itself). The one exception to "no I/O" and "no
+clocks" is CloseLink, the app adapter's close-mode worker loop, kept at the end of this file and
+of the compiled twin (smrd/_core_close.pxi, which says why it lives there); nothing else here
+calls it (tests/unit/test_close_link.py runs both twins against the same apps).
 """
 from __future__ import annotations
 
+import errno as _errno
 import operator
+import select as _select
+import socket as _socket
 import struct
+import time as _time
 import zlib
 from heapq import heappop, heappush
 from typing import Iterable, Iterator, Optional, Tuple
@@ -466,3 +474,319 @@ class ReplyCache:
         for seq, reply in entries:
             self.put(client_id, seq, reply)
         c.floor = floor
+
+
+# ---------------------------------------------------------------- close framing's exchanges
+# The twin of smrd/_core_close.pxi, step for step (its comments say why each step is there).
+
+_MAX_ADDRS = 8
+_MAX_INODES = 8
+_TCP_LISTEN = 10
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_HDR = struct.Struct("=IHHII")
+_DIAG_REQ = struct.Struct("=BBBBI")          # inet_diag_req_v2 up to its socket id
+_DIAG_PORTS = struct.Struct(">HH")           # idiag_sport, idiag_dport (network order)
+_DIAG_TAIL = struct.Struct("=III")           # idiag_if, idiag_cookie[2]
+_DIAG_MSG_LEN = 72                           # sizeof(struct inet_diag_msg)
+_DIAG_INODE = struct.Struct("=I")            # inet_diag_msg.idiag_inode, at byte 68
+_NOCOOKIE = 0xFFFFFFFF
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_NONBLOCK_STREAM = _socket.SOCK_STREAM | getattr(_socket, "SOCK_NONBLOCK", 0) | \
+    getattr(_socket, "SOCK_CLOEXEC", 0)
+_SEND_FLAGS = getattr(_socket, "MSG_NOSIGNAL", 0)
+_PEEK = _socket.MSG_PEEK | getattr(_socket, "MSG_DONTWAIT", 0)
+_now = _time.monotonic
+
+
+class CloseRun:
+    """What one CloseLink.exchange() call did (its fields: smrd/_core_close.pxi)."""
+
+    __slots__ = ("stop", "connections", "timed_out", "failed", "lost", "raised")
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.connections = 0
+        self.timed_out = False
+        self.failed = None
+        self.lost = None
+        self.raised = None
+
+
+def _wait(sock, events: int, deadline: float) -> int:
+    """poll() events on sock until deadline: the events seen, 0 when the deadline passed."""
+    poller = _select.poll()
+    poller.register(sock, events)
+    while True:
+        left = deadline - _now()
+        ms = 0 if left <= 0 else int(left * 1000.0 + 0.999)
+        try:
+            ready = poller.poll(ms)
+        except InterruptedError:
+            continue
+        return ready[0][1] if ready else 0
+
+
+def _start_connect(family: int, sockaddr):
+    """(a non-blocking socket with its connect started, None) or (None, errno)."""
+    try:
+        sock = _socket.socket(family, _NONBLOCK_STREAM)
+    except OSError as exc:
+        return None, exc.errno if exc.errno is not None else str(exc)
+    sock.setblocking(False)
+    err = sock.connect_ex(sockaddr)
+    if err in (0, _errno.EINPROGRESS, _errno.EINTR):
+        return sock, None
+    sock.close()
+    return None, err
+
+
+def _connected(sock, deadline: float):
+    """True once the connect completed, False if not by deadline, else its errno."""
+    try:
+        if not _wait(sock, _select.POLLOUT, deadline):
+            return False
+        err = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+    except OSError as exc:
+        return exc.errno if exc.errno is not None else str(exc)
+    return True if err == 0 else err
+
+
+def _discard(sock) -> None:
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _closed_at_once(sock) -> bool:
+    try:
+        return not sock.recv(1, _PEEK)
+    except BlockingIOError:
+        return False
+    except InterruptedError:
+        return _closed_at_once(sock)
+    except OSError:
+        return True
+
+
+def _reached(link, nl, family: int, host: bytes, port: int, scope: int):
+    """(inode, state) of the socket a new connection to host:port would reach now, or None."""
+    link._seq = seq = (link._seq + 1) & 0xFFFFFFFF
+    body = (_DIAG_REQ.pack(family, _socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+            + _DIAG_PORTS.pack(port, 0) + host.ljust(16, b"\0") + host.ljust(16, b"\0")
+            + _DIAG_TAIL.pack(scope, _NOCOOKIE, _NOCOOKIE))
+    try:
+        nl.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(body), _SOCK_DIAG_BY_FAMILY, 1, seq, 0)
+                + body)
+        for _ in range(4):
+            data = nl.recv(8192, _socket.MSG_DONTWAIT)
+            if len(data) < _NLMSG_HDR.size:
+                return None
+            length, kind, _, got, _ = _NLMSG_HDR.unpack_from(data)
+            if length < _NLMSG_HDR.size or length > len(data):
+                return None
+            if got != seq:
+                continue
+            if kind != _SOCK_DIAG_BY_FAMILY or length < _NLMSG_HDR.size + _DIAG_MSG_LEN:
+                return None
+            start = _NLMSG_HDR.size
+            return _DIAG_INODE.unpack_from(data, start + 68)[0], data[start + 1]
+    except OSError:
+        return None
+    return None
+
+
+def _send_request(sock, request: bytes, deadline: float):
+    """(0, None) written and half-closed, (1, None) timed out, (-1, errno) failed."""
+    view = memoryview(request)
+    off = 0
+    try:
+        while off < len(request):
+            try:
+                off += sock.send(view[off:], _SEND_FLAGS)
+                continue
+            except BlockingIOError:
+                pass
+            except InterruptedError:
+                continue
+            if _now() >= deadline or not _wait(sock, _select.POLLOUT, deadline):
+                return 1, None
+        sock.shutdown(_socket.SHUT_WR)
+    except OSError as exc:
+        return -1, exc.errno if exc.errno is not None else str(exc)
+    return 0, None
+
+
+def _read_reply(sock, max_reply: int, deadline: float):
+    """(0, reply), (1, None) timed out, (2, bytes received) too large, (-1, errno) failed."""
+    buf = bytearray()
+    try:
+        if not _wait(sock, _select.POLLIN, deadline):
+            return 1, None
+        while True:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                if _now() >= deadline or not _wait(sock, _select.POLLIN, deadline):
+                    return 1, None
+                continue
+            except InterruptedError:
+                continue
+            if not data:
+                return 0, bytes(buf)
+            buf += data
+            if len(buf) > max_reply:
+                return 2, len(buf)
+            if _now() >= deadline:
+                return 1, None
+    except OSError as exc:
+        return -1, exc.errno if exc.errno is not None else str(exc)
+
+
+def _trusted(spec):
+    """The listening-socket inodes spec vouches for, or None (ask the check again)."""
+    if spec is None:
+        return None
+    try:
+        items = list(spec)
+        if len(items) > _MAX_INODES or any(type(i) is not int or i < 0 for i in items):
+            return None
+    except Exception:
+        return None
+    return frozenset(items)
+
+
+class CloseLink:
+    """Close framing's exchanges with one app (the contract: smrd/_core_close.pxi)."""
+
+    def __init__(self, addresses, timeout_s: float, max_reply: int, recheck_s: float = 0.05,
+                 ahead: bool = True) -> None:
+        addresses = list(addresses)
+        if not 0 < len(addresses) <= _MAX_ADDRS:
+            raise ValueError(f"between 1 and {_MAX_ADDRS} addresses, not {len(addresses)}")
+        timeout_s = float(timeout_s)
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, not {timeout_s!r}")
+        max_reply = operator.index(max_reply)
+        if max_reply < 0:
+            raise ValueError(f"max_reply must be non-negative, not {max_reply!r}")
+        self._targets = []
+        for family, sockaddr in addresses:
+            host = _socket.inet_pton(family, sockaddr[0].split("%")[0])
+            if family not in (_socket.AF_INET, _socket.AF_INET6):
+                raise ValueError(f"address family {family!r} is neither AF_INET nor AF_INET6")
+            scope = sockaddr[3] if family == _socket.AF_INET6 else 0
+            self._targets.append((int(family), sockaddr, host, sockaddr[1], scope))
+        self.addresses = addresses
+        self.timeout_s = timeout_s
+        self.max_reply = max_reply
+        self.recheck_s = float(recheck_s)
+        self.ahead = bool(ahead)
+        self._seq = 0
+
+    def exchange(self, requests, replies: list, run: CloseRun, check=None) -> None:
+        """As the compiled twin's (smrd/_core_close.pxi)."""
+        todo = tuple(requests[len(replies):])
+        if not todo:
+            return
+        for request in todo:
+            if type(request) is not bytes:
+                raise TypeError(f"requests must be bytes, not {type(request).__name__}")
+        timeout = self.timeout_s
+        out = []
+        sock = nxt = nl = used = None
+        trusted, trusted_until = None, 0.0
+        try:
+            i = 0
+            while i < len(todo) and not run.stop:
+                sock, fresh = None, False
+                if nxt is not None:
+                    if _connected(nxt, 0.0) is True:
+                        sock = nxt
+                    else:
+                        _discard(nxt)
+                    nxt = None
+                if sock is None:
+                    fresh = True
+                    why = None  # None: no address answered in time
+                    for target in self._targets:
+                        deadline = _now() + timeout
+                        candidate, why = _start_connect(target[0], target[1])
+                        if candidate is None:
+                            continue
+                        state = _connected(candidate, deadline)
+                        if state is True:
+                            sock, used = candidate, target
+                            break
+                        _discard(candidate)
+                        why = None if state is False else state
+                    if sock is None:
+                        if why is None:
+                            run.timed_out = True
+                            run.failed = ("connect-timeout", None)
+                        else:
+                            run.failed = ("connect", why)
+                        break
+                run.connections += 1
+                if check is not None:
+                    ok = False
+                    if trusted is not None and _now() < trusted_until:
+                        if nl is None:
+                            try:
+                                nl = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW
+                                                    | getattr(_socket, "SOCK_CLOEXEC", 0),
+                                                    _NETLINK_SOCK_DIAG)
+                            except (OSError, AttributeError):
+                                nl = False
+                        found = _reached(self, nl, used[0], used[2], used[3], used[4]) if nl \
+                            else None
+                        ok = found is not None and found[1] == _TCP_LISTEN and found[0] in trusted
+                    if not ok:
+                        try:
+                            spec = check()
+                        except BaseException as exc:
+                            run.raised = exc
+                            _discard(sock)
+                            sock = None
+                            break
+                        trusted, trusted_until = _trusted(spec), _now() + self.recheck_s
+                if _closed_at_once(sock):
+                    _discard(sock)
+                    sock = None
+                    if fresh:
+                        run.failed = ("closed", None)
+                        break
+                    continue
+                if run.stop:
+                    _discard(sock)
+                    sock = None
+                    break
+                deadline = _now() + timeout
+                code, detail = _send_request(sock, todo[i], deadline)
+                if code == 0:
+                    if self.ahead and i + 1 < len(todo) and not run.stop:
+                        nxt, _ = _start_connect(used[0], used[1])
+                    code, detail = _read_reply(sock, self.max_reply, deadline)
+                sock.close()
+                sock = None
+                if code != 0:
+                    if code == 1:
+                        run.timed_out = True
+                        run.lost = ("timeout", None)
+                    elif code == 2:
+                        run.lost = ("too-large", detail)
+                    else:
+                        run.lost = ("error", detail)
+                    break
+                out.append(detail)
+                i += 1
+        finally:
+            if sock is not None:
+                _discard(sock)
+            if nxt is not None:
+                _discard(nxt)
+            if nl:
+                nl.close()
+            replies += out

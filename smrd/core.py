@@ -45,6 +45,8 @@ __all__ = [
     "BatchBuilder",
     "QuorumTracker",
     "ReplyCache",
+    "CloseLink",
+    "CloseRun",
     "ProtocolError",
 ]
 
@@ -66,3 +68,5 @@ Batch = _impl.Batch
 BatchBuilder = _impl.BatchBuilder
 QuorumTracker = _impl.QuorumTracker
 ReplyCache = _impl.ReplyCache
+CloseLink = _impl.CloseLink
+CloseRun = _impl.CloseRun

@@ -1,6 +1,7 @@
 """close mode: one TCP connection per exchange (the paper's mode). The message is every byte the
 peer sent before it shut down its sending side; nothing inside the bytes delimits anything.
-Owns: accumulating one message under max_size. Never: look inside the bytes.
+Owns: accumulating one message under max_size, and the words for one over it (too_large). Never:
+look inside the bytes.
 """
 from typing import List
 
@@ -19,9 +20,7 @@ class CloseDecoder(Decoder):
 
     def _feed(self, data: Buffer, out: List[bytes]) -> None:
         if len(self._buf) + len(data) > self.max_size:
-            raise MessageTooLarge(
-                f"close-mode message exceeds the limit of {self.max_size} bytes "
-                f"(at least {len(self._buf) + len(data)} bytes received)")
+            raise too_large(self.max_size, len(self._buf) + len(data))
         self._buf += data
 
     def _eof(self, out: List[bytes]) -> None:
@@ -32,6 +31,13 @@ class CloseDecoder(Decoder):
         if self._buf or self.role == "response":
             out.append(bytes(self._buf))
         self._buf = bytearray()
+
+
+def too_large(max_size: int, received: int) -> MessageTooLarge:
+    """The error for a message over max_size, `received` bytes in (also for readers that skip the
+    decoder: the gateway's close-mode server, the app adapter's close-mode worker)."""
+    return MessageTooLarge(f"close-mode message exceeds the limit of {max_size} bytes "
+                           f"(at least {received} bytes received)")
 
 
 def encode(message: Buffer) -> bytes:

@@ -22,7 +22,7 @@ from ..ops import trace
 from ..ops.observability import Observability
 from ..protocol import messages as m
 from .calls import IDEMPOTENT_BIT, REACHABLE_S, CallBook, Notice
-from .client_connection import ClientConnection
+from .client_connection import ClientConnection, serve_close
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,10 @@ class Gateway:
         me = self.config.gateway
         self.channels.start(self.loop, self._on_message, lambda: None)
         try:
-            self.server = await self.loop.create_server(lambda: ClientConnection(self), me.host, me.port)
+            if self.mode == "close":  # one connection per request: plain sockets, see there
+                self.server = await serve_close(self, me.host, me.port)
+            else:
+                self.server = await self.loop.create_server(lambda: ClientConnection(self), me.host, me.port)
         except OSError as e:
             log.error("cannot listen on %s:%d: %s", me.host, me.port, e.strerror or e)
             self.channels.close()

@@ -6,7 +6,9 @@ time-out, reconnecting with back-off, the app's readiness as the replica reports
 mode's worker thread (its exchanges run there; see "close mode's worker thread" below).
 Rules, most important first:
   1. Never reorder. Requests reach the app in the order given, replies come back in that order;
-     close mode runs one connection at a time, because the app serves connections concurrently.
+     close mode writes a request only once the reply before it is complete, because the app
+     serves connections concurrently (the next connection may be open by then, with nothing
+     written on it).
   2. Never skip, never invent. execute() returns only when every request has the app's own
      reply. It may retry only what the app cannot have seen: a connect that failed, or requests
      not yet written. A request that was written and then lost its reply (drop, time-out, app
@@ -21,18 +23,22 @@ worker thread (the replica's callback touches asyncio objects).
 """
 import asyncio
 import logging
+import os
 import queue
 import socket
-import struct
 import threading
-import time
 import weakref
 from typing import Callable, List, Optional, Sequence
 
+from ..core import CloseLink, CloseRun
 from ..errors import SmrdError
 from ..framing import MODES, FramingError, encode, http_request_method, make_decoder
+from ..framing.close import too_large
 
 log = logging.getLogger(__name__)
+
+# smrd.core picks the compiled twin or the pure-Python one; these two are not in its public
+# list (nothing but this adapter may use them: they do I/O), hence through its choice directly.
 
 # Back-off between attempts to reach an app that refuses or does not accept connections: 20 ms
 # growing by half each time to 1 s, no jitter (one replica talks to one local app; there is no
@@ -44,9 +50,6 @@ BACKOFF_INITIAL_S = 0.02
 BACKOFF_MAX_S = 1.0
 BACKOFF_FIRST_MAX_S = 0.1
 BACKOFF_GROWTH = 1.5
-
-# Close mode reads a reply in reads of up to this: one for any usual reply, few for a snapshot.
-RECV_BYTES = 1 << 16
 
 StateCallback = Callable[[bool, str], None]
 
@@ -209,36 +212,31 @@ def _resolve(waiter: asyncio.Future) -> None:
 
 # -- close mode's worker thread ----------------------------------------------------------------
 #
-# Close mode runs its exchanges on plain blocking sockets in one worker thread per adapter, a
-# whole execute() call per hop to it. Driven by the event loop (transport, protocol, futures, a
-# loop iteration per step) a connection cost about twice the kernel's own work for it again in
-# Python; in the thread it costs little beyond the system calls, and the hop between threads
-# (two wake-ups) is paid once per call, not per request. A bare thread fed by a SimpleQueue, not
-# a ThreadPoolExecutor: its futures, locks and conditions made each hop cost about twice as much.
-# The thread decides nothing: it reports what happened in a _CloseRun and the event loop acts on
-# it (state callbacks, stats, the back-off sleeps, the errors), so those stay on the loop and the
-# back-off stays cancellable.
+# Close mode runs its exchanges in one worker thread per adapter, a whole execute() call per hop
+# to it, and within the hop in smrd.core's CloseLink: compiled code that holds no GIL from one
+# connection to the next (smrd/_core_close.pxi; smrd/_core_py.py is its pure-Python twin). Driven
+# by the event loop a connection cost about twice the kernel's own work for it again in Python,
+# and in Python in the thread still about as much again, much of it taking the GIL back after
+# every system call while the event loop ran. The hop between threads (two wake-ups) is paid once
+# per call, not per request. A bare thread fed by a SimpleQueue, not a ThreadPoolExecutor: its
+# futures, locks and conditions made each hop cost about twice as much. The thread decides
+# nothing: CloseLink reports what happened in a CloseRun and the event loop acts on it (state
+# callbacks, stats, the back-off sleeps, the errors), so those stay on the loop and the back-off
+# stays cancellable.
 #
-# The sockets are blocking with kernel time-outs (SO_SNDTIMEO bounds connect on Linux and send,
-# SO_RCVTIMEO bounds recv), not Python's: a socket with a Python time-out polls before each call.
-# Each call that blocks releases the GIL and must take it back, which can wait up to
-# sys.getswitchinterval() while the event loop runs Python: fewer calls per exchange keep the
-# thread moving beside a busy loop.
+# Within a hop, while the app works on one request the next request's connection is opened
+# (CLOSE_CONNECT_AHEAD): the app may accept it meanwhile but receives nothing on it until the
+# reply before is complete, when it is verified (on_connect, below) like any other, checked for
+# an app that closed it meanwhile, and only then written. One that is not used is reset, never
+# closed with a FIN: the app would read that as the empty request.
 
-
-class _CloseRun:
-    """One hop of close-mode exchanges to the worker thread. The thread fills in what happened;
-    the event loop reads it once the hop is over, or sets ``stop`` when it stops waiting."""
-
-    __slots__ = ("stop", "connections", "timed_out", "failed", "lost", "raised")
-
-    def __init__(self) -> None:
-        self.stop = False         # set on the event loop: start no further exchange
-        self.connections = 0      # connects that succeeded
-        self.timed_out = False    # the outcome below was a time-out (stats["timeouts"])
-        self.failed: Optional[str] = None  # the connect for request len(replies) failed
-        self.lost = None          # (AppError class, reason): request len(replies) is in doubt
-        self.raised: Optional[BaseException] = None  # what on_connect raised
+CLOSE_CONNECT_AHEAD = True
+# on_connect may vouch for the listening sockets it found; for this long CloseLink verifies the
+# connections after it with the kernel's exact listener lookup against those (a hash lookup,
+# ~3 µs) instead of calling on_connect (a dump of every listener, ~30 µs, and the GIL). Any other
+# answer goes back to on_connect at once; the bound only caps how long a change the lookup cannot
+# see (a second listener elsewhere on the port) goes unnoticed: at most this, within one hop.
+CLOSE_RECHECK_S = 0.05
 
 
 def _worker_loop(jobs: "queue.SimpleQueue") -> None:
@@ -282,90 +280,14 @@ def _addresses(host: str, port: int):
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         return exc.strerror or str(exc)
-    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+    found = [(family, sockaddr) for family, _, _, _, sockaddr in infos
+             if family in (socket.AF_INET, socket.AF_INET6)]
+    return found[:8] or f"no IPv4 or IPv6 address for {host}"
 
 
-def _timeval(seconds: float) -> bytes:
-    micros = max(1, round(seconds * 1e6))  # a zero timeval would mean "no time-out"
-    return struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
-
-
-def _open(addresses, timeval: bytes):
-    """(a socket connected to the first address that accepts, None), or (None, why none did:
-    the last error, None when that was a time-out)."""
-    why: Optional[str] = None
-    for family, sockaddr in addresses:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            sock.connect(sockaddr)
-        except BlockingIOError:  # EINPROGRESS: SO_SNDTIMEO ran out
-            sock.close()
-            why = None
-        except OSError as exc:
-            sock.close()
-            why = exc.strerror or str(exc)
-        else:
-            return sock, None
-    return None, why
-
-
-def _closed_at_once(sock: socket.socket) -> bool:
-    """Has the app already closed (or reset) a connection we have written nothing on?"""
-    try:
-        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
-def _exchange_close(sock: socket.socket, request: bytes, mode: str, max_reply: int,
-                    timeout: float, run: _CloseRun) -> Optional[bytes]:
-    """Writes the request, half-closes, reads the reply to EOF; None with run.lost set if the
-    request is in doubt. Writing and the whole reply must take no more than timeout, as on the
-    event loop: an app cannot stay alive by reading or answering a byte at a time."""
-    decoder = make_decoder(mode, max_reply, "response")
-    try:
-        deadline = time.monotonic() + timeout
-        sent = sock.send(request)
-        if sent < len(request):  # larger than the socket's buffer: a partial send
-            view = memoryview(request)
-            while sent < len(request):
-                _time_left(sock, socket.SO_SNDTIMEO, deadline)
-                sent += sock.send(view[sent:])
-            _time_left(sock, socket.SO_RCVTIMEO, deadline)
-        sock.shutdown(socket.SHUT_WR)  # the half-close is what ends the request
-        while True:
-            data = sock.recv(RECV_BYTES)
-            if not data:
-                break
-            decoder.feed(data)
-            _time_left(sock, socket.SO_RCVTIMEO, deadline)
-        replies = decoder.eof()
-    except BlockingIOError:  # EAGAIN: SO_SNDTIMEO / SO_RCVTIMEO ran out
-        run.timed_out = True
-        run.lost = (AppConnectionLost, f"no reply from the app within {timeout:g} s")
-        return None
-    except FramingError as exc:
-        run.lost = (AppProtocolError, f"bad reply from the app: {exc}")
-        return None
-    except OSError as exc:
-        run.lost = (AppConnectionLost, f"connection to the app lost: {exc}")
-        return None
-    if len(replies) != 1:
-        run.lost = (AppProtocolError, f"the app sent {len(replies)} replies to 1 requests")
-        return None
-    return replies[0]
-
-
-def _time_left(sock: socket.socket, option: int, deadline: float) -> None:
-    """Bounds the socket's next blocking call by what is left until deadline."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise BlockingIOError
-    sock.setsockopt(socket.SOL_SOCKET, option, _timeval(left))
+def _why(detail) -> str:
+    """An errno from CloseLink as Python words it (OSError.strerror), or its own words."""
+    return os.strerror(detail) if isinstance(detail, int) else str(detail)
 
 
 class AppAdapter:
@@ -399,9 +321,13 @@ class AppAdapter:
         self.on_state_change = on_state_change
         # Called after every new connection, before anything is written on it; the replica uses
         # it to check that the app is still the process it has been feeding. What it raises
-        # comes out of execute() as it is. In close mode it runs in the worker thread: it must
-        # not touch the event loop or anything the loop may change meanwhile.
-        self.on_connect: Optional[Callable[[], None]] = None
+        # comes out of execute() as it is (AppUnverified: the connection is dropped and tried
+        # again with back-off). In close mode it runs in the worker thread: it must not touch the
+        # event loop or anything the loop may change meanwhile; and it may return the inodes of
+        # the listening sockets it found good, which lets the connections after it within the
+        # same call be verified against those by the kernel's exact listener lookup for up to
+        # CLOSE_RECHECK_S instead of calling it (any other answer calls it again).
+        self.on_connect: Optional[Callable[[], Optional[frozenset]]] = None
         self.stats = {"requests": 0, "connections": 0, "reconnects": 0, "retries": 0,
                       "timeouts": 0, "errors": 0}
         self._state: Optional[bool] = None  # None until the first attempt has an outcome
@@ -409,7 +335,8 @@ class AppAdapter:
         self._busy = False
         self._closed = False
         self._jobs: Optional[queue.SimpleQueue] = None  # close mode's worker thread takes these
-        self._run: Optional[_CloseRun] = None  # the latest hop to it
+        self._run: Optional[CloseRun] = None  # the latest hop to it
+        self._link = None  # close mode: the worker thread's CloseLink, kept between hops
 
     @property
     def ready(self) -> bool:
@@ -564,15 +491,16 @@ class AppAdapter:
             weakref.finalize(self, jobs.put, None)  # the thread ends with an adapter not closed
         replies: List[bytes] = []
         delay = BACKOFF_INITIAL_S
+        host, port = self.host, self.port
         while True:
             if self._closed:  # close() during a back-off: the worker is gone
                 raise RuntimeError("AppAdapter.close() during execute()")
-            run = self._run = _CloseRun()
+            run = self._run = CloseRun()
             before = len(replies)
             done = loop.create_future()
             # One worker, so a hop still finishing the exchange it was in when its caller was
-            # cancelled is over before this one starts: never two connections at once.
-            jobs.put((loop, done, self._close_run, (encoded, replies, run)))
+            # cancelled is over before this one starts: never two requests at once.
+            jobs.put((loop, done, self._close_hop, (encoded, replies, run)))
             try:
                 await done
             except BaseException:
@@ -582,75 +510,63 @@ class AppAdapter:
                 self.stats["connections"] += run.connections
                 if len(replies) > before and self._state is not True:
                     self._set_state(True, "the app answered")
+            failed = None
             if run.raised is not None:
                 exc, run.raised = run.raised, None
-                raise exc  # on_connect's, as it raised it: nothing written on that connection
+                if not isinstance(exc, AppUnverified):
+                    raise exc  # on_connect's, as it raised it: nothing written on that connection
+                failed = str(exc)  # as a failed connect: retried with back-off
             if run.timed_out:
                 self.stats["timeouts"] += 1
             if run.lost is not None:
-                cls, reason = run.lost
+                kind, detail = run.lost
+                if kind == "timeout":
+                    cls = AppConnectionLost
+                    reason = f"no reply from the app within {self.timeout_s:g} s"
+                elif kind == "too-large":
+                    cls = AppProtocolError
+                    reason = f"bad reply from the app: {too_large(self.max_reply_bytes, detail)}"
+                elif isinstance(detail, int):
+                    cls = AppConnectionLost
+                    reason = f"connection to the app lost: {OSError(detail, os.strerror(detail))}"
+                else:
+                    cls, reason = AppConnectionLost, f"connection to the app lost: {detail}"
                 self._fail_state(reason)
                 raise self._error(cls, reason, encoded, replies, len(replies) + 1)
-            if run.failed is None:
+            if run.failed is not None:
+                kind, detail = run.failed
+                if kind == "connect-timeout":
+                    failed = f"connect to {host}:{port} timed out after {self.timeout_s:g} s"
+                elif kind == "closed":
+                    # Accepted and closed before we wrote a byte: nothing can have run.
+                    failed = f"{host}:{port} closed the connection at once"
+                else:
+                    failed = f"cannot connect to {host}:{port}: {_why(detail)}"
+            if failed is None:
                 if len(replies) < len(encoded):  # stopped by close()
                     raise RuntimeError("AppAdapter.close() during execute()")
                 return replies
             if len(replies) > before:
                 delay = BACKOFF_INITIAL_S  # the first failed connect of a new request
-            self._fail_state(run.failed, count=False)
+            self._fail_state(failed, count=False)
             self.stats["retries"] += 1
-            log.debug("app not reachable (%s); retrying in %.2f s", run.failed, delay)
+            log.debug("app not reachable (%s); retrying in %.2f s", failed, delay)
             await _sleep(delay)
             cap = BACKOFF_MAX_S if self.stats["connections"] else BACKOFF_FIRST_MAX_S
             delay = min(delay * BACKOFF_GROWTH, cap)
 
-    def _close_run(self, encoded: List[bytes], replies: List[bytes], run: _CloseRun) -> None:
-        """Worker thread: exchanges from request len(replies) on, appending the replies, until all
-        are answered or one cannot be (connect failed, on_connect raised, reply lost) or
-        run.stop. Reads the adapter's settings, writes nothing of it."""
-        host, port, timeout = self.host, self.port, self.timeout_s
-        mode, max_reply = self.mode, self.max_reply_bytes
-        on_connect = self.on_connect
-        timeval = _timeval(timeout)
-        addresses = None
-        while len(replies) < len(encoded):
-            if run.stop:
-                return
-            if addresses is None:
-                addresses = _addresses(host, port)
-                if isinstance(addresses, str):
-                    run.failed = f"cannot connect to {host}:{port}: {addresses}"
-                    return
-            sock, why = _open(addresses, timeval)
-            if sock is None:
-                run.timed_out = why is None
-                run.failed = (f"connect to {host}:{port} timed out after {timeout:g} s"
-                              if why is None else f"cannot connect to {host}:{port}: {why}")
-                return
-            try:
-                run.connections += 1
-                if on_connect is not None:
-                    try:
-                        on_connect()
-                    except AppUnverified as exc:  # as a failed connect: retried with back-off
-                        run.failed = str(exc)
-                        return
-                    except BaseException as exc:  # the coroutine raises it, as it is
-                        run.raised = exc
-                        return
-                if _closed_at_once(sock):
-                    # Accepted and closed before we wrote a byte: nothing can have run.
-                    run.failed = f"{host}:{port} closed the connection at once"
-                    return
-                if run.stop:
-                    return
-                reply = _exchange_close(sock, encoded[len(replies)], mode, max_reply, timeout,
-                                        run)
-            finally:
-                sock.close()  # never linger: a late reply must not reach anyone
-            if reply is None:
-                return
-            replies.append(reply)
+    def _close_hop(self, encoded: List[bytes], replies: List[bytes], run) -> None:
+        """Worker thread: exchanges from request len(replies) on (CloseLink.exchange). Reads the
+        adapter's settings, writes nothing of it but the link it keeps for the next hop."""
+        addresses = _addresses(self.host, self.port)
+        if isinstance(addresses, str):
+            run.failed = ("connect", addresses)
+            return
+        link = self._link
+        if link is None or link.addresses != addresses:
+            link = self._link = CloseLink(addresses, self.timeout_s, self.max_reply_bytes,
+                                          CLOSE_RECHECK_S, CLOSE_CONNECT_AHEAD)
+        link.exchange(encoded, replies, run, self.on_connect)
 
     # -- connecting, state, errors ----------------------------------------------------------------
 

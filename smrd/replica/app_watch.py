@@ -7,13 +7,23 @@ kernel), with the holder's (pid, start time) beside it where psutil can see it. 
 inferred from whether an old pid still exists: a killed app can stay a zombie for seconds (its
 parent reaps late), and psutil calls a zombie running, while its listening socket died with it.
 
-The rule (`check`, run on every new connection before anything is written on it):
+The rule (`check`, run on a new connection before anything is written on it):
   - nothing listens any more, or the sockets cannot be read: AppUnverified (the adapter drops the
     connection and tries again, as after a failed connect: nothing was written);
   - the listener is not the adopted one: AppRestarted, carrying the new identity; the replica
     decides what the app now holds;
   - no app adopted yet: the listener is adopted (and recorded, so that a restarted smrd knows
     the app it fed).
+A check that passes on an app with one listening socket returns its inode: close mode's worker
+(smrd.core's CloseLink) then verifies the connections right after it by asking the kernel which
+socket a connection to the app's address reaches now (sock_diag's exact lookup, the kernel's own
+listener lookup for an arriving SYN: ~3 µs, against ~30 µs for this dump of every listener) and
+comparing with that inode, and comes back here on any other answer, at the start of every batch
+and at least every smrd.replica.app_adapter.CLOSE_RECHECK_S. An app with several listening sockets
+on the port (several addresses, or an SO_REUSEPORT group, whose members share connections by a
+hash the lookup cannot reproduce) gets no such shortcut: every connection is checked here. What
+the lookup alone would not see is a second socket appearing beside the one socket adopted: that
+changes the set compared here, so it is seen by the next check, within CLOSE_RECHECK_S.
 Never: touches the app (smrd.replica.app_reset ends it), or lets a connection through that it could not
 verify. The one exception is an app on another host (app_host not local), whose sockets this host
 cannot see: then nothing is checked, and the replica says so once at start.
@@ -111,22 +121,33 @@ class AppWatch:
         return self._identify(sockets) if sockets else None
 
     def _identify(self, sockets: frozenset) -> AppIdentity:
-        # The holder's pid: psutil scans every process's descriptors (milliseconds), so this runs
-        # once per new app, never per connection. A socket held by a process we may not inspect
-        # (another user) leaves the pid unknown: restarts are still seen, the app cannot be ended.
+        # The holder's pid: the process with one of the sockets among its open files. Runs once
+        # per new app, never per connection. It reads every process's descriptors (a few ms), not
+        # /proc/net/tcp (psutil.net_connections): in close mode this host holds tens of thousands
+        # of connections in TIME_WAIT, one per request of the last minute, and parsing them took
+        # about a second, in the worker thread, holding the GIL. A socket held by a process we
+        # may not inspect (another user) leaves the pid unknown: restarts are still seen, the app
+        # cannot be ended.
+        names = {f"socket:[{inode}]" for inode in sockets}
         try:
-            conns = psutil.net_connections(kind="tcp")
-        except (psutil.Error, OSError):
+            pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+        except OSError:
             return AppIdentity(sockets)
-        for c in conns:
-            if c.status != psutil.CONN_LISTEN or not c.laddr or c.laddr.port != self.port or not c.pid:
-                continue
+        for pid in pids:
             try:
-                if os.stat(f"/proc/{c.pid}/fd/{c.fd}").st_ino not in sockets:
-                    continue
-                return AppIdentity(sockets, c.pid, psutil.Process(c.pid).create_time())
-            except (OSError, psutil.Error):
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
                 continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") not in names:
+                        continue
+                except OSError:
+                    continue  # closed meanwhile
+                try:
+                    return AppIdentity(sockets, pid, psutil.Process(pid).create_time())
+                except psutil.Error:
+                    break  # gone meanwhile
         return AppIdentity(sockets)
 
     def processes(self, identity: AppIdentity) -> list:
@@ -156,10 +177,14 @@ class AppWatch:
 
     # ------------------------------------------------------------------ the rule
 
-    def check(self) -> None:
-        """Called on every new connection to the app, before anything is written on it."""
+    def check(self) -> Optional[frozenset]:
+        """Called on a new connection to the app, before anything is written on it. Returns the
+        inode of the one socket the app being fed listens on (the adapter's close mode verifies
+        the next connections against it with the kernel's exact listener lookup, for a bounded
+        time, and calls this again on any other answer), or None: check every connection here
+        (several listening sockets, or an app on another host: nothing to verify)."""
         if not self.enabled:
-            return
+            return None
         sockets = self.listening()
         if sockets is None:
             raise AppUnverified(f"cannot read this host's sockets to tell which process listens on "
@@ -174,6 +199,7 @@ class AppWatch:
             new = self._identify(sockets)
             raise AppRestarted(f"another socket listens on app port {self.port}: {new.describe()}, "
                                f"was {old.describe()}", new, old)
+        return sockets if len(sockets) == 1 else None
 
     def adopt(self, identity: AppIdentity) -> None:
         """From now on, `identity` is the app being fed."""

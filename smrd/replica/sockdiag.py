@@ -11,9 +11,14 @@ Never: maps sockets to processes (that needs a scan of every process's file desc
 smrd.replica.app_watch does it once per new app, not per connection), or raises for an answer it cannot
 get: `listeners()` returns None when neither source is readable.
 
-Cost: the netlink query asks the kernel for listening sockets only (a state filter), so a machine
-with thousands of connections in TIME_WAIT (close framing makes them) answers as fast as an idle
-one; reading /proc/net/tcp would copy every one of them.
+Cost: the netlink query asks the kernel for listening sockets only, on this port (the kernel
+filters listeners by the source port of the request's socket id), so a machine with thousands of
+connections in TIME_WAIT (close framing makes them) answers as fast as an idle one; reading
+/proc/net/tcp would copy every one of them. What it still costs, ~15 µs of kernel time per address
+family here, is the walk over every bucket of the kernel's listening hash table that a dump makes:
+too much for every connection in close framing, whose worker (smrd.core's CloseLink) asks the
+kernel's exact lookup instead (one socket, one hash lookup) against what this dump last found
+(smrd.replica.app_watch says when).
 """
 import socket
 import struct
@@ -92,7 +97,7 @@ class _Netlink:
                 _, state, _, _ = _MSG.unpack_from(data, start)
                 sport = _SOCKID.unpack_from(data, start + _MSG.size)[0]
                 _, _, _, uid, inode = _MSG_TAIL.unpack_from(data, start + _MSG.size + _SOCKID.size)
-                # The kernel filters by state, not by port (no bytecode filter is sent).
+                # The kernel filters by both already; kept as a guard on what it sends.
                 if state == _TCP_LISTEN and sport == port:
                     found[inode] = uid
 
