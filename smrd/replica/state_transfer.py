@@ -7,7 +7,11 @@ stops answering) into a part file, verifying it by hash while streaming (memory 
 the window, whatever the state's size), rate-limiting what this replica serves so that serving
 never stalls ordering, and progress (log lines and the numbers behind the metrics).
 Never: touches the protocol core or the app (the server installs what this hands it), keeps a
-whole checkpoint in memory, or accepts bytes whose hash no quorum of peers vouched for.
+whole checkpoint in memory, or accepts bytes whose hash no peer vouched for. f+1 peers must
+agree, except when for LONE_AFTER queries in a row fewer than f+1 peers hold any checkpoint
+new enough and none of them contradicts another (two replicas behind at once, the others'
+logs already truncated): waiting for a vouching quorum that cannot exist would leave both
+replicas unable to execute for good, and a crash-faulty peer's checkpoint is the decided prefix.
 """
 import asyncio
 import logging
@@ -25,6 +29,7 @@ WINDOW = 4                 # chunk requests in flight
 QUERY_WAIT_S = 1.0         # how long to collect STATE_INFO answers
 CHUNK_TIMEOUT_S = 3.0      # no chunk for this long: ask another peer
 ATTEMPTS = 10              # queries before giving up (the core then asks again)
+LONE_AFTER = 3             # queries in a row without f+1 holders before fewer may do (above)
 PROGRESS_EVERY_S = 1.0
 
 
@@ -41,6 +46,7 @@ class StateTransfer:
         self.task = None
         self.nonce = 0
         self.answers = {}
+        self.short = 0                    # queries in a row where fewer than f+1 held one (LONE_AFTER)
         self.answered = asyncio.Event()
         self.chunks = asyncio.Queue()
         self.next_free = 0.0              # serving: when the link is free again (token bucket)
@@ -100,6 +106,7 @@ class StateTransfer:
             self.task.cancel()
 
     async def _run(self, hint_peer, min_instance):
+        self.short = 0
         try:
             for attempt in range(1, ATTEMPTS + 1):
                 chosen = await self._choose(min_instance)
@@ -147,13 +154,28 @@ class StateTransfer:
                     votes[(instance, digest)] += 1
                     holders.setdefault((instance, digest), []).append(peer)
         agreed = [key for key, count in votes.items() if count >= self.need]
-        if not agreed:
-            log.info("event=state_transfer_waiting need=%d reports=%s (no checkpoint >= %d that %d "
-                     "peers agree on yet)", self.need,
-                     {p: [c[0] for c in cs] for p, cs in self.answers.items()}, min_instance, self.need)
-            return None
-        instance, digest = max(agreed)
-        return instance, digest, holders[(instance, digest)]
+        reports = {p: [c[0] for c in cs] for p, cs in self.answers.items()}
+        if agreed:
+            self.short = 0
+            instance, digest = max(agreed)
+            return instance, digest, holders[(instance, digest)]
+        digests = {}
+        for instance, digest in votes:
+            digests.setdefault(instance, set()).add(digest)
+        contradicted = any(len(d) > 1 for d in digests.values())
+        self.short = self.short + 1 if votes and not contradicted else 0
+        if self.short >= LONE_AFTER:
+            instance, digest = max(votes)
+            log.warning("event=state_transfer_single_source instance=%d peers=%s reports=%s (for "
+                        "%d queries no checkpoint >= %d was held by %d peers, and none contradicts "
+                        "another: fetching from fewer, verified by the digest they report)",
+                        instance, holders[(instance, digest)], reports, self.short, min_instance,
+                        self.need)
+            return instance, digest, holders[(instance, digest)]
+        log.info("event=state_transfer_waiting need=%d reports=%s (no checkpoint >= %d that %d "
+                 "peers agree on yet%s)", self.need, reports, min_instance, self.need,
+                 "; two report different digests for one instance" if contradicted else "")
+        return None
 
     async def _fetch(self, instance, digest, reporters):
         store = self.store
