@@ -190,9 +190,7 @@ def measure_storage(base_dir, requests, keep=None):
             "traced_requests": len(rows), "hops": hop_table(rows), "cpu_us_per_request": cpu}
 
 
-def measure_fsync(directory, count=300):
-    """Median µs of appending 128 bytes and fsyncing, as the write-ahead log does per burst."""
-    path = Path(directory) / "fsync-probe"
+def _fsyncs(path, count):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         times = []
@@ -203,8 +201,24 @@ def measure_fsync(directory, count=300):
             times.append((time.perf_counter_ns() - t0) / 1000)
     finally:
         os.close(fd)
-        path.unlink()
-    return round(statistics.median(times), 1)
+        os.unlink(path)
+    return times
+
+
+def measure_fsync(directory, count=300):
+    """Median µs of appending 128 bytes and fsyncing, as the write-ahead log does per burst."""
+    return round(statistics.median(_fsyncs(Path(directory) / "fsync-probe", count)), 1)
+
+
+def measure_fsync_concurrent(directory, writers=3, count=300):
+    """The same with `writers` processes fsyncing their own files in the directory at once, as
+    the three replicas of a local cluster do on one disk (their fsyncs share one journal)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    paths = [Path(directory) / f"fsync-probe-{i}" for i in range(writers)]
+    with ctx.Pool(writers) as pool:
+        runs = pool.starmap(_fsyncs, [(p, count) for p in paths])
+    return round(statistics.median(t for run in runs for t in run), 1)
 
 
 def _print_hops(title, result):
@@ -251,8 +265,10 @@ def main(argv=None):
         where = args.tmpfs if storage == "tmpfs" else disk
         out[storage] = measure_storage(where, args.requests)
         out[storage]["fsync_us"] = measure_fsync(where)
-        _print_hops(f"logs on {storage} ({where}; one fsync there: {out[storage]['fsync_us']:.0f} µs)",
-                    out[storage])
+        out[storage]["fsync_3_concurrent_us"] = measure_fsync_concurrent(where)
+        _print_hops(f"logs on {storage} ({where}; one fsync there: {out[storage]['fsync_us']:.0f} µs, "
+                    f"three processes fsyncing at once: {out[storage]['fsync_3_concurrent_us']:.0f} "
+                    "µs each)", out[storage])
     out["targets"] = targets(out)
     out["loadavg_after"] = os.getloadavg()
     print()
