@@ -93,6 +93,21 @@ def is_local_host(host: str) -> bool:
     return bool(addresses)
 
 
+PF_EXITING = 0x4  # include/linux/sched.h: set when the process starts to exit
+
+
+def _exiting(pid: int) -> bool:
+    """Has the process begun to exit? Its sockets are closed one by one then, before it becomes a
+    zombie: a connection can already be reset while its listening socket is still there, and a
+    check in between must not take the dying app for a live one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return bool(int(stat[stat.rindex(b")") + 2:].split()[6]) & PF_EXITING)
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 class AppWatch:
     def __init__(self, port: int, record_path: str = None, host: str = "127.0.0.1"):
         self.port = port
@@ -169,11 +184,13 @@ class AppWatch:
             return False
         try:
             proc = psutil.Process(identity.pid)
-            return proc.create_time() != identity.create_time or proc.status() == psutil.STATUS_ZOMBIE
+            if proc.create_time() != identity.create_time or proc.status() == psutil.STATUS_ZOMBIE:
+                return True
         except psutil.NoSuchProcess:
             return True
         except psutil.Error:
             return False
+        return _exiting(identity.pid)
 
     # ------------------------------------------------------------------ the rule
 
