@@ -115,7 +115,11 @@ def main(argv=None):
     cluster = LocalCluster(3, 1, "line", smrd_base_port(), args.out / "_cluster")
     failovers, ready_s = [], []
     launched = time.monotonic()
-    cluster.start()
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()  # what did start must not outlive this run
+        raise
     load = Load(cluster.gateway_port(0), args.clients).start()
     try:
         load.wait_completions(launched, 1)

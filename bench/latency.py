@@ -165,8 +165,8 @@ def measure_storage(base_dir, requests, keep=None):
         cluster = LocalCluster(3, 1, "line", smrd_base_port(), cluster_dir)
     finally:
         del os.environ["SMRD_TRACE"]
-    cluster.start()
     try:
+        cluster.start()  # inside: a process that fails to start must not leave the others running
         leader = cluster.leader()
         procs = {f"replica-{i}" + (" (leader)" if i == leader else ""): psutil.Process(c.proc.pid)
                  for i, c in enumerate(cluster.servers)}

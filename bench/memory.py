@@ -47,8 +47,8 @@ def measure_memory(cluster_dir, requests=1_000_000, clients=64, max_seconds=600.
             samples.append({"t": round(time.monotonic() - started, 1), "rss_mb": rss})
 
     load_before = os.getloadavg()
-    cluster.start()
     try:
+        cluster.start()  # inside: a process that fails to start must not leave the others running
         cluster.leader()
         threading.Thread(target=sample, daemon=True).start()
         started = time.monotonic()
