@@ -59,8 +59,9 @@ OVERLAP = ("leader: its own fsync (overlaps the follower round)", ("L", "propose
 
 
 def _load_traces(trace_dir):
-    """{process name: {(event, key): first t_ns}}, plus each process's gw_read keys in order."""
-    procs, order = {}, []
+    """{process name: {(event, key): first t_ns}}, the gateway's gw_read keys in order, and each
+    request's instance (what its `planned` stamps carry)."""
+    procs, order, instances = {}, [], {}
     for path in sorted(Path(trace_dir).glob("*.trace.jsonl")):
         name = path.name.rsplit("-", 1)[0]
         stamps = procs.setdefault(name, {})
@@ -72,14 +73,16 @@ def _load_traces(trace_dir):
             stamps.setdefault((event, key), t)
             if event == "gw_read":
                 order.append(key)
-    return procs, order
+            elif event == "planned":
+                instances.setdefault(key, extra)
+    return procs, order, instances
 
 
 def join(trace_dir, client_stamps, skip=0):
     """Per request after the first `skip`: {(process, event): t_ns}, the leader's and the quorum
     follower's stamps found through the request's instance (the gateway reads the client's
     requests in the order it sent them)."""
-    procs, order = _load_traces(trace_dir)
+    procs, order, instances = _load_traces(trace_dir)
     gateway = next(v for k, v in procs.items() if k.startswith("gateway"))
     replicas = {int(k.split("-")[1]): v for k, v in procs.items() if k.startswith("replica")}
     rows = []
@@ -87,7 +90,7 @@ def join(trace_dir, client_stamps, skip=0):
         if i < skip or i >= len(order):
             continue
         key = order[i]
-        instance = _instances(trace_dir).get(key)  # `planned` carries it in its extra field
+        instance = instances.get(key)
         leader = next((r for r, s in replicas.items() if ("propose", instance) in s), None)
         if instance is None or leader is None:
             continue
@@ -105,22 +108,6 @@ def join(trace_dir, client_stamps, skip=0):
                 row[("F", event)] = replicas[follower].get((event, instance))
         rows.append(row)
     return rows
-
-
-_instance_cache = {}
-
-
-def _instances(trace_dir):
-    cached = _instance_cache.get(str(trace_dir))
-    if cached is None:
-        cached = {}
-        for path in Path(trace_dir).glob("replica-*.trace.jsonl"):
-            for line in path.read_text().splitlines():
-                if '"planned"' in line:
-                    _, _, key, instance = json.loads(line)
-                    cached.setdefault(tuple(key), instance)
-        _instance_cache[str(trace_dir)] = cached
-    return cached
 
 
 def hop_table(rows):
