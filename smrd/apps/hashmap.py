@@ -18,7 +18,7 @@ whitespace, separated by any whitespace; the command word is exact upper case):
   RESTORE SNAPSHOT <base64> (SNAPSHOT's reply verbatim: smrd's restore_request "RESTORE {state}")
   anything else       -> ERR <reason>
 Keys and values are at most MAX_TOKEN_BYTES each. SNAPSHOT and RESTORE are the optional snapshot
-hooks of DESIGN.md §3: an app without them still works under smrd (it replays the log instead).
+hooks of docs/app-contract.md: an app without them still works under smrd (it replays the log instead).
 
 Framing: `line` = persistent connection, one request per "\n"-terminated line ("\r\n" accepted),
 replies in order, pipelining allowed; `close` = one connection per request, the request is every

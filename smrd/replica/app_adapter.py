@@ -1,5 +1,5 @@
 """The app adapter: a replica's connection to its local, unmodified app at 127.0.0.1:PORT
-(DESIGN.md §2 "app adapter", §3 the app contract; wire rules in docs/framing.md).
+(the app contract: docs/app-contract.md; wire rules: docs/framing.md).
 
 Owns: the TCP connection(s) to the app, framing requests out and replies in, the reply
 time-out, reconnecting with back-off, the app's readiness as the replica reports it, and close

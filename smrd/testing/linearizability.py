@@ -1,4 +1,4 @@
-"""Linearizability checking of key-value histories recorded by clients (DESIGN.md §6, level 3).
+"""Linearizability checking of key-value histories recorded by clients (the fault tests' top check).
 It owns the model of one key (a register with put/get/remove), the Wing-Gong search with Lowe's
 memoization (as Porcupine does it, plus the prunings explained in _check_key) and the History
 recorder. It must never pass a violation nor report one that is not: where the record leaves a

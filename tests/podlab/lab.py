@@ -1,5 +1,5 @@
 """The pod lab: the RENDERED Helm chart run as "pods" on one machine, without a cluster
-(DESIGN.md §6 level 4; docs/kubernetes.md, "The pod lab").
+(docs/kubernetes.md, "The pod lab").
 
 What stands for what:
 

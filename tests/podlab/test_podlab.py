@@ -1,4 +1,4 @@
-"""The rendered Helm chart as pods (DESIGN.md §6 level 4; docs/kubernetes.md, "The pod lab").
+"""The rendered Helm chart as pods (docs/kubernetes.md, "The pod lab").
 
 helm/smrd is rendered with ci/values-3-replicas.yaml (3 replicas, the demo app, line framing);
 its StatefulSet pods (smrd + app, two processes in one network namespace), one pod of the
