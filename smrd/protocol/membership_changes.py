@@ -71,10 +71,12 @@ class MembershipChangesMixin:
 
     def request_leave(self) -> None:
         """Leave the membership (scale-down): ask until a decided change removed this replica.
-        If it leads, it hands leadership on first (the next leader orders the removal)."""
+        If it leads, it hands leadership on first (the next leader orders the removal); if it
+        leads again after that, it orders its own removal (see _membership_tick)."""
         self.leaving = True
         self.auto_join = False
         self.change_sent = -1 << 60
+        self.handed_off_to_leave = False
 
     def request_join(self) -> None:
         """Become a voter, or stay one: take back a request_leave() and ask to join (as a
@@ -104,9 +106,15 @@ class MembershipChangesMixin:
         if want != REMOVE and (self.commit < self.catchup_target or self.commit < self.leader_commit
                                or (role == "learner" and not self._hears_a_voter(cfg))):
             return  # catch up first: a learner is promoted once it holds what the leader holds
-        if want == REMOVE and self.is_leader:
+        if want == REMOVE and self.is_leader and not self.handed_off_to_leave:
+            # Hand off first, so that clients wait one round trip rather than the instance of
+            # our removal and the view change after it; the next leader orders our removal.
+            # Once only: when the voters that could take over are leaving too, they hand the
+            # lead back and forth for ever (each leading for election_ticks, then handing off),
+            # and nothing is ordered; a leader that led again orders its own removal instead,
+            # and steps down when it applies it (_roles_changed).
             self.change_sent = self.now
-            self.transfer_leadership()  # hand off first; the next leader orders our removal
+            self.handed_off_to_leave = self.transfer_leadership()
             return
         self.change_sent = self.now
         self.change_seq += 1

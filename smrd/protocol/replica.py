@@ -104,6 +104,7 @@ class Replica(MembershipChangesMixin, RequestQueueMixin, NormalCaseMixin, ViewCh
             self.sessions.membership = boot
         self.auto_join = auto_join
         self.leaving = False       # asked to leave the membership (request_leave)
+        self.handed_off_to_leave = False  # while leaving: the lead was handed on once already
         self.change_sent = -1 << 60
         self.change_seq = 0
         # Changes in this leader's log above the applied point: (instance, membership after it).

@@ -56,6 +56,20 @@ PINNED_MEMBERSHIP_HEAVY = {
 }
 
 
+# Swarm seeds as the swarm draws them (bursts included), found after bursts.
+PINNED_SWARM = {
+    4453: "both voters were leaving: each handed the lead to the other for good (232 view "
+          "changes), and the joiner was never added",
+    4588: "the same with two leaving voters of a 5-replica group and three joiners",
+}
+
+
+@pytest.mark.parametrize("seed", sorted(PINNED_SWARM), ids=lambda s: f"swarm{s}")
+def test_pinned_swarm_seed(seed):
+    result = run_seed(seed, params=Params.swarm(seed))
+    assert result.ok, f"{PINNED_SWARM[seed]} — regressed: {result.violation}"
+
+
 @pytest.mark.parametrize("seed", sorted(PINNED), ids=lambda s: f"seed{s}")
 def test_pinned_seed(seed):
     result = run_seed(seed, params=Params.swarm(seed, membership=False, bursts=False))
