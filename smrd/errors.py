@@ -17,3 +17,8 @@ class ProtocolError(SmrdError, ValueError):
 
 class ConfigError(SmrdError):
     """A configuration that cannot be used; the message names the file, key and the fix."""
+
+
+class ListenError(SmrdError, OSError):
+    """A port this process must listen on is taken or not ours to use (an OSError too, for
+    callers that handle socket errors alike)."""

@@ -23,6 +23,7 @@ import os
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from ..errors import ListenError
 from .security import CLIENT_DOMAIN, PEER_DOMAIN, KeyFileError, replica_key_name, zap_answer
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,8 @@ class Channels:
         try:
             s.bind(endpoint)
         except zmq.ZMQError as e:
-            raise OSError(f"cannot listen on {endpoint}: {e.strerror}") from None
+            raise ListenError(f"cannot listen on {endpoint}: {e.strerror} (another process holds "
+                              f"the port, or the address is not this host's; see hosts.conf)") from None
         return s
 
     def connect_dealer(self, endpoint: str, identity: bytes, *, replica: int | None = None):

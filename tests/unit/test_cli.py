@@ -3,6 +3,7 @@
 # prints one line and no traceback.
 import logging
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -243,3 +244,18 @@ def test_admin_dispatches_lazily_with_its_arguments(monkeypatch):
 def test_admin_needs_a_command(capsys):
     assert cli.main(["admin"]) == 2
     assert "smrd admin: error: the following arguments are required: {members,join,leave}" in capsys.readouterr().err
+
+
+def test_a_taken_port_is_one_clear_line_not_an_internal_error(tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    hosts = tmp_path / "hosts.conf"
+    hosts.write_text(f"replica 0 127.0.0.1 {taken} {taken + 1}\ngateway 0 127.0.0.1 {taken + 2}\n")
+    with holder:
+        proc = run_module("--role", "server", "-c", str(hosts), "--id", "0", "--data-dir",
+                          str(tmp_path / "data"), "--durability", "memory", "--metrics-port", "0")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert f"smrd: error: cannot listen on tcp://127.0.0.1:{taken}: Address already in use" in proc.stderr
