@@ -4,35 +4,24 @@
 # be linearizable and every acknowledged PUT must be read back; the replicas' apps must end equal.
 import random
 import signal
-import threading
 import time
 
 import pytest
 
 from smrd.apps.kvclient import KVClient, KVError, history_output, parse_get
-from smrd.testing.linearizability import History
+
+from .closed_loop import ClosedLoop
 
 KEYS = [f"k{i}" for i in range(6)]
 
 
-class Load:
+class Load(ClosedLoop):
     """Closed-loop clients that each talk to one gateway, failing over to the other."""
 
     def __init__(self, cluster, clients=4, framing="line", history=None):
         self.cluster = cluster
         self.framing = framing
-        self.history = history if history is not None else History()
-        self.stop = threading.Event()
-        self.done = 0
-        self.errors = 0
-        self.reasons = []
-        self.cond = threading.Condition()
-        self.threads = [threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(clients)]
-
-    def start(self):
-        for t in self.threads:
-            t.start()
-        return self
+        super().__init__(clients, history)
 
     def _client(self, c):
         rnd = random.Random(c)
@@ -64,28 +53,11 @@ class Load:
                 client.close()
                 client = None
                 gateway = (gateway + 1) % len(self.cluster.gateways)
-                with self.cond:
-                    self.errors += 1
-                    self.reasons.append(str(e))
+                self._failed(e)
                 continue
-            self.history.complete(op, history_output(request, reply))
-            with self.cond:
-                self.done += 1
-                self.cond.notify_all()
+            self._completed(op, history_output(request, reply))
         if client is not None:
             client.close()
-
-    def wait_progress(self, ops, timeout=60):
-        """Block until `ops` more operations have completed (the cluster made progress)."""
-        with self.cond:
-            target = self.done + ops
-            if not self.cond.wait_for(lambda: self.done >= target, timeout):
-                pytest.fail(f"no progress: {self.done}/{target} ops after {timeout} s")
-
-    def finish(self):
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
 
 
 def wait_caught_up(cluster, i, timeout=60):
