@@ -62,6 +62,14 @@ def _check_host(value: str) -> str | None:
     return check_host(value, listen=False)
 
 
+def _check_header_names(value: str) -> str | None:
+    for name in value.split(","):
+        name = name.strip()
+        if name and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            return f"{name!r} is not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)"
+    return None
+
+
 def data_paths(value: str) -> tuple[str, ...]:
     """app_data_paths as a tuple of paths."""
     return tuple(p.strip() for p in value.split(",") if p.strip())
@@ -155,7 +163,13 @@ class Settings:
     framing: str = setting(
         "line", "How requests and replies are delimited, towards the app and outside clients: "
         "close: one connection per request; line: newline-delimited; length: 4-byte big-endian "
-        "length prefix; http: HTTP/1.1.", group="app", choices=("close", "line", "length", "http"))
+        "length prefix; http: HTTP/1.1; resp: RESP2 (Redis).", group="app",
+        choices=("close", "line", "length", "http", "resp"))
+    volatile_reply_headers: str = setting(
+        "Date", "With framing=http: reply headers (comma-separated names, any case) that may differ "
+        "between replicas without being divergence, such as a Date stamped from each server's clock. "
+        "Replies are compared without them; a client still gets one replica's reply unchanged. "
+        "Empty: every byte counts.", group="app", metavar="NAMES", check=_check_header_names)
     app_timeout_ms: int = setting(
         5000, "An app reply slower than this counts as an app failure (the request is retried, "
         "never dropped).", group="app", unit="ms", min=1, max=3_600_000)
@@ -583,11 +597,11 @@ def _cross_check(s: Settings, sources: Mapping[str, Source]) -> None:
             f"{show(have)} is set but {lack} is not: snapshot hooks come in pairs (one takes the "
             f"app's state, the other puts it back); set {lack} too, or unset {have}"
         )
-    if s.snapshot_request and s.framing == "http":
+    if s.snapshot_request and s.framing in ("http", "resp"):
         raise ConfigError(
-            f"{show('snapshot_request')} is set with framing=http: snapshot hooks work with close, "
-            f"line and length framing (an HTTP request with the state spliced in would need its "
-            f"Content-Length rewritten); unset the hooks, or use another framing"
+            f"{show('snapshot_request')} is set with framing={s.framing}: snapshot hooks work with "
+            f"close, line and length framing (an {s.framing} request with the state spliced in "
+            f"would need its length fields rewritten); unset the hooks, or use another framing"
         )
     if s.restore_request and "{state}" not in s.restore_request:
         raise ConfigError(
@@ -704,6 +718,11 @@ def _warnings(s: Settings, sources: Mapping[str, Source]) -> tuple[str, ...]:
         out.append(
             f"durability={s.durability} ({sources['durability']}): {loss} of a majority can lose decided "
             f"requests; use fsync outside tests"
+        )
+    if s.framing != "http" and sources["volatile_reply_headers"] is not DEFAULT and s.volatile_reply_headers:
+        out.append(
+            f"volatile_reply_headers ({sources['volatile_reply_headers']}) applies to framing=http "
+            f"only; with framing={s.framing} every byte of a reply is compared"
         )
     return tuple(out)
 

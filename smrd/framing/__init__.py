@@ -1,4 +1,4 @@
-"""Message framing for the four app modes, used both ways: the gateway decodes outside clients'
+"""Message framing for the five app modes, used both ways: the gateway decodes outside clients'
 requests and encodes replies to them; a replica's app adapter encodes requests to its app and
 decodes the app's replies. The wire behaviour of each mode is written in docs/framing.md.
 
@@ -13,14 +13,17 @@ from .http import MAX_HEADER_BYTES, HttpDecoder, http_request_method
 from .idempotency import ENVELOPE_PREFIX, add_idempotency, split_idempotency
 from .length import LengthDecoder
 from .line import LineDecoder
-from .modes import MODES, encode, make_decoder
+from .modes import MODES, encode, make_decoder, reply_hints, state_rules
 from .replies import ERROR_PREFIX, error_reply, http_error_response
+from .resp import RespDecoder
+from .rules import StateRules
 from .streams import MessageReader, write_message
 
 __all__ = [
     "MODES", "ROLES", "MAX_HEADER_BYTES", "ENVELOPE_PREFIX", "ERROR_PREFIX",
     "FramingError", "MessageTooLarge", "Decoder",
-    "CloseDecoder", "LineDecoder", "LengthDecoder", "HttpDecoder",
-    "make_decoder", "encode", "split_idempotency", "add_idempotency", "http_request_method",
+    "CloseDecoder", "LineDecoder", "LengthDecoder", "HttpDecoder", "RespDecoder", "StateRules",
+    "make_decoder", "encode", "state_rules", "reply_hints", "split_idempotency",
+    "add_idempotency", "http_request_method",
     "error_reply", "http_error_response", "MessageReader", "write_message",
 ]

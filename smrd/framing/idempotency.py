@@ -32,6 +32,8 @@ def split_idempotency(mode: str, message: Buffer) -> Tuple[Optional[str], bytes]
     """
     if mode == "http":
         return http.idempotency_key(message), bytes(message)
+    if mode == "resp":  # no key: a RESP command has no place for one that Redis would not see
+        return None, bytes(message)
     if mode not in _RAW_MODES:
         raise ValueError(f"unknown framing mode {mode!r}")
     message = bytes(message)

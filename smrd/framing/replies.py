@@ -47,10 +47,13 @@ def error_reply(mode: str, reason: str, *, status: int = 503, close: bool = Fals
     Raw modes: ``ERR smrd: <reason>`` (reason reduced to printable ASCII, at most 200 bytes);
     write it with ``write_message``/``encode`` like any reply. http: a complete response with
     ``status`` and body ``smrd: <reason>\\n`` (``status`` and ``close`` only matter here).
+    resp: the RESP error ``-ERR smrd: <reason>\\r\\n``.
     """
     text = _clean(reason)
     if mode == "http":
         return http_error_response(status, None, b"smrd: " + text + b"\n", close=close)
+    if mode == "resp":
+        return b"-ERR smrd: " + text + b"\r\n"
     if mode not in ("close", "line", "length"):
         raise ValueError(f"unknown framing mode {mode!r}")
     return ERROR_PREFIX + text

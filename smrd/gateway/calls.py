@@ -17,6 +17,7 @@ import logging
 from collections import OrderedDict
 from typing import NamedTuple
 
+from ..framing.volatile import same_reply
 from ..protocol.messages import reply_digest
 from ..protocol.sessions import NOT_EXECUTING, TOO_OLD, UNKNOWN_SESSION
 
@@ -135,8 +136,10 @@ class CallBook:
     on_drained() (nothing in flight), on_replied(seconds) (latency)."""
 
     def __init__(self, replicas, *, k, max_inflight, reply_quorum, retransmit_s, deadline_s,
-                 check_every, new_client_id):
+                 check_every, new_client_id, comparable=None):
         self.replicas = tuple(replicas)
+        # The part of a reply replicas must agree on (smrd.framing.volatile); None: every byte.
+        self.comparable = comparable
         self.k = k
         self.max_inflight = min(max_inflight, k)
         self.reply_quorum = reply_quorum
@@ -257,7 +260,7 @@ class CallBook:
         if call is None:
             replies = self.recent.get(key)
             if replies is not None:
-                if any(seen != reply for seen in replies.values()):
+                if any(not same_reply(seen, reply, self.comparable) for seen in replies.values()):
                     self._divergence(key, replica)
                     replies[replica] = reply
                     self._tell_minority(key, replies)
@@ -268,7 +271,7 @@ class CallBook:
         matching = 1
         diverged = False
         for other, seen in replies.items():
-            if seen != reply:
+            if not same_reply(seen, reply, self.comparable):
                 self._divergence(key, replica, other)
                 diverged = True
             elif other != replica:  # the same replica again (a retransmission's answer) counts once
@@ -295,15 +298,17 @@ class CallBook:
         its app's state is not the others', and it rebuilds it (smrd.replica.executor)."""
         voters = self.membership["voters"] if self.membership else self.replicas
         majority = len(voters) // 2 + 1
+        comparable = self.comparable or (lambda reply: reply)
         counts = {}
         for seen in replies.values():
+            seen = comparable(seen)
             counts[seen] = counts.get(seen, 0) + 1
         best, count = max(counts.items(), key=lambda item: item[1])
         if count < majority:
             return
         digest = reply_digest(best) + bytes([min(count, 255)])
         for r, seen in replies.items():
-            if seen == best or (key[0], key[1], r) in self.notified:
+            if comparable(seen) == best or (key[0], key[1], r) in self.notified:
                 continue
             self.notified[(key[0], key[1], r)] = True
             if len(self.notified) > 4096:

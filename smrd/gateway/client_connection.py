@@ -18,7 +18,7 @@ import logging
 import socket
 from collections import deque
 
-from ..framing import FramingError, MessageTooLarge, encode, error_reply, make_decoder
+from ..framing import FramingError, MessageTooLarge, encode, error_reply, make_decoder, state_rules
 from ..framing.close import too_large
 from ..ops import trace
 
@@ -39,6 +39,10 @@ class ClientConnection(asyncio.Protocol):
         self.gateway = gateway
         self.mode = gateway.mode
         self.decoder = make_decoder(self.mode, gateway.settings.max_request_bytes, "request")
+        # The framing's per-connection state rules (resp: MULTI blocks, refused commands), applied
+        # before anything is ordered; None in modes without any (smrd.framing.rules).
+        self.rules = state_rules(self.mode, self.decoder, gateway.reply_for,
+                                 gateway.settings.max_request_bytes)
         self.transport = None
         # Replies in request order: bytes, or what completes with the reply (the gateway's
         # future-like Call, or a Task).
@@ -107,13 +111,16 @@ class ClientConnection(asyncio.Protocol):
 
     def _take(self, requests):
         gateway = self.gateway
+        reply_for = gateway.reply_for
+        if self.rules is not None:
+            requests, reply_for = self.rules.take(requests), self.rules.reply_for
         for request in requests:
             if gateway.stopping.is_set():
                 # Draining: what is in flight is answered, nothing new is taken. This request
                 # was never ordered, so the client may safely send it to another gateway.
                 self._end()
                 break
-            item = gateway.reply_for(request)
+            item = reply_for(request)
             self.pending.append(item)
             if not isinstance(item, bytes):
                 item.add_done_callback(self._reply_ready)

@@ -17,6 +17,7 @@ import signal
 from .. import core
 from ..errors import ProtocolError
 from ..framing import FramingError, error_reply, split_idempotency
+from ..framing.volatile import comparable_reply, header_names
 from ..net.transport import Channels, gateway_identity
 from ..ops import trace
 from ..ops.observability import Observability
@@ -61,7 +62,8 @@ class Gateway:
             tuple(self.replica_socks), k=s.reply_cache_size, max_inflight=s.max_inflight_per_gateway,
             reply_quorum=s.reply_quorum, retransmit_s=s.gateway_retransmit_ms / 1000,
             deadline_s=s.gateway_request_deadline_ms / 1000, check_every=s.divergence_check_every,
-            new_client_id=new_client_id)
+            new_client_id=new_client_id,
+            comparable=comparable_reply(s.framing, header_names(s.volatile_reply_headers)))
         self.window_open = asyncio.Event()
         self.drained = asyncio.Event()  # set whenever no request is in flight
         book = self.book

@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -100,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="first port; each process takes the next ones (default: %(default)s)")
     local.add_argument("--data-dir", default="./smrd-local", metavar="DIR",
                        help="where the replicas keep their logs (default: %(default)s)")
+    local.add_argument("--app-cmd", metavar="CMD", type=_app_command,
+                       help="run this app beside each replica instead of the demo hashmap: a command "
+                       "line (split as a shell would, not run by one) in which {port} is the port it "
+                       "must listen on (127.0.0.1), {id} the replica id and {dir} a directory of its "
+                       "own; e.g. --framing resp --app-cmd 'redis-server --port {port} --save \"\" "
+                       "--appendonly no'. It counts as up once {port} accepts connections. No snapshot "
+                       "hooks: a replica rebuilds the app by replaying its log. See examples/.")
+    local.add_argument("--app-data-paths", metavar="PATHS", default="",
+                       help="with --app-cmd: files or directories (comma-separated; {id} and {dir} "
+                       "as above) that hold the app's own state and that smrd empties before it "
+                       "restarts the app (the app_data_paths setting)")
 
     status = sub.add_parser(
         "status", prog="smrd status", allow_abbrev=False, help="show each replica's view, leader and progress",
@@ -354,6 +366,20 @@ def _replica_count(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_REPLICAS:
         raise argparse.ArgumentTypeError(f"{value} replicas: at most {MAX_REPLICAS}")
+    return value
+
+
+def _app_command(value: str) -> str:
+    try:
+        argv = shlex.split(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"cannot split {value!r} into words: {e}")
+    if not argv:
+        raise argparse.ArgumentTypeError("the app command is empty")
+    if not any("{port}" in word for word in argv):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} has no {{port}}: the app must listen on the port smrd gives it "
+            "(each replica's app gets its own)")
     return value
 
 

@@ -13,7 +13,9 @@ Never: starts anything outside 127.0.0.1, or leaves a child running when it exit
 import json
 import os
 import random
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +56,9 @@ class Child:
         self._cond = threading.Condition()
 
     def start(self):
+        if self.alive:  # a second process would run untracked, and outlive stop()
+            raise ProcessFailed(f"{self.name} is already running (pid {self.proc.pid}); under "
+                                f"supervision a killed process is started again by the supervisor")
         self.terminated = False
         self.wanted = True
         self._log = open(self.log_path, "ab")
@@ -107,6 +112,25 @@ class Child:
     def _more_output(self):
         return self.proc.stdout is not None and not self.proc.stdout.closed and self.proc.poll() is None
 
+    def wait_port(self, port, timeout=20.0):
+        """Block until 127.0.0.1:port accepts a connection (an app that prints nothing when it is
+        up: the kubelet's TCP readiness probe); ProcessFailed if the process dies first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise ProcessFailed(f"{self.name} exited with {self.proc.returncode} before listening "
+                                    f"on port {port}; last output:\n" + "\n".join(self.lines[-15:]))
+            if time.monotonic() >= deadline:
+                raise ProcessFailed(f"{self.name} did not listen on port {port} within {timeout} s; "
+                                    "last output:\n" + "\n".join(self.lines[-15:]))
+            with self._cond:  # woken early by output, which often means "up" or "failed"
+                self._cond.wait(0.05)
+
     @property
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
@@ -147,12 +171,15 @@ class LocalCluster:
     def __init__(self, replicas=3, gateways=1, framing="line", base_port=11000,
                  data_dir="./smrd-local", durability=None, extra_args=(), settings=None,
                  app_command=None, replica_host=None, replica_args=None, supervise=False,
-                 report=None):
+                 report=None, app_ready="line"):
         # replicas: the replica lines of hosts.conf (the candidates); all of them are bootstrap
         # voters unless a `voters` setting says otherwise. replica_args: {id: [extra flags]} for
         # one replica only (e.g. --auto-join true), after the common ones.
+        # app_ready: how an app says it is up: "line" (prints a line containing "listening", as
+        # the demo apps do) or "port" (its port accepts connections: any app).
         self.n = replicas
         self.framing = framing
+        self.app_ready = app_ready
         # supervise: restart what exits unasked (see RESTART_*); report(text) says so.
         self.supervise = supervise
         self.report = report or (lambda text: None)
@@ -164,6 +191,8 @@ class LocalCluster:
         self.apps, self.servers, self.gateways = [], [], []
         self.hosts_path = self.dir / "hosts.conf"
         self.settings_path = None
+        self.settings = dict(settings or {})
+        self._security = None  # for status queries: see _status_security
         self.dir.mkdir(parents=True, exist_ok=True)
         if settings:
             self.settings_path = self.dir / "smrd.toml"
@@ -229,8 +258,8 @@ class LocalCluster:
         until each says it is up. Starting them in turn would add up their start-up times."""
         for child in self.apps + self.servers + self.gateways:
             child.start()
-        for app in self.apps:
-            app.wait_for("listening", timeout)
+        for i in range(self.n):
+            self._wait_app(i, timeout)
         for i, server in enumerate(self.servers):
             server.wait_for(f"replica {i} ready", timeout)
         for gateway in self.gateways:
@@ -243,7 +272,14 @@ class LocalCluster:
         self.start_server(i, timeout)
 
     def start_app(self, i, timeout=30.0):
-        self.apps[i].start().wait_for("listening", timeout)
+        self.apps[i].start()
+        self._wait_app(i, timeout)
+
+    def _wait_app(self, i, timeout):
+        if self.app_ready == "port":
+            self.apps[i].wait_port(self.app_port(i), timeout)
+        else:
+            self.apps[i].wait_for("listening", timeout)
 
     def start_server(self, i, timeout=30.0):
         self.servers[i].start().wait_for(f"replica {i} ready", timeout)
@@ -257,7 +293,22 @@ class LocalCluster:
         self.apps[i].kill()
 
     def status(self, i, timeout=1.0):
-        return query(f"tcp://127.0.0.1:{self.client_port(i)}", timeout)
+        return query(f"tcp://127.0.0.1:{self.client_port(i)}", timeout, self._status_security(), i)
+
+    def _status_security(self):
+        """With CURVE on (settings name the keys), status queries go out under gateway 0's key:
+        the replicas' client ports admit it. None without CURVE."""
+        if self._security is None:
+            keys = self.settings or {}
+            if not keys.get("curve_secret_key") or not self.gateways:
+                self._security = False
+            else:
+                from ..config.settings import load_config
+                self._security = load_config(
+                    {"hosts": str(self.hosts_path),
+                     "curve_secret_key": keys["curve_secret_key"].replace("<name>", "gateway-0"),
+                     "curve_public_keys": keys["curve_public_keys"]}, env={}, need_role=False).security
+        return self._security or None
 
     def leader(self, timeout=10.0):
         """The replica every live, normal replica agrees leads, once they agree and a majority
@@ -318,6 +369,26 @@ class LocalCluster:
 DEMO_HOOKS = {"snapshot_request": "SNAPSHOT", "restore_request": "RESTORE {state}"}
 
 
+def user_app(app_cmd: str, app_data_paths: str, data_dir: Path, replicas: int):
+    """`--app-cmd` and `--app-data-paths` as LocalCluster's app_command and replica_args: the
+    placeholders {port}, {id} and {dir} (the app's own directory, made here) filled in per replica.
+    Plain replacement, not str.format: an app's arguments may hold braces of their own."""
+    words = shlex.split(app_cmd)
+
+    def fill(text, i, port=None):
+        app_dir = (data_dir / f"app-{i}-files").resolve()
+        app_dir.mkdir(parents=True, exist_ok=True)
+        text = text.replace("{id}", str(i)).replace("{dir}", str(app_dir))
+        return text if port is None else text.replace("{port}", str(port))
+
+    def app_command(i, port):
+        return [fill(word, i, port) for word in words]
+
+    replica_args = {i: ["--app-data-paths", fill(app_data_paths, i)] for i in range(replicas)
+                    if app_data_paths}
+    return app_command, replica_args
+
+
 def _exit_text(code) -> str:
     if code is not None and code < 0:
         try:
@@ -333,12 +404,26 @@ def main(args) -> int:
     def report(text):
         print(f"smrd local: {text}", file=sys.stderr, flush=True)
 
-    cluster = LocalCluster(args.replicas, args.gateways, args.framing, args.base_port, data_dir,
-                           settings=DEMO_HOOKS, supervise=True, report=report)
+    app_cmd = getattr(args, "app_cmd", None)
+    if getattr(args, "app_data_paths", "") and not app_cmd:
+        print("smrd local: --app-data-paths names the files of an --app-cmd app; the demo hashmap "
+              "keeps none", file=sys.stderr)
+        return 2
+    if app_cmd:
+        app_command, replica_args = user_app(app_cmd, getattr(args, "app_data_paths", ""), data_dir,
+                                             args.replicas)
+        cluster = LocalCluster(args.replicas, args.gateways, args.framing, args.base_port, data_dir,
+                               app_command=app_command, replica_args=replica_args, supervise=True,
+                               report=report, app_ready="port")
+        what = f"its own `{shlex.split(app_cmd)[0]}`"
+    else:
+        cluster = LocalCluster(args.replicas, args.gateways, args.framing, args.base_port, data_dir,
+                               settings=DEMO_HOOKS, supervise=True, report=report)
+        what = "its own hashmap app"
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"starting {args.replicas} replicas (each beside its own hashmap app) and "
+    print(f"starting {args.replicas} replicas (each beside {what}) and "
           f"{args.gateways} gateway(s); logs in {data_dir.resolve()}", flush=True)
     try:
         cluster.start()
@@ -347,14 +432,25 @@ def main(args) -> int:
         print(f"smrd local: {e}", file=sys.stderr)
         cluster.stop()
         return 1
+    except OSError as e:  # an --app-cmd that is not installed or not executable
+        print(f"smrd local: cannot start a process: {e}", file=sys.stderr)
+        cluster.stop()
+        return 1
     g0 = cluster.gateway_port(0)
-    print(f"\nreplicated hashmap is up: gateway at 127.0.0.1:{g0} ({args.framing} framing), "
-          f"leader is replica {leader}\n"
-          f"try:   smrd kv --port {g0} --framing {args.framing} PUT greeting hello\n"
-          f"       smrd kv --port {g0} --framing {args.framing} GET greeting\n"
-          f"status: smrd status -c {cluster.hosts_path}\n"
-          f"A replica, app or gateway that exits is started again (try kill -9 on one).\n"
-          f"Ctrl-C stops everything.", flush=True)
+    if app_cmd:
+        print(f"\nreplicated app is up: gateway at 127.0.0.1:{g0} ({args.framing} framing), leader "
+              f"is replica {leader}; point the app's own client at that port.\n"
+              f"status: smrd status -c {cluster.hosts_path}\n"
+              f"A replica, app or gateway that exits is started again; an app starts empty and its "
+              f"replica replays the log into it.\nCtrl-C stops everything.", flush=True)
+    else:
+        print(f"\nreplicated hashmap is up: gateway at 127.0.0.1:{g0} ({args.framing} framing), "
+              f"leader is replica {leader}\n"
+              f"try:   smrd kv --port {g0} --framing {args.framing} PUT greeting hello\n"
+              f"       smrd kv --port {g0} --framing {args.framing} GET greeting\n"
+              f"status: smrd status -c {cluster.hosts_path}\n"
+              f"A replica, app or gateway that exits is started again (try kill -9 on one).\n"
+              f"Ctrl-C stops everything.", flush=True)
     try:
         stop.wait()
     finally:

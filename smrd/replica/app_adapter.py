@@ -32,7 +32,7 @@ from typing import Callable, List, Optional, Sequence
 
 from ..core import CloseLink, CloseRun
 from ..errors import SmrdError
-from ..framing import MODES, FramingError, encode, http_request_method, make_decoder
+from ..framing import MODES, FramingError, encode, make_decoder, reply_hints
 from ..framing.close import too_large
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ class AppAdapter:
             return []
         mode = self.mode
         encoded = [encode(mode, r) for r in requests]
-        methods = [http_request_method(r) for r in requests] if mode == "http" else None
+        methods = reply_hints(mode, requests)  # http: methods; resp: replies per request
         self._busy = True
         try:
             if mode == "close":
@@ -462,7 +462,7 @@ class AppAdapter:
                 if methods is not None:
                     expect = conn.decoder.expect
                     for method in methods[written:end]:
-                        expect(method)  # a response to HEAD has no body
+                        expect(method)  # a response to HEAD has no body; a MULTI block, N
                 conn.outstanding += end - written
                 transport.write(b"".join(encoded[written:end]) if end - written > 1
                                 else encoded[written])

@@ -29,6 +29,7 @@ from .app_watch import AppIdentity, AppRestarted, AppWatch
 from .checkpoints import CheckpointError, CheckpointStore
 from ..config.settings import data_paths
 from ..ops import trace
+from ..framing.volatile import comparable_reply, header_names
 from ..protocol.messages import reply_digest
 from ..protocol.sessions import DUPLICATE, ERROR_TEXT, EXECUTE, SYSTEM, plan_batch
 from .wal.records import StorageError
@@ -110,6 +111,7 @@ class Executor:
         self.state, self.reason = EXECUTING, ""
         self.halted = None          # why execution cannot go on now, while HALTED
         self.quiet_until = 0        # a rebuild's replay: instances up to here are not answered
+        self.comparable = comparable_reply(s.framing, header_names(s.volatile_reply_headers))
         self.adapter = AppAdapter(s.app_host, s.app_port, s.framing, s.app_timeout_ms / 1000,
                                   on_state_change=self._app_state)
         self._app_was_down = False  # for the log only: "reachable" vs "reachable again"
@@ -183,6 +185,8 @@ class Executor:
         """A gateway saw a majority of the replicas answer (client_id, seq) with a reply whose
         blake2b-16 is `digest`, and this replica answer otherwise."""
         mine = self.sessions.reply(client_id, seq)
+        if mine is not None and self.comparable is not None:
+            mine = self.comparable(mine)  # the gateway's digest is of the comparable part
         if mine is None or reply_digest(mine) == digest or self.pending_reset is not None:
             return  # no longer cached (cannot tell), or it agrees after all
         log.error("event=divergence_reported client_id=%x seq=%d majority=%d action=reset (this "

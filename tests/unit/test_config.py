@@ -199,7 +199,7 @@ def test_unknown_flag_in_dict(hosts):
         ("framing = 3\n", r"framing: expected a string, got an integer 3; quote it"),
         ("\n\nwindow = 0\n", r"smrd\.toml:3: window: 0 is out of range; use 1\.\.1024"),
         ('batch_max_bytes = "1MB"\n', r"batch_max_bytes: '1MB' is not an integer \(or a size like 64KiB, 1MiB\)"),
-        ('framing = "lines"\n', r"framing: 'lines' is not one of close, line, length, http \(did you mean 'line'\?\)"),
+        ('framing = "lines"\n', r"framing: 'lines' is not one of close, line, length, http, resp \(did you mean 'line'\?\)"),
         ('app_host = "not a host"\n', r"app_host: 'not a host' is not a valid host name .*; fix the value"),
     ],
 )

@@ -63,7 +63,7 @@ def decode(mode, data, **kw):
 # -- general contract ------------------------------------------------------------------------
 
 def test_modes_and_errors():
-    assert MODES == ("close", "line", "length", "http")
+    assert MODES == ("close", "line", "length", "http", "resp")
     assert issubclass(FramingError, ValueError) and issubclass(FramingError, SmrdError)
     assert issubclass(MessageTooLarge, FramingError)
     with pytest.raises(ValueError):
@@ -91,7 +91,8 @@ def test_error_after_good_messages_is_deferred_and_sticky(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_accepts_bytearray_and_memoryview(mode):
-    wire = encode(mode, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n" if mode == "http" else b"abc")
+    wire = encode(mode, {"http": b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+                         "resp": b"*1\r\n$3\r\nabc\r\n"}.get(mode, b"abc"))
     for chunk in (bytearray(wire), memoryview(wire)):
         dec = make_decoder(mode, 100)
         assert len(dec.feed(chunk) + dec.eof()) == 1
