@@ -47,6 +47,7 @@ PROFILES = {
         "replica_clients": [1, 16, 64], "close_clients": [16, 64],
         "etcd_clients": {"put": [64], "mixed": [64]}, "noop_clients": [1, 4, 16, 64],
         "durability_clients": [64], "latency_requests": 1000, "memory_requests": 1_000_000,
+        "redis_requests": 20_000,
     },
     "full": {
         "seconds": 10.0, "warmup": 2.0, "repeats": 3,
@@ -55,7 +56,7 @@ PROFILES = {
         "close_clients": [1, 2, 4, 8, 16, 32, 64],
         "etcd_clients": {"put": [1, 4, 16, 64], "mixed": [1, 4, 16, 64]},
         "noop_clients": [1, 4, 16, 64], "durability_clients": [16, 64],
-        "latency_requests": 3000, "memory_requests": 1_000_000,
+        "latency_requests": 3000, "memory_requests": 1_000_000, "redis_requests": 100_000,
     },
 }
 HEADLINE_CLIENTS = 64
@@ -68,10 +69,13 @@ TARGETS = {
     # issue #17: one client vs the 8-hop floor; the disk's cost in fsyncs; close framing.
     "c1_put_vs_floor": 2.0, "disk_minus_tmpfs_fsyncs": 1.5, "close_vs_direct_17": 0.20,
     "close_replica_cpu_us": 200.0,
+    # issue #19: CURVE on costs line framing at 64 clients at most 20 %.
+    "curve_vs_plain": 0.80,
 }
 # Measured by their own functions rather than as load points: one client hop by hop beside the
-# 8-hop floor and an fsync (bench.latency), and replica RSS after 1 M requests (bench.memory).
-SPECIAL_GROUPS = ("latency", "memory")
+# 8-hop floor and an fsync (bench.latency), replica RSS after 1 M requests (bench.memory), and
+# redis-benchmark against Redis alone and replicated (bench.redis).
+SPECIAL_GROUPS = ("latency", "memory", "redis")
 
 
 @dataclass
@@ -123,6 +127,9 @@ def plan(p, with_etcd):
         groups.append(Group("etcd", {"etcd": lambda ctx: EtcdCluster(
             members=3, data_dir=ctx.tmpfs / "etcd", log_dir=ctx.log_dir / "etcd", ports=ctx.ports),
             "smrd": smrd_system(framing="line")}, runs))
+    groups.append(Group("curve", {"plain": smrd_system(framing="line"),
+                                  "curve": smrd_system(framing="line", curve=True)},
+                        alternate(["plain", "curve"], [top], "mixed", [top], rep)))
     noop = p["noop_clients"]
     groups.append(Group("noop", {"direct": direct(framing="line", app="noop"),
                                  "smrd": smrd_system(framing="line", app="noop")},
@@ -251,7 +258,7 @@ def run_groups(groups, prof, ctx, args, results, save):
 
 
 def run_special(names, prof, ctx, results, save):
-    from bench import latency, memory
+    from bench import latency, memory, redis
     for name in names:
         print(f"{name}: measuring (bench.{name})", file=sys.stderr, flush=True)
         try:
@@ -261,8 +268,11 @@ def run_special(names, prof, ctx, results, save):
                     out[storage] = latency.measure_storage(root, prof["latency_requests"])
                     out[storage]["fsync_us"] = latency.measure_fsync(root)
                 results["latency"] = out
-            else:
+            elif name == "memory":
                 results["memory"] = memory.measure_memory(ctx.tmpfs / "memory", prof["memory_requests"])
+            else:
+                results["redis"] = redis.measure_redis(ctx.tmpfs / "redis", (16, 64),
+                                                       prof["redis_requests"], prof["repeats"])
         except Exception as e:
             results["failures"].append({"group": name, "error": f"{type(e).__name__}: {e}",
                                         "traceback": traceback.format_exc()[-3000:]})
@@ -377,6 +387,19 @@ def headline(results):
             f"p50 {lat['tmpfs']['p50_us']:,.0f} µs on tmpfs; one fsync {fsync:,.0f} µs",
             f"{extra / fsync:.2f} fsyncs", f"≤ {TARGETS['disk_minus_tmpfs_fsyncs']}",
             extra <= TARGETS["disk_minus_tmpfs_fsyncs"] * fsync)
+    pr = paired(results, "curve", "plain", "curve", c, "mixed")
+    if pr:
+        row(f"line framing, {c} clients (issue #19): CURVE on every link vs off",
+            f"{pr['ops']:,.0f} ops/s", f"{pr['base_ops']:,.0f} ops/s", f"{pr['ratio']:.1%}",
+            f"≥ {TARGETS['curve_vs_plain']:.0%}", pr["ratio"] >= TARGETS["curve_vs_plain"])
+    red = results.get("redis")
+    if red:
+        for s in red["summary"]:
+            row(f"redis-benchmark {s['test']}, {s['clients']} clients (issue #18): Redis "
+                f"replicated by smrd vs Redis alone", f"{s['smrd_ops_per_s']:,.0f} ops/s",
+                f"{s['alone_ops_per_s']:,.0f} ops/s", f"{s['ratio']:.1%}", "-", None,
+                "the three servers' DEBUG DIGEST equal" if red["digests_equal"]
+                else "**the three servers' DEBUG DIGEST differ**")
     mem = results.get("memory")
     if mem:
         etcd = [v for p in results["points"] if p["system"] == "etcd"
@@ -442,7 +465,7 @@ def main(argv=None):
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     ap.add_argument("--out", type=Path, required=True, help="directory for results.json, headline.md, *.png, logs/")
     ap.add_argument("--only", help="comma-separated group names or prefixes (line, close, etcd, noop, "
-                    "durability, gateways, replicas, latency, memory); default all")
+                    "durability, curve, gateways, replicas, latency, memory, redis); default all")
     ap.add_argument("--no-etcd", action="store_true", help="skip the etcd baseline")
     ap.add_argument("--seconds", type=float, help="override the profile's measured window")
     ap.add_argument("--repeats", type=int, help="override the profile's repeated pairs")

@@ -54,6 +54,22 @@ def smrd_base_port(replicas=3, gateways=1):
     return PortAllocator().base(_smrd_offsets(replicas, gateways))
 
 
+def curve_keys(root: Path, replicas: int, gateways: int) -> dict:
+    """Key pairs for every process (smrd keygen) and an allow-list of their public keys; the
+    settings that turn CURVE on with them."""
+    keys, allow = root / "secret", root / "allow"
+    names = [f"replica-{i}" for i in range(replicas)] + [f"gateway-{g}" for g in range(gateways)]
+    done = subprocess.run([PY, "-m", "smrd", "keygen", "--out", str(keys),
+                           *[arg for n in names for arg in ("--name", n)]],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise SystemFailed(f"smrd keygen failed: {done.stderr.strip()}")
+    allow.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy(keys / f"{n}.pub", allow / f"{n}.pub")
+    return {"curve_secret_key": str(keys / "<name>.key"), "curve_public_keys": str(allow)}
+
+
 def _free(port):
     s = socket.socket()
     try:
@@ -88,15 +104,17 @@ class SmrdSystem:
     kind = "smrd"
 
     def __init__(self, *, replicas=3, gateways=1, framing="line", durability="fsync",
-                 storage="tmpfs", app="hashmap", settings=None, data_dir, log_dir, ports):
+                 storage="tmpfs", app="hashmap", settings=None, curve=False, data_dir, log_dir, ports):
         if app == "hashmap":
             # As `smrd local` runs the demo: with its snapshot hooks (checkpoints every 100,000
             # requests by default, the log truncated behind them).
             settings = {**DEMO_HOOKS, **(settings or {})}
         self.config = {"system": "smrd", "replicas": replicas, "gateways": gateways,
                        "framing": framing, "durability": durability, "storage": storage,
-                       "app": app, "hooks": app == "hashmap"}
+                       "app": app, "hooks": app == "hashmap", "curve": curve}
         self.data_dir, self.log_dir = Path(data_dir), Path(log_dir)
+        if curve:  # CURVE on every link, as the chart's default (docs/security.md)
+            settings = {**(settings or {}), **curve_keys(self.data_dir / "keys", replicas, gateways)}
         self.ports_ = ports
         self.base = ports.base(_smrd_offsets(replicas, gateways))
         self.cluster = LocalCluster(

@@ -35,9 +35,11 @@ def _render_text(values_json: str) -> str:
     cfg = helm_python.Config(storage_driver="memory", namespace=NAMESPACE)
     values = json.loads(values_json)
     manifest = cfg.install(str(CHART), RELEASE, values, dry_run="client")["manifest"]  # = helm template
-    # The release's manifest leaves out hooks; the helm test pod is rendered from the chart itself.
+    # The release's manifest leaves out hooks (the helm test pod, the key Job and its RBAC): they
+    # are rendered from the chart itself, every template that declares a helm.sh/hook.
     files = _chart().render(values, name=RELEASE, namespace=NAMESPACE)
-    hooks = [t for k, t in files.items() if "/templates/tests/" in k and t.strip()]
+    hooks = [t for k, t in sorted(files.items())
+             if k.endswith(".yaml") and '"helm.sh/hook"' in t and t.strip()]
     return "\n---\n".join([manifest, *hooks])
 
 
@@ -64,4 +66,11 @@ def one(docs: list[dict], kind: str, component: str | None = None) -> dict:
     found = [d for d in by_kind(docs, kind)
              if component is None or d["metadata"]["labels"].get("app.kubernetes.io/component") == component]
     assert len(found) == 1, f"expected one {kind} {component or ''}, got {len(found)}"
+    return found[0]
+
+
+def hosts_configmap(docs: list[dict]) -> dict:
+    """The ConfigMap with hosts.conf (the dashboard's ConfigMap may be rendered beside it)."""
+    found = [d for d in by_kind(docs, "ConfigMap") if "hosts.conf" in d.get("data", {})]
+    assert len(found) == 1, f"expected one ConfigMap with hosts.conf, got {len(found)}"
     return found[0]

@@ -391,7 +391,12 @@ def _write_new(path: str, key: bytes, mode: int) -> None:
 
 
 def main(args) -> int:
-    """smrd keygen --out DIR [--name NAME ...]"""
+    """smrd keygen --out DIR [--name NAME ...] (or --kube-secret: smrd.ops.keystore)"""
+    if getattr(args, "kube_secret", None):
+        from ..ops import keystore  # only here: the roles never need the Kubernetes client
+        return keystore.main(args)
+    if getattr(args, "kube_configmap", None) or getattr(args, "kube_label", None):
+        raise ConfigError("--kube-configmap and --kube-label go with --kube-secret, not --out")
     names = args.name or ["smrd"]
     if len(set(names)) != len(names):
         raise ConfigError(f"--name given twice for the same name ({', '.join(n for n in names if names.count(n) > 1)})")

@@ -131,9 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
         "replica-<id>: other processes find a replica's public key as replica-<id>.pub in the "
         "allow-list directory. See docs/security.md.",
     )
-    keygen.add_argument("--out", required=True, metavar="DIR", help="directory to write to (created, mode 0700, if missing)")
+    where = keygen.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="DIR", help="directory to write to (created, mode 0700, if missing)")
+    # In a pod (the Helm chart's pre-install Job; the image has no kubectl): store the keys in
+    # Kubernetes objects of the pod's namespace instead of files (smrd/ops/keystore.py).
+    where.add_argument("--kube-secret", metavar="SECRET",
+                       help="in a Kubernetes pod: store the secret keys (NAME.key) in this Secret and "
+                       "the public keys (NAME.pub) in --kube-configmap, using the pod's service account; "
+                       "objects that exist are left alone")
     keygen.add_argument("--name", action="append", metavar="NAME",
                         help="key name, e.g. replica-0, gateway-0; repeat for several pairs (default: smrd)")
+    keygen.add_argument("--kube-configmap", metavar="CONFIGMAP",
+                        help="with --kube-secret: the ConfigMap for the allow-list (the public keys)")
+    keygen.add_argument("--kube-label", action="append", metavar="KEY=VALUE",
+                        help="with --kube-secret: a label for both objects; repeat for several")
 
     kv = sub.add_parser("kv", prog="smrd kv", allow_abbrev=False, help="demo key-value client (smrd kv --help)", add_help=False)
     kv.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

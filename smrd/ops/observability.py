@@ -55,6 +55,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Seconds: from a loopback round trip to an election timeout and a gateway deadline (10 s).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0)
+# Seconds of one fsync: from tmpfs and NVMe (tens of µs) to a disk in trouble.
+FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                 0.5, 1.0, 5.0)
 
 MAX_LINE = 8192          # request line or one header line; a scraper sends a few hundred bytes
 MAX_HEADERS = 100
@@ -237,7 +240,9 @@ class Observability:
     ready(): (bool, reason); called at each /readyz and each scrape.
 
     Hot-path methods (bound once, so a call is a plain function call):
-      server: observe_batch(requests_in_batch), observe_consensus_latency(seconds)
+      server: observe_batch(requests_in_batch), observe_consensus_latency(seconds),
+              observe_wal_fsync(seconds) (from the thread that syncs the log, if not the loop's:
+              one writer at a time, under the log's sync lock)
       client: observe_request_latency(seconds)
     The other role's methods accept and ignore their argument.
     """
@@ -259,15 +264,20 @@ class Observability:
         # Created once: psutil.Process caches what it can (create time, page size) between calls.
         self._process = psutil.Process()
 
-        self.batch = self.consensus_latency = self.request_latency = None
+        self.batch = self.consensus_latency = self.request_latency = self.wal_fsync = None
         self.observe_batch = self.observe_consensus_latency = self.observe_request_latency = _ignore
+        self.observe_wal_fsync = _ignore
         if role == "server":
             self.batch = Histogram("smrd_batch_requests", "Requests per decided batch.", BATCH_BUCKETS)
             self.consensus_latency = Histogram(
                 "smrd_consensus_latency_seconds",
                 "Time from proposing a batch to its decision, per batch.", LATENCY_BUCKETS)
+            self.wal_fsync = Histogram(
+                "smrd_wal_fsync_seconds",
+                "Time of each write-ahead-log fsync (durability=fsync; none otherwise).", FSYNC_BUCKETS)
             self.observe_batch = self.batch.observe
             self.observe_consensus_latency = self.consensus_latency.observe
+            self.observe_wal_fsync = self.wal_fsync.observe
         else:
             self.request_latency = Histogram(
                 "smrd_request_latency_seconds",
@@ -331,6 +341,7 @@ class Observability:
             yield from self._server_families(snap, names, values)
             yield self.batch.family(names, values)
             yield self.consensus_latency.family(names, values)
+            yield self.wal_fsync.family(names, values)
         else:
             yield self.request_latency.family(names, values)
 

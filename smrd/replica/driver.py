@@ -189,6 +189,7 @@ class Server(ReplicaReporting):
         self.process = psutil.Process()
         self.recovered_bytes, self.recovered_records = report.bytes, report.records
         self.obs = Observability("server", self.id, self._metrics, self.ready)
+        self.wal.on_fsync = self.obs.observe_wal_fsync
         self._last_role = None
         self._last_membership = None
         self._refused_seen = 0      # the core's count of refused changes already logged

@@ -3,7 +3,9 @@ the lab's DNS names resolve and the Service's ClusterIP is routed, and does ther
 cannot do from the root namespace. It reads one JSON command per line on stdin and answers one
 JSON line on stdout:
 
-  {"cmd": "status", "hosts": PATH, "timeout": S}     -> {"rows": [...]}   (what `smrd status --json` prints)
+  {"cmd": "status", "hosts": PATH, "timeout": S,     -> {"rows": [...]}   (what `smrd status --json` prints)
+   "curve_key": PATH, "curve_allow": DIR}             (with CURVE: the key and allow-list to use;
+                                                      the allow-list is re-read at each call)
   {"cmd": "http", "url": URL, "timeout": S}          -> {"code": 200|503|None, "body": "..."}
   {"cmd": "load_start", "host", "port", "framing", "clients", "keys"}  -> {}
   {"cmd": "load_wait", "ops": N, "timeout": S}       -> {"ok": bool, "done", "errors"}
@@ -29,6 +31,7 @@ import urllib.request
 
 from smrd.apps.kvclient import KVClient, KVError, KVUnavailable, history_output, parse_get
 from smrd.config.hosts import load_hosts
+from smrd.net.security import KeyFileError, load as load_security
 from smrd.ops.status import collect
 from smrd.testing.linearizability import History
 
@@ -110,6 +113,25 @@ class Load:
                 "reasons": self.reasons[-20:]}
 
 
+_securities = {}
+
+
+def security(hosts, key, allow):
+    """The CURVE settings of `smrd status`, loaded once; the allow-list re-read (as smrd does
+    every 2 s) at each call, so a rotated replica key is expected at once."""
+    if not key:
+        return None
+    sec = _securities.get((key, allow))
+    if sec is None:
+        sec = _securities[(key, allow)] = load_security(key, "curve_key", allow, "curve_allow", hosts, None)[0]
+    else:
+        try:
+            sec.reload()
+        except KeyFileError:
+            pass  # the previous allow-list stays in force, as in smrd
+    return sec
+
+
 def http(url, timeout):
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -127,7 +149,9 @@ def main():
         try:
             what = cmd.pop("cmd")
             if what == "status":
-                out = {"rows": collect(load_hosts(cmd["hosts"]), cmd.get("timeout", 0.5))}
+                hosts = load_hosts(cmd["hosts"])
+                sec = security(hosts, cmd.get("curve_key"), cmd.get("curve_allow"))
+                out = {"rows": collect(hosts, cmd.get("timeout", 0.5), sec)}
             elif what == "http":
                 out = http(cmd["url"], cmd.get("timeout", 1.0))
             elif what == "load_start":

@@ -25,11 +25,26 @@ SMRD_DATA_DIR=/var/lib/smrd). Each of the container's volumeMounts is mapped to 
 the lab, and every occurrence of a mount path at the start of a path in command, args and env
 values is replaced by that directory:
   configMap volume    -> <lab>/pods/<pod>/volumes/<volume>/   (the ConfigMap's data, written at pod start)
+  secret volume       -> <lab>/pods/<pod>/volumes/<volume>/   (the Secret's data, from Lab(objects=...),
+                         e.g. what the chart's key Job stored; items and defaultMode as rendered)
+  Both are laid out as the kubelet's AtomicWriter does (files in `..<timestamp>/`, `..data` a
+  symlink to it, each name a symlink through `..data`); Lab.update_object changes an object and
+  syncs it into every running pod's volume of it by one rename, as the kubelet's sync does.
   emptyDir volume     -> <lab>/pods/<pod>/volumes/<volume>/   (emptied at every pod start: a new pod)
   volumeClaimTemplate -> <lab>/pvc/<claim>-<pod>/            (kept across pod restarts, like a PVC)
   projected volume    -> <lab>/pods/<pod>/volumes/<volume>/   (its downwardAPI files; the token and
                          the CA only with a stand-in API server, Lab(kube_api=...))
-Anything else (secret volumes, subPath, a container without a command) is refused with LabError.
+Anything else (subPath, a container without a command) is refused with LabError.
+
+NETWORK POLICIES. Each rendered NetworkPolicy (Ingress) becomes iptables rules in the namespaces
+of the pods its podSelector selects (chain SMRDLAB-POLICY, jumped to from INPUT): per ingress
+rule and port, ACCEPT from the addresses of the lab's pods its `from` peers select (podSelector
+by labels; namespaceSelector against the lab's one namespace, labelled
+kubernetes.io/metadata.name; ipBlock as a CIDR), or from anyone without `from`; then DROP.
+Always accepted, as by Kubernetes: the pod's loopback, replies to its own connections
+(conntrack), and the node, which the client namespace stands for (the kubelet's probes, and
+the test's readiness and status polls). A pod no policy selects accepts everything.
+Lab.partition inserts its DROP rules before these.
 Pod deletion (delete_pod) is the kubelet's: SIGTERM to containers without a preStop hook, the
 exec hooks of the others (in the running container's network, with its env; a projected volume is
 bind-mounted at its real path in a private mount namespace, since smrd.ops.kube reads the standard
@@ -63,6 +78,7 @@ killed. One lab runs at a time (flock on LOCK_PATH).
 """
 from __future__ import annotations
 
+import base64
 import fcntl
 import ipaddress
 import os
@@ -72,6 +88,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -82,6 +99,7 @@ import smrd
 
 PREFIX = "smrdlab-"
 NET_NS = PREFIX + "net"          # holds the bridge
+POLICY_CHAIN = "SMRDLAB-POLICY"  # a pod's NetworkPolicy rules, in its own namespace (INPUT jumps there)
 CLIENT_NS = PREFIX + "client"    # outside clients (and the test's probes)
 LAB_SUBNET = ipaddress.ip_network("10.213.0.0/24")
 NETNS_ETC = Path("/etc/netns")
@@ -196,6 +214,38 @@ class _Lock:
 
 # --- manifests -> pods ---------------------------------------------------------------------
 
+def write_atomic(path: Path, files: dict[str, tuple[bytes, int]]):
+    """A configMap or secret volume as the kubelet's AtomicWriter lays it out and updates it:
+    the files in a fresh `..<timestamp>` directory, `..data` a symlink to it (switched by one
+    rename), and each top-level name a symlink through `..data`; names no longer there are
+    removed, and so is the previous directory. A reader sees the old set or the new one."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    stamp = Path(tempfile.mkdtemp(prefix=time.strftime("..%Y_%m_%d_%H_%M_%S."), dir=path))
+    for rel, (data, mode) in files.items():
+        f = stamp / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+        f.chmod(mode)
+    stamp.chmod(0o755)
+    data_link = path / "..data"
+    old = os.readlink(data_link) if data_link.is_symlink() else None
+    tmp = path / "..data_tmp"
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(stamp.name, tmp)
+    os.replace(tmp, data_link)
+    tops = {rel.split("/")[0] for rel in files}
+    for top in tops:
+        if not (path / top).is_symlink():
+            os.symlink(f"..data/{top}", path / top)
+    for entry in path.iterdir():
+        if not entry.name.startswith(".") and entry.name not in tops:
+            entry.unlink()
+    if old and old != stamp.name:
+        shutil.rmtree(path / old, ignore_errors=True)
+
+
 def _labels_match(selector: dict, labels: dict) -> bool:
     return selector.items() <= labels.items()
 
@@ -282,15 +332,24 @@ class Lab:
 
     def __init__(self, docs: list[dict], workdir: Path, namespace: str,
                  cluster_domain: str = "cluster.local", deployment_replicas: int | None = 1,
-                 kube_api: dict | None = None):
+                 kube_api: dict | None = None, objects: dict | None = None):
         """kube_api: {"host", "port", "token", "ca"} of a stand-in API server the test runs (e.g.
-        tests/podlab/kube_api.py in the client namespace), or None: no API server."""
+        tests/podlab/kube_api.py in the client namespace), or None: no API server.
+        objects: Secrets and ConfigMaps made before the pods, e.g. by the chart's key Job
+        (tests/kube_stand_in.run_key_job): {(plural, name): object as the API stores it}."""
         self.docs = docs
         self.kube_api = kube_api
         self.dir = Path(workdir)
         self.namespace = namespace
         self.domain = cluster_domain
         self.configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+        self.secrets: dict[str, dict[str, bytes]] = {}
+        for (plural, name), obj in (objects or {}).items():
+            self._store(plural, name, obj.get("data", {}), encoded=True)
+        # Directories outside the pods kept in sync with an object, as the kubelet keeps a pod's
+        # volume (Lab.project): e.g. the allow-list the test's own `smrd status` uses.
+        self._projections: list[tuple[str, str, Path]] = []
+        self.policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
         self.pods: dict[str, Pod] = {}
         self._ips = (str(a) for a in list(LAB_SUBNET.hosts())[POD_HOST0 - 1:SERVICE_HOST0 - 1])
         for d in docs:
@@ -332,6 +391,7 @@ class Lab:
         # Containers that exited while their pod ran, not killed by the test nor by SIGKILL
         # (pod name, what happened): check_running reports them.
         self.crashes: list[tuple[str, str]] = []
+        self._expected: dict[tuple[str, str], list] = {}  # expect_crashes: (pod, container) -> crashes
 
     def _add_pod(self, name, template, claims, owner, hostname=None, subdomain=None):
         try:
@@ -437,7 +497,77 @@ class Lab:
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text(self.hosts_file(pod))
             self._install_services(ns)
-        self.events.append(f"network: bridge in {NET_NS}, {len(members)} namespaces on {LAB_SUBNET}")
+            if pod is not None:
+                self._install_policies(pod)
+        self.events.append(f"network: bridge in {NET_NS}, {len(members)} namespaces on {LAB_SUBNET}; "
+                           f"{len(self.policies)} NetworkPolicies as iptables rules")
+
+    # ---- NetworkPolicies -------------------------------------------------------------------
+
+    def _selects(self, selector: dict | None, labels: dict) -> bool:
+        """A LabelSelector ({} or None: everything); matchExpressions are not modelled."""
+        selector = selector or {}
+        if selector.get("matchExpressions"):
+            raise LabError(f"NetworkPolicy selector {selector}: matchExpressions are not modelled by the lab")
+        return _labels_match(selector.get("matchLabels") or {}, labels)
+
+    def _peer_sources(self, peer: dict) -> list[str]:
+        """The source addresses a NetworkPolicyPeer admits: the lab's pods its selectors match (the
+        lab's one namespace carries the label kubernetes.io/metadata.name = its name), or an
+        ipBlock's CIDR."""
+        if "ipBlock" in peer:
+            if peer["ipBlock"].get("except"):
+                raise LabError("NetworkPolicy ipBlock.except is not modelled by the lab")
+            return [peer["ipBlock"]["cidr"]]
+        if "namespaceSelector" in peer and not self._selects(
+                peer["namespaceSelector"], {"kubernetes.io/metadata.name": self.namespace}):
+            return []
+        return [p.ip for p in self.pods.values() if self._selects(peer.get("podSelector"), p.labels)]
+
+    def policy_rules(self, pod: Pod) -> list[list[str]]:
+        """The iptables rules (arguments after `iptables`) standing for the NetworkPolicies that
+        select the pod, in chain POLICY_CHAIN of its namespace; [] when none selects it (all
+        ingress allowed, as in Kubernetes). Policies are allow-lists that add up: a connection to
+        a selected pod passes when one ingress rule of one policy admits its source and port;
+        everything else is dropped. Always allowed, as by Kubernetes and its network plugins: the
+        pod's own loopback, replies to the pod's own connections (conntrack), and the node (the
+        kubelet's probes): the lab's client namespace stands for the node."""
+        selecting = [pol for pol in self.policies
+                     if "Ingress" in pol["spec"].get("policyTypes", ["Ingress"])
+                     and self._selects(pol["spec"].get("podSelector"), pod.labels)]
+        if not selecting:
+            return []
+        c = POLICY_CHAIN
+        rules = [["-A", c, "-i", "lo", "-j", "ACCEPT"],
+                 ["-A", c, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                 ["-A", c, "-s", self.client_ip, "-j", "ACCEPT"]]
+        for pol in selecting:
+            for rule in pol["spec"].get("ingress") or []:
+                peers = rule.get("from")
+                sources = [None] if not peers else [a for peer in peers for a in self._peer_sources(peer)]
+                ports = rule.get("ports") or [None]
+                for port in ports:
+                    match = []
+                    if port is not None:
+                        match = ["-p", port.get("protocol", "TCP").lower()]
+                        if "port" in port:
+                            number = pod.container_port(port["port"])
+                            end = port.get("endPort")
+                            match += ["--dport", f"{number}:{end}" if end else str(number)]
+                    for src in dict.fromkeys(sources):
+                        rules.append(["-A", c, *(["-s", src] if src else []), *match,
+                                      "-m", "comment", "--comment", pol["metadata"]["name"], "-j", "ACCEPT"])
+        rules.append(["-A", c, "-j", "DROP"])
+        return rules
+
+    def _install_policies(self, pod: Pod):
+        rules = self.policy_rules(pod)
+        if not rules:
+            return
+        self._ns_run(pod.netns, "iptables", "-N", POLICY_CHAIN)
+        for rule in rules:
+            self._ns_run(pod.netns, "iptables", *rule)
+        self._ns_run(pod.netns, "iptables", "-A", "INPUT", "-j", POLICY_CHAIN)
 
     def _install_services(self, ns):
         """kube-proxy, iptables mode: ClusterIP:port -> a selected pod's target port."""
@@ -481,16 +611,9 @@ class Lab:
         root = self.dir / "pods" / pod.name / "volumes"
         for vol in pod.spec.get("volumes", []):
             path = root / vol["name"]
-            if "configMap" in vol:
-                cm = vol["configMap"]["name"]
-                if cm not in self.configmaps:
-                    raise LabError(f"pod {pod.name}: ConfigMap {cm} is not among the manifests")
+            if "configMap" in vol or "secret" in vol:
                 shutil.rmtree(path, ignore_errors=True)
-                path.mkdir(parents=True)
-                items = vol["configMap"].get("items")
-                data = self.configmaps[cm]
-                for key, rel in ([(i["key"], i["path"]) for i in items] if items else [(k, k) for k in data]):
-                    (path / rel).write_text(data[key])
+                write_atomic(path, self._object_files(pod, vol))
             elif "emptyDir" in vol:
                 shutil.rmtree(path, ignore_errors=True)
                 path.mkdir(parents=True)
@@ -511,6 +634,68 @@ class Lab:
             path.mkdir(parents=True, exist_ok=True)
             out[name] = path
         return out
+
+    # ---- Secrets and ConfigMaps: stored, mounted, updated -----------------------------------
+
+    def _store(self, plural: str, name: str, data: dict, encoded=False):
+        if plural == "secrets":
+            self.secrets[name] = {k: base64.b64decode(v) if encoded else (v.encode() if isinstance(v, str) else v)
+                                  for k, v in data.items()}
+        elif plural == "configmaps":
+            self.configmaps[name] = {k: v.decode() if isinstance(v, bytes) else v for k, v in data.items()}
+        else:
+            raise LabError(f"the lab stores Secrets and ConfigMaps, not {plural}")
+
+    def object_data(self, plural: str, name: str) -> dict:
+        """The stored object's data (a Secret's values as bytes), a copy."""
+        return dict((self.secrets if plural == "secrets" else self.configmaps)[name])
+
+    def _object_files(self, pod: Pod | None, vol: dict) -> dict[str, tuple[bytes, int]]:
+        """A configMap or secret volume's files, as the kubelet writes them: {path: (bytes, mode)}.
+        A missing object or item key is the kubelet's mount failure (LabError)."""
+        kind, src = ("configMap", vol["configMap"]) if "configMap" in vol else ("secret", vol["secret"])
+        name = src["name"] if kind == "configMap" else src["secretName"]
+        store = self.configmaps if kind == "configMap" else self.secrets
+        who = f"pod {pod.name}" if pod else "the lab"
+        if name not in store:
+            raise LabError(f"{who}: {kind} {name} does not exist (the kubelet cannot mount volume {vol['name']})")
+        data = {k: v.encode() if isinstance(v, str) else v for k, v in store[name].items()}
+        mode = src.get("defaultMode", 0o644)
+        items = src.get("items")
+        files = {}
+        for item in items if items else [{"key": k, "path": k} for k in data]:
+            if item["key"] not in data:
+                raise LabError(f"{who}: {kind} {name} has no key {item['key']} (volume {vol['name']})")
+            files[item["path"]] = (data[item["key"]], item.get("mode", mode))
+        return files
+
+    def update_object(self, plural: str, name: str, data: dict):
+        """`kubectl apply` of a Secret's or ConfigMap's new data (the whole of it, values as
+        str or bytes), and the kubelet's sync of every running pod's volume of it (and of each
+        Lab.project directory): the kubelet's atomic swap of `..data`, at once everywhere (the
+        kubelet takes up to a minute or so, each node on its own)."""
+        self._store(plural, name, data)
+        kind, key = ("secret", "secretName") if plural == "secrets" else ("configMap", "name")
+        synced = []
+        for pod in self.pods.values():
+            if pod.stopping.is_set() or not any(pod.alive.values()):
+                continue
+            for vol in pod.spec.get("volumes", []):
+                if vol.get(kind, {}).get(key) == name:
+                    write_atomic(self.dir / "pods" / pod.name / "volumes" / vol["name"], self._object_files(pod, vol))
+                    synced.append(pod.name)
+        for p, n, path in self._projections:
+            if (p, n) == (plural, name):
+                write_atomic(path, self._object_files(None, {"name": str(path), kind: {key: name}}))
+        self.events.append(f"updated {plural}/{name} ({', '.join(sorted(data))}); synced into {sorted(set(synced))}")
+
+    def project(self, plural: str, name: str, path: Path) -> Path:
+        """A directory outside the pods kept as a volume of the object is (for the test's own
+        tools, e.g. the allow-list of its `smrd status`)."""
+        kind, key = ("secret", "secretName") if plural == "secrets" else ("configMap", "name")
+        write_atomic(path, self._object_files(None, {"name": str(path), kind: {key: name}}))
+        self._projections.append((plural, name, Path(path)))
+        return Path(path)
 
     def _fill_projected(self, pod: Pod, projected: dict, path: Path):
         fields = {"metadata.name": pod.name, "metadata.namespace": self.namespace}
@@ -765,8 +950,9 @@ class Lab:
                     by_test = getattr(proc, "lab_killed_with", None) is not None
                     completed = policy == "Never" or (policy == "OnFailure" and rc == 0)
                     if not (by_test or completed or rc == -signal.SIGKILL):
-                        self.crashes.append((pod.name, f"container {pod.name}/{cname} exited with {rc} "
-                                                       f"after {ran:.1f} s (pod start {pod.starts})"))
+                        crash = (pod.name, f"container {pod.name}/{cname} exited with {rc} "
+                                           f"after {ran:.1f} s (pod start {pod.starts})")
+                        self._expected.get((pod.name, cname), self.crashes).append(crash)
                     self._kubelet.notify_all()
                     if completed:
                         return
@@ -915,6 +1101,18 @@ class Lab:
         self.events.append(f"pod {name} finished: {codes}")
         return codes
 
+    def expect_crashes(self, name: str, container: str):
+        """From now on the container's crashes are expected (a crash loop the test causes on
+        purpose, e.g. a pod started without its key): kept apart, not reported by check_running,
+        until expected_crashes(name, container)."""
+        with self._kubelet:
+            self._expected[(name, container)] = []
+
+    def expected_crashes(self, name: str, container: str) -> list[str]:
+        """The end of expect_crashes: the container's crashes since then."""
+        with self._kubelet:
+            return self._expected.pop((name, container))
+
     def check_running(self):
         """LabError naming each container that exited on its own while its pod ran (with its
         pod's log), even if the kubelet's part has restarted it since: a crash, not a test's kill,
@@ -932,8 +1130,8 @@ class Lab:
     def partition(self, name: str):
         """Cut the pod off the pod network (its own loopback, smrd <-> app, keeps working)."""
         ns = self.pods[name].netns
-        for chain, flag in self.PARTITION_RULES:
-            self._ns_run(ns, "iptables", "-A", chain, flag, "eth0", "-j", "DROP")
+        for chain, flag in self.PARTITION_RULES:  # first: before the NetworkPolicy rules' ACCEPTs
+            self._ns_run(ns, "iptables", "-I", chain, "1", flag, "eth0", "-j", "DROP")
         self.events.append(f"partitioned pod {name} (iptables DROP on its eth0)")
 
     def heal(self, name: str):

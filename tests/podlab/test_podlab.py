@@ -1,6 +1,9 @@
 """The rendered Helm chart as pods (docs/kubernetes.md, "The pod lab").
 
-helm/smrd is rendered with ci/values-3-replicas.yaml (3 replicas, the demo app, line framing);
+helm/smrd is rendered with ci/values-3-replicas.yaml (3 replicas, the demo app, line framing) and
+the chart's defaults: CURVE on and NetworkPolicies. The rendered key Job runs first (against the
+stand-in API of tests/kube_stand_in.py), and its Secret and allow-list ConfigMap are mounted where
+the pods' volumes say; the policies are enforced as iptables rules (lab.py, NETWORK POLICIES);
 its StatefulSet pods (smrd + app, two processes in one network namespace), one pod of the
 gateway Deployment and a client namespace run on a private bridge (tests/podlab/lab.py). The
 rendered command lines, environment and hosts.conf are used as they are; the peers find each
@@ -15,6 +18,10 @@ The second test scales the release 3 -> 5 -> 3 (and pod 3 back on its kept volum
 join by themselves, and deleted pods leave in their rendered preStop hook, which asks a stand-in
 Kubernetes API server (kube_api.py) whether the StatefulSet was scaled down.
 
+The first test also checks the policies (a stranger pod reaches neither a replica's peer port nor
+its client port, a gateway not a peer port) and that a status query without a listed key gets no
+answer. test_replica_key_rotation_under_load follows docs/security.md's rotation of a replica's key.
+
 Two more kill ONE container of a replica pod under load and let the lab's kubelet restart it
 (restartPolicy Always): the smrd container (the new smrd must end the app the old one fed, and
 replay its log into the app the kubelet starts again), and the app container (smrd must notice
@@ -25,6 +32,7 @@ its own.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import shutil
@@ -37,7 +45,9 @@ from pathlib import Path
 
 import pytest
 
-from helm_render import CHART, NAMESPACE, load_values, one, render
+import kube_stand_in
+from helm_render import CHART, NAMESPACE, by_kind, hosts_configmap, load_values, one, render
+from smrd.net.security import keygen
 from smrd.config.settings import load_config
 from smrd.config.hosts import parse_hosts
 from smrd.testing.linearizability import check_operations
@@ -49,12 +59,101 @@ from .lab import Lab, LabError, expand_vars, lab_namespaces, map_paths, missing_
 pytestmark = [pytest.mark.podlab, pytest.mark.timeout(300)]
 
 VALUES = CHART / "ci" / "values-3-replicas.yaml"
+
+
+def _lab_values() -> dict:
+    """The chart's values as CI renders them: CURVE and the NetworkPolicies on (the defaults)."""
+    return load_values(VALUES)
+
+
+def _key_job(docs, workdir: Path) -> tuple[dict, Path | None]:
+    """The chart's key Job, a pre-install hook, run before any pod: its rendered command (parsed
+    by smrd's own CLI) against the stand-in Kubernetes API (tests/kube_stand_in.py). Returns the
+    Secret and the allow-list ConfigMap it made ({(plural, name): object}, for Lab(objects=...)),
+    with the operator's own key for `smrd status` added to the allow-list as `ops.pub` (what
+    docs/security.md asks of an operator), and that key's file; ({}, None) without CURVE."""
+    jobs = by_kind(docs, "Job")
+    if not jobs:
+        return {}, None
+    objects = kube_stand_in.run_key_job(one(docs, "Job"), workdir)
+    ops = workdir / "ops-key"
+    ops.mkdir(parents=True, exist_ok=True)
+    key_path, _, public = keygen(str(ops), "ops")
+    allow = _volume(docs, "curve-allow")["configMap"]["name"]
+    objects[("configmaps", allow)]["data"]["ops.pub"] = public.decode() + "\n"
+    return objects, Path(key_path)
+
+
+def _volume(docs, name: str) -> dict:
+    """The replica pods' volume `name`, as rendered."""
+    vols = one(docs, "StatefulSet")["spec"]["template"]["spec"]["volumes"]
+    return next(v for v in vols if v["name"] == name)
+
+
 AGENT = Path(__file__).with_name("agent.py")
 KUBE_API = Path(__file__).with_name("kube_api.py")  # a stand-in Kubernetes API server
 KEYS = [f"k{i}" for i in range(6)]
 CLIENTS = 6
 PHASE_OPS = 300  # operations that must complete in each phase (before, during and after faults)
 POLL = 0.05  # between two polls of a status or readiness endpoint (there is no event to wait on)
+
+
+# A pod of someone else's in the release's namespace: labels no NetworkPolicy peer selects.
+STRANGER = {"kind": "Pod", "metadata": {"name": "stranger", "labels": {"app.kubernetes.io/name": "stranger"}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "command": ["sleep", "600"]}]}}
+# TCP connects from inside a pod's network, in parallel: "open" (handshake done), "refused"
+# (RST: nothing listens) or "dropped" (no answer within the timeout: a DROP rule).
+REACH = """
+import json, socket, sys, threading
+out = {}
+def probe(t):
+    host, port = t.rsplit(":", 1)
+    s = socket.socket()
+    s.settimeout(float(sys.argv[1]))
+    try:
+        s.connect((host, int(port))); out[t] = "open"
+    except ConnectionRefusedError:
+        out[t] = "refused"
+    except (socket.timeout, TimeoutError):
+        out[t] = "dropped"
+    except OSError as e:
+        out[t] = f"error {e}"
+    finally:
+        s.close()
+ts = [threading.Thread(target=probe, args=(t,)) for t in sys.argv[2:]]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps(out))
+"""
+
+
+def reach(lab: Lab, pod: str, targets: dict[str, tuple[str, int]], timeout=1.5) -> dict[str, str]:
+    """{label: open|refused|dropped} of a TCP connect from pod's network to each (ip, port)."""
+    addrs = {label: f"{ip}:{port}" for label, (ip, port) in targets.items()}
+    out = lab.exec_in_pod(pod, [sys.executable, "-c", REACH, str(timeout), *addrs.values()])
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    return {label: got[a] for label, a in addrs.items()}
+
+
+def check_policies(lab: Lab, c: "Cluster", note):
+    """The rendered NetworkPolicies, enforced: who reaches which port of a replica and a gateway.
+    Every "dropped" is paired with an "open" to the same port from a pod the policy admits."""
+    r0, r1 = (lab.pod(c.replica_pod[i]) for i in (0, 1))
+    gw = lab.pod(c.gateway_pods[0])
+    peer, client, metrics = (r1.container_port(n) for n in ("peer", "client", "metrics"))
+    targets = {"peer": (r1.ip, peer), "client": (r1.ip, client), "metrics": (r1.ip, metrics),
+               "gateway": (gw.ip, gw.container_port("gateway")), "gateway-metrics": (gw.ip, gw.container_port("metrics"))}
+    seen = {who: reach(lab, pod, targets) for who, pod in
+            (("stranger", "stranger"), ("gateway", gw.name), ("replica", r0.name))}
+    expected = {
+        "stranger": {"peer": "dropped", "client": "dropped", "metrics": "dropped", "gateway": "open",
+                     "gateway-metrics": "dropped"},
+        "gateway": {"peer": "dropped", "client": "open", "metrics": "dropped"},
+        "replica": {"peer": "open", "client": "open", "metrics": "dropped", "gateway": "open"},
+    }
+    for who, want in expected.items():
+        assert {k: seen[who][k] for k in want} == want, f"from the {who} pod: {seen[who]}"
+    note(f"NetworkPolicies enforced (TCP connects to replica {r1.name} and gateway {gw.name}): {seen}")
 
 
 class Agent:
@@ -103,9 +202,15 @@ class Agent:
 class Cluster:
     """What the test knows of the rendered release, and the waits it needs (all with deadlines)."""
 
-    def __init__(self, lab: Lab, agent: Agent, docs):
+    def __init__(self, lab: Lab, agent: Agent, docs, ops_key: Path | None = None):
         self.lab, self.agent = lab, agent
-        self.hosts_text = one(docs, "ConfigMap")["data"]["hosts.conf"]
+        # With CURVE: the operator's key and the allow-list ConfigMap, kept in sync on the "node"
+        # (the client namespace) as a pod's volume is, for the test's status polls and CLIs.
+        self.curve = None
+        if ops_key is not None:
+            allow = _volume(docs, "curve-allow")["configMap"]["name"]
+            self.curve = (str(ops_key), str(lab.project("configmaps", allow, lab.dir / "ops-allow")))
+        self.hosts_text = hosts_configmap(docs)["data"]["hosts.conf"]
         self.hosts_path = lab.dir / "hosts.conf"      # for `smrd status`, run by the client
         self.hosts_path.write_text(self.hosts_text)
         hosts = parse_hosts(self.hosts_text)
@@ -134,20 +239,30 @@ class Cluster:
 
     def status(self):
         """{replica id: status row or None}, from smrd's own status query in the client namespace."""
-        rows = self.agent.call("status", hosts=str(self.pods_hosts_path), timeout=0.5)["rows"]
+        curve = dict(zip(("curve_key", "curve_allow"), self.curve or ()))
+        rows = self.agent.call("status", hosts=str(self.pods_hosts_path), timeout=0.5, **curve)["rows"]
         return {r["id"]: (r if r["reachable"] else None) for r in rows if r["id"] in self.active}
 
     def smrd_status_cli(self):
         """`smrd status -c hosts.conf`, the operator's command, run in the client namespace."""
-        proc = self.lab.client_process([sys.executable, "-m", "smrd", "status", "-c", str(self.hosts_path)],
+        proc = self.lab.client_process([sys.executable, "-m", "smrd", "status", "-c", str(self.hosts_path),
+                                        *self.curve_flags()],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out = proc.communicate(timeout=30)[0]
         assert proc.returncode == 0, out
         return out.rstrip()
 
+    def smrd_container(self, pod: str) -> str:
+        """The container running smrd in a replica or gateway pod."""
+        return self.lab.pod(pod).spec["containers"][0]["name"]
+
+    def curve_flags(self) -> list[str]:
+        return ["--curve-secret-key", self.curve[0], "--curve-public-keys", self.curve[1]] if self.curve else []
+
     def admin_members(self):
         """`smrd admin members -c hosts.conf`, run in the client namespace."""
-        proc = self.lab.client_process([sys.executable, "-m", "smrd", "admin", "members", "-c", str(self.hosts_path)],
+        proc = self.lab.client_process([sys.executable, "-m", "smrd", "admin", "members", "-c", str(self.hosts_path),
+                                        *self.curve_flags()],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out = proc.communicate(timeout=30)[0]
         assert proc.returncode == 0, out
@@ -217,9 +332,10 @@ def test_rendered_chart_as_pods_survives_partition_and_pod_kill(tmp_path):
     why = missing_tools()
     if why:
         pytest.fail("the pod lab cannot run: " + "; ".join(why))
-    docs = render(load_values(VALUES))
+    docs = render(_lab_values())
     sts = one(docs, "StatefulSet")
     assert sts["spec"]["replicas"] == 3
+    assert by_kind(docs, "NetworkPolicy") and by_kind(docs, "Job"), "CURVE and the policies are the defaults"
     report, lab = [], None
     t0 = time.monotonic()
 
@@ -227,10 +343,11 @@ def test_rendered_chart_as_pods_survives_partition_and_pod_kill(tmp_path):
         report.append(f"{time.monotonic() - t0:6.1f} s  {text}")
 
     try:
-        with Lab(docs, tmp_path / "lab", NAMESPACE, deployment_replicas=1) as lab:
+        objects, ops_key = _key_job(docs, tmp_path / "key-job")
+        with Lab([*docs, STRANGER], tmp_path / "lab", NAMESPACE, deployment_replicas=1, objects=objects) as lab:
             agent = Agent(lab)
             try:
-                c = Cluster(lab, agent, docs)
+                c = Cluster(lab, agent, docs, ops_key)
                 assert c.framing == "line"
                 # Every replica pod's host in the rendered hosts.conf is a name of the lab's DNS;
                 # the candidates without a pod (ordinals >= replicaCount) are not, as in a cluster.
@@ -242,7 +359,14 @@ def test_rendered_chart_as_pods_survives_partition_and_pod_kill(tmp_path):
                     lab.start_pod(pod)
                 c.wait_ready([*c.replica_pod.values(), *c.gateway_pods])
                 view, leader = c.leader()
-                note(f"{len(c.replica_pod) + len(c.gateway_pods)} pods ready, leader replica {leader} (view {view})")
+                note(f"{len(c.replica_pod) + len(c.gateway_pods)} pods ready with the key Job's keys, "
+                     f"leader replica {leader} (view {view})")
+                check_policies(lab, c, note)
+                # CURVE is on: from the node (which every policy admits), a status query without a
+                # listed key gets no answer; with the operator's key (c.status above) it does.
+                plain = agent.call("status", hosts=str(c.pods_hosts_path), timeout=0.5)["rows"]
+                assert not any(r["reachable"] for r in plain), plain
+                note("CURVE on: a status query without a listed key is refused by every replica")
                 note("`smrd status` from the client namespace:\n" + c.smrd_status_cli())
                 # `helm test`: the chart's own test pod, a PUT/GET round trip through the Service.
                 (test_pod,) = c.test_pods
@@ -360,10 +484,10 @@ def test_rendered_chart_scales_3_to_5_to_3_under_load(tmp_path):
         pytest.fail("the pod lab cannot run: " + "; ".join(why))
     if not shutil.which("openssl") or not shutil.which("unshare"):
         pytest.fail("the scaling scenario needs the openssl and unshare commands (apt-get install -y openssl util-linux)")
-    values = load_values(VALUES)
+    values = _lab_values()
     docs3, docs5 = render(values), render({**values, "replicaCount": 5})
     # The upgrade restarts no pod: hosts.conf and the pod template do not depend on replicaCount.
-    assert one(docs3, "ConfigMap") == one(docs5, "ConfigMap")
+    assert hosts_configmap(docs3) == hosts_configmap(docs5)
     assert one(docs3, "StatefulSet")["spec"]["template"] == one(docs5, "StatefulSet")["spec"]["template"]
     sts = one(docs5, "StatefulSet")
     report, lab, api = [], None, None
@@ -382,7 +506,8 @@ def test_rendered_chart_scales_3_to_5_to_3_under_load(tmp_path):
     try:
         # The lab holds the namespaces of all 5 pods (as rendered with replicaCount 5); pods 3 and
         # 4 do not run until the scale-up.
-        with Lab(docs5, work, NAMESPACE, deployment_replicas=1, kube_api=kube_api) as lab:
+        objects, ops_key = _key_job(docs5, tmp_path / "key-job")
+        with Lab(docs5, work, NAMESPACE, deployment_replicas=1, kube_api=kube_api, objects=objects) as lab:
             assert lab.client_ip == client_ip
             api = lab.client_process(
                 [sys.executable, str(KUBE_API), "--listen", f"{client_ip}:6443", "--cert", str(cert),
@@ -392,7 +517,7 @@ def test_rendered_chart_scales_3_to_5_to_3_under_load(tmp_path):
             assert api.stdout.readline().startswith("listening"), "the stand-in API server did not start"
             agent = Agent(lab)
             try:
-                c = Cluster(lab, agent, docs5)
+                c = Cluster(lab, agent, docs5, ops_key)
                 pods = c.replica_pod
                 assert len(pods) == 5
                 c.set_active({0, 1, 2})
@@ -541,10 +666,10 @@ class _LoadedRelease:
     (as in the first test); what a container-restart test shares: the report, progress phases,
     the victim's status, and the checks at the end."""
 
-    def __init__(self, lab: Lab, agent: Agent, docs, note):
+    def __init__(self, lab: Lab, agent: Agent, docs, note, ops_key=None):
         self.lab, self.agent, self.note = lab, agent, note
-        self.sts = one(docs, "StatefulSet")
-        self.c = c = Cluster(lab, agent, docs)
+        self.sts, self.docs = one(docs, "StatefulSet"), docs
+        self.c = c = Cluster(lab, agent, docs, ops_key)
         for pod in [*c.replica_pod.values(), *c.gateway_pods]:
             lab.start_pod(pod)
         c.wait_ready([*c.replica_pod.values(), *c.gateway_pods])
@@ -559,11 +684,11 @@ class _LoadedRelease:
         self.done.append(self.c.progress(PHASE_OPS))
         self.note(f"{text}; {self.done[-1] - self.done[-2]} ops completed since the previous step")
 
-    def wait_log(self, pod, since: int, pattern: str, timeout=HEAL_BOUND_S):
-        """The first match of `pattern` in the pod's smrd log after offset `since` (the log is
-        a file another process writes: polled)."""
-        return self.c.wait(f"{pattern!r} in the log of {pod}/smrd",
-                           lambda: re.search(pattern, self.lab.log_text(pod, "smrd")[since:]), timeout)
+    def wait_log(self, pod, since: int, pattern: str, timeout=HEAL_BOUND_S, container="smrd"):
+        """The first match of `pattern` in the pod's container log after offset `since` (the log
+        is a file another process writes: polled)."""
+        return self.c.wait(f"{pattern!r} in the log of {pod}/{container}",
+                           lambda: re.search(pattern, self.lab.log_text(pod, container)[since:]), timeout)
 
     def wait_executing(self, rid, deadline: float):
         """Replica rid executes again: execution "executing", can_execute, not halted, and it has
@@ -609,7 +734,7 @@ def _with_loaded_release(tmp_path, scenario):
     why = missing_tools()
     if why:
         pytest.fail("the pod lab cannot run: " + "; ".join(why))
-    docs = render(load_values(VALUES))  # the chart's configuration as is: 3 replicas, no hooks
+    docs = render(_lab_values())  # the chart's configuration as is: 3 replicas, no hooks
     report, lab = [], None
     t0 = time.monotonic()
 
@@ -617,10 +742,11 @@ def _with_loaded_release(tmp_path, scenario):
         report.append(f"{time.monotonic() - t0:6.1f} s  {text}")
 
     try:
-        with Lab(docs, tmp_path / "lab", NAMESPACE, deployment_replicas=1) as lab:
+        objects, ops_key = _key_job(docs, tmp_path / "key-job")
+        with Lab(docs, tmp_path / "lab", NAMESPACE, deployment_replicas=1, objects=objects) as lab:
             agent = Agent(lab)
             try:
-                scenario(_LoadedRelease(lab, agent, docs, note))
+                scenario(_LoadedRelease(lab, agent, docs, note, ops_key))
             except BaseException:
                 for pod in lab.pods:
                     print(lab.log_tail(pod, 30), file=sys.stderr)
@@ -837,15 +963,15 @@ def test_paths_are_mapped_where_a_path_starts():
 def test_the_replica_container_runs_the_rendered_command(tmp_path):
     """What the lab runs for demo-smrd-1: the rendered command with only the mount paths
     mapped, and an environment smrd accepts as replica 1 with its data on the claim."""
-    docs = render(load_values(VALUES))
-    lab = Lab(docs, tmp_path, NAMESPACE)
+    docs = render(_lab_values())
+    lab = Lab(docs, tmp_path, NAMESPACE, objects=_key_job(docs, tmp_path / "key-job")[0])
     pod = lab.pod("demo-smrd-1")
     smrd_c = pod.spec["containers"][0]
     argv, env = lab.container_argv(pod, smrd_c)
     hosts_dir = tmp_path / "pods" / "demo-smrd-1" / "volumes" / "hosts"
     rendered = [*smrd_c["command"], *smrd_c["args"]]
     assert argv == [a.replace("/etc/smrd/", f"{hosts_dir}/") for a in rendered]
-    assert (hosts_dir / "hosts.conf").read_text() == one(docs, "ConfigMap")["data"]["hosts.conf"]
+    assert (hosts_dir / "hosts.conf").read_text() == hosts_configmap(docs)["data"]["hosts.conf"]
     assert env["POD_NAME"] == "demo-smrd-1"
     assert env["SMRD_DATA_DIR"] == str(tmp_path / "pvc" / "data-demo-smrd-1")
     # enableServiceLinks: false in the chart: no Service variables (smrd refuses unknown SMRD_*).
@@ -861,9 +987,10 @@ def test_the_prestop_hook_runs_as_rendered(tmp_path):
     """What the lab runs for demo-smrd-2's preStop hook: the rendered exec command (mount paths
     mapped, no $(VAR) expansion), in a private mount namespace where the projected
     service-account volume sits at its real path, with the container's env and the API address."""
-    docs = render(load_values(VALUES))
+    docs = render(_lab_values())
     api = {"host": "10.213.0.2", "port": 6443, "token": "lab-token", "ca": "CA PEM"}
-    lab = Lab(docs, tmp_path, NAMESPACE, kube_api=api)
+    objects = _key_job(docs, tmp_path / "key-job")[0]
+    lab = Lab(docs, tmp_path, NAMESPACE, kube_api=api, objects=objects)
     pod = lab.pod("demo-smrd-2")
     smrd_c = pod.spec["containers"][0]
     lab.container_argv(pod, smrd_c)  # makes the pod's volumes, as start_pod does
@@ -871,7 +998,13 @@ def test_the_prestop_hook_runs_as_rendered(tmp_path):
     volumes = tmp_path / "pods" / "demo-smrd-2" / "volumes"
     rendered = smrd_c["lifecycle"]["preStop"]["exec"]["command"]
     assert argv[:4] == ["unshare", "--mount", "--propagation", "private"]
-    assert argv[-3:] == [*rendered[:2], rendered[2].replace("/etc/smrd/", f"{volumes / 'hosts'}/")]
+    script = rendered[2].replace("/etc/smrd/", f"{volumes / 'hosts'}/").replace(
+        "/etc/smrd-curve/key/", f"{volumes / 'curve-key'}/")
+    assert argv[-3:] == [*rendered[:2], script]
+    # The secret volume as the kubelet mounts it: the Job's keys behind `..data`, mode 0440.
+    key = volumes / "curve-key" / "replica-2.key"
+    assert key.is_symlink() and os.readlink(key) == "..data/replica-2.key"
+    assert (key.stat().st_mode & 0o777) == 0o440 and len(key.read_text().strip()) == 40
     assert f"mount --bind {volumes / 'kube-api'} /var/run/secrets/kubernetes.io/serviceaccount" in argv[6]
     assert (volumes / "kube-api" / "token").read_text() == "lab-token"
     assert (volumes / "kube-api" / "ca.crt").read_text() == "CA PEM"
@@ -879,6 +1012,80 @@ def test_the_prestop_hook_runs_as_rendered(tmp_path):
     assert env["KUBERNETES_SERVICE_HOST"] == "10.213.0.2" and env["KUBERNETES_SERVICE_PORT"] == "6443"
     assert env["SMRD_STATEFULSET"] == "demo-smrd" and env["POD_NAME"] == "demo-smrd-2"
     # Without a stand-in API server: no token, so smrd.ops.kube answers "not in Kubernetes".
-    plain = Lab(docs, tmp_path / "plain", NAMESPACE)
+    plain = Lab(docs, tmp_path / "plain", NAMESPACE, objects=objects)
     plain.container_argv(plain.pod("demo-smrd-2"), smrd_c)
     assert not (tmp_path / "plain" / "pods" / "demo-smrd-2" / "volumes" / "kube-api" / "token").exists()
+
+
+# --- a replica's CURVE key rotated under load (docs/security.md) -----------------------------
+
+def test_replica_key_rotation_under_load(tmp_path):
+    """docs/security.md, "Rotating keys in a running release", for a follower's key, on the
+    release as rendered (CURVE keys from the key Job, NetworkPolicies enforced), under the client
+    workload: (1) the key leaves the Secret and the pod is deleted: the StatefulSet's new pod
+    fails its start check (no key) and crash-loops, one replica down; (2) the allow-list gets the
+    new public key, and every other replica and the gateway re-read it (their log says so);
+    (3) the new secret key goes into the Secret and the pod is deleted again: it starts with the
+    new key and catches up. No client error, no view change: every replica ends in the view it
+    was in, with the same leader, and the clients' error count does not move."""
+    def scenario(r: _LoadedRelease):
+        lab, c = r.lab, r.c
+        rid = next(i for i in sorted(c.replica_pod) if i != r.leader)
+        victim = c.replica_pod[rid]
+        others = [p for i, p in c.replica_pod.items() if i != rid] + c.gateway_pods
+        secret = _volume(r.docs, "curve-key")["secret"]["secretName"]
+        allow = _volume(r.docs, "curve-allow")["configMap"]["name"]
+        name = f"replica-{rid}"
+        before = {i: (row["view"], row["leader"]) for i, row in c.status().items()}
+        assert all(before.values()) and len(set(before.values())) == 1, before
+        errors = r.agent.call("load_wait", ops=0, timeout=1)["errors"]
+        new_dir = tmp_path / "rotation"
+        new_dir.mkdir()
+        key_path, pub_path, new_pub = keygen(str(new_dir), name)
+        old_pub = lab.object_data("configmaps", allow)[f"{name}.pub"].strip()
+        assert new_pub.decode() != old_pub
+
+        # 1. The key leaves the Secret; the pod is deleted and the new one cannot start.
+        keys = lab.object_data("secrets", secret)
+        lab.update_object("secrets", secret, {k: v for k, v in keys.items() if k != f"{name}.key"})
+        # Its preStop hook (`smrd admin leave --if-scaled-down`, for a scale-down only) fails
+        # too, for want of the key, before it asks anything: harmless for a deletion that is no
+        # scale-down (Kubernetes records a FailedPreStopHook event and goes on).
+        hook = lab.delete_pod(victim)["smrd"]
+        assert hook.returncode != 0 and f"{name}.key" in hook.stderr, hook
+        since = len(lab.log_text(victim, "smrd"))
+        lab.expect_crashes(victim, "smrd")
+        lab.start_pod(victim)
+        pod = lab.pod(victim)
+        assert lab.wait_kubelet(lambda: len(pod.exits["smrd"]) >= 1, 30), pod.exits
+        assert pod.exits["smrd"][0] > 0, pod.exits
+        assert re.search(rf"curve_secret_key.*{name}\.key", lab.log_text(victim, "smrd")[since:]), \
+            lab.log_tail(victim)
+        r.phase(f"{name}.key out of the Secret; {victim} deleted, its new pod crash-loops without a key")
+
+        # 2. The allow-list names the new public key; everyone else re-reads it.
+        offsets = {p: len(lab.log_text(p, c.smrd_container(p))) for p in others}
+        lab.update_object("configmaps", allow, {**lab.object_data("configmaps", allow), f"{name}.pub": new_pub.decode() + "\n"})
+        for p in others:
+            r.wait_log(p, offsets[p], rf"allow-list .* re-read: .*changed: {name}\b", container=c.smrd_container(p))
+        r.phase(f"allow-list: new {name}.pub, re-read by {', '.join(others)}")
+
+        # 3. The new secret key goes into the Secret; the pod is deleted (no crash-loop back-off to
+        #    wait for) and starts with it.
+        lab.update_object("secrets", secret, {**lab.object_data("secrets", secret), f"{name}.key": Path(key_path).read_bytes()})
+        lab.delete_pod(victim)
+        crashes = lab.expected_crashes(victim, "smrd")
+        assert crashes, "the pod without its key did not fail"
+        lab.start_pod(victim)
+        c.wait_ready([victim])
+        c.wait_caught_up(rid)
+        r.phase(f"{victim} restarted with the new key: ready and caught up "
+                f"(it had crash-looped {len(crashes)} times without a key)")
+
+        after = {i: (row["view"], row["leader"]) for i, row in c.status().items()}
+        assert after == before, f"a view change during the rotation: before {before}, after {after}"
+        assert r.agent.call("load_wait", ops=0, timeout=1)["errors"] == errors, "clients saw errors"
+        r.note(f"rotated {name}: views and leader unchanged {after}; client errors unchanged ({errors})")
+        r.finish()
+
+    _with_loaded_release(tmp_path, scenario)

@@ -42,6 +42,55 @@ chart name it is used as is.
 {{- include "smrd.replicasName" . }}
 {{- end }}
 
+{{/* The CURVE Secret and allow-list ConfigMap: the user's own, or the ones the key Job makes. */}}
+{{- define "smrd.curveSecretName" -}}
+{{- .Values.security.existingSecret | default (printf "%s-curve-keys" (include "smrd.fullname" . | trunc 52 | trimSuffix "-")) }}
+{{- end }}
+
+{{- define "smrd.curveAllowName" -}}
+{{- .Values.security.publicKeysConfigMap | default (printf "%s-curve-allow" (include "smrd.fullname" . | trunc 51 | trimSuffix "-")) }}
+{{- end }}
+
+{{/* True (non-empty) when the key Job makes the keys: CURVE on, no keys of the user's own. */}}
+{{- define "smrd.keyJobEnabled" -}}
+{{- if and .Values.security.enabled (not .Values.security.existingSecret) (not .Values.security.publicKeysConfigMap) }}true{{ end }}
+{{- end }}
+
+{{- define "smrd.keyJobName" -}}
+{{- printf "%s-keygen" (include "smrd.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+The pod's topologySpreadConstraints: the user's own (topologySpreadConstraints) if any, else the
+chart's spread over nodes (and zones) among this release's pods of one component. Call with
+(dict "ctx" . "component" "replica"|"gateway"); renders nothing when there is nothing to spread.
+*/}}
+{{- define "smrd.topologySpread" -}}
+{{- $v := .ctx.Values }}
+{{- if $v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml $v.topologySpreadConstraints | nindent 2 }}
+{{- else if and $v.spread.enabled (or (eq .component "replica") $v.spread.gateways) }}
+{{- $hard := ternary $v.spread.whenUnsatisfiable "ScheduleAnyway" (eq .component "replica") }}
+{{- $zoneHard := ternary $v.spread.zone.whenUnsatisfiable "ScheduleAnyway" (eq .component "replica") }}
+topologySpreadConstraints:
+  - maxSkew: {{ $v.spread.maxSkew }}
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: {{ $hard }}
+    labelSelector:
+      matchLabels:
+        {{- include "smrd.componentSelectorLabels" . | nindent 8 }}
+  {{- if $v.spread.zone.enabled }}
+  - maxSkew: {{ $v.spread.maxSkew }}
+    topologyKey: topology.kubernetes.io/zone
+    whenUnsatisfiable: {{ $zoneHard }}
+    labelSelector:
+      matchLabels:
+        {{- include "smrd.componentSelectorLabels" . | nindent 8 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "smrd.configName" -}}
 {{- printf "%s-hosts" (include "smrd.fullname" . | trunc 57 | trimSuffix "-") }}
 {{- end }}
@@ -101,8 +150,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.membership.scaleDownLeave (lt (int .Values.server.terminationGracePeriodSeconds) (add (int .Values.membership.leaveTimeoutSeconds) 10)) }}
 {{- fail (printf "server.terminationGracePeriodSeconds=%d is too short for membership.leaveTimeoutSeconds=%d: the pod would be killed while leaving; give it at least leaveTimeoutSeconds + 10 (the Kubernetes API check and the shutdown after the leave)" (int .Values.server.terminationGracePeriodSeconds) (int .Values.membership.leaveTimeoutSeconds)) }}
 {{- end }}
-{{- if and .Values.security.enabled (not (and .Values.security.existingSecret .Values.security.publicKeysConfigMap)) }}
-{{- fail "security.enabled needs security.existingSecret (replica-<i>.key, gateway-0.key) and security.publicKeysConfigMap (the *.pub allow-list); see docs/security.md" }}
+{{- if and .Values.security.enabled (ne (empty .Values.security.existingSecret) (empty .Values.security.publicKeysConfigMap)) }}
+{{- fail "security.existingSecret and security.publicKeysConfigMap go together: give both (your own keys: the secret keys and the allow-list that matches them) or neither (the chart's key Job makes both); see docs/security.md" }}
 {{- end }}
 {{- $ports := list .Values.ports.peer .Values.ports.client .Values.ports.metrics .Values.app.port }}
 {{- if ne (len (uniq $ports)) 4 }}

@@ -58,6 +58,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -192,6 +193,7 @@ class WriteAheadLog(Upkeep):
         self.bytes_written = 0    # bytes handed to the OS (segment headers included)
         self.records_written = 0  # records handed to the OS (segment headers included)
         self.syncs = 0            # writes (each followed by one fsync in "fsync" mode)
+        self.on_fsync = None      # called with each fsync's seconds (for a metric), under the sync lock
         self.segments_deleted = 0      # by truncate_before(), since open()
         self.bytes_deleted = 0
         self.segments_compressed = 0   # by compress_closed(), since open()
@@ -556,10 +558,13 @@ class WriteAheadLog(Upkeep):
             count += 2 + (self._wsum.checkpoint is not None)
         self._write_all(data)
         if self._fsync:
+            started = time.perf_counter()
             try:
                 os.fsync(self._fd)
             except OSError as exc:
                 self._fail("fsync", exc)
+            if self.on_fsync is not None:
+                self.on_fsync(time.perf_counter() - started)
         self._size += len(data)
         self._wsum.merge(group)
         with self._meta:
