@@ -25,6 +25,8 @@ DO_VIEW_CHANGE = 21    # any -> leader(view): my promise for `view` and what I a
 START_VIEW = 22        # leader(view) -> all: the view's log above its commit point
 RECOVERY = 23          # empty replica -> all: what do you know? (it votes on nothing until told)
 RECOVERY_RESPONSE = 24 # any -> recovering replica: my view, commit point, and (leader) my log
+PRE_VIEW_CHANGE = 25   # voter -> voters: I miss the leader of `view`; do you? (moves nobody)
+PRE_VIEW_CHANGE_OK = 26  # voter -> asker: I miss it too
 CATCHUP_REQUEST = 30   # lagging -> peer: send me decided values from `start`
 CATCHUP_REPLY = 31     # peer -> lagging: decided values, and the peer's commit point
 LOG_TRUNCATED = 32     # peer -> lagging: I hold no values before `checkpoint`: fetch my state
@@ -120,6 +122,18 @@ class Ack(Message):
 class StartViewChange(Message):
     view: int
     TYPE = START_VIEW_CHANGE
+
+
+@dataclass(frozen=True, slots=True)
+class PreViewChange(Message):
+    view: int
+    TYPE = PRE_VIEW_CHANGE
+
+
+@dataclass(frozen=True, slots=True)
+class PreViewChangeOk(Message):
+    view: int
+    TYPE = PRE_VIEW_CHANGE_OK
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +255,7 @@ def encode(sender: int, msg: Message) -> bytes:
         return core.encode_frame(t, sender, msg.view, msg.instance, msg.count.to_bytes(4, "little"))
     if t == COMMIT or t == ACK:
         return core.encode_frame(t, sender, msg.view, msg.commit)
-    if t == START_VIEW_CHANGE:
+    if t == START_VIEW_CHANGE or t == PRE_VIEW_CHANGE or t == PRE_VIEW_CHANGE_OK:
         return core.encode_frame(t, sender, msg.view, 0)
     if t == DO_VIEW_CHANGE:
         return core.encode_frame(t, sender, msg.view, msg.commit, _pack_entries(msg.entries, True))
@@ -306,6 +320,12 @@ def decode(frame, max_payload: int = core.DEFAULT_MAX_PAYLOAD) -> Tuple[int, Mes
     if t == START_VIEW_CHANGE:
         _no_payload(t, payload)
         return sender, StartViewChange(view)
+    if t == PRE_VIEW_CHANGE:
+        _no_payload(t, payload)
+        return sender, PreViewChange(view)
+    if t == PRE_VIEW_CHANGE_OK:
+        _no_payload(t, payload)
+        return sender, PreViewChangeOk(view)
     if t == DO_VIEW_CHANGE:
         return sender, DoViewChange(view, instance, _checked_values(_unpack_entries(payload, True), 2))
     if t == START_VIEW:

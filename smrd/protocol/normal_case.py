@@ -119,8 +119,9 @@ class NormalCaseMixin:
             return
         if now - self.last_heard >= opt.election_ticks:
             dropped = " after its connection dropped" if self.lost_leader_of == self.view else ""
-            self._start_view_change(self._next_view(self.view), reason=f"leader silent for {now - self.last_heard} ticks{dropped}")
+            self._suspect_leader(f"leader silent for {now - self.last_heard} ticks{dropped}")
             return
+        self.prevote_view = -1  # the leader is heard: any earlier agreement to replace it is void
         queue, pending = self.queue, self.pending
         while queue and (queue[0] not in pending or (
                 queue[0][0] == SYSTEM_CLIENT and now - pending[queue[0]].arrived >= 2 * opt.request_ticks)):

@@ -72,7 +72,9 @@ __all__ = ["NORMAL", "RECOVERING", "VIEW_CHANGE", "Replica", "ReplicaSnapshot", 
 
 # What a replica that cannot vote sends (it recovers from an empty disk, or catches up from
 # outside the membership): hearing it says nothing about the quorums a change would leave.
-_NO_CONTACT = frozenset({m.Recovery, m.CatchupRequest})
+# Messages that say nothing about the sender hearing us: a replica asking for a pre-vote may hear
+# nobody, and must not make a leader believe it has a quorum's contact.
+_NO_CONTACT = frozenset({m.Recovery, m.CatchupRequest, m.PreViewChange})
 
 _WHILE_RECOVERING = frozenset({m.Recovery, m.RecoveryResponse, m.CatchupRequest,
                                m.CatchupReply, m.LogTruncated, m.Requests, m.Forward})
@@ -143,6 +145,11 @@ class Replica(MembershipChangesMixin, RequestQueueMixin, NormalCaseMixin, ViewCh
         self.vc_started = 0
         self.vc_last_sent = 0
         self.vc_attempt = 0
+        # Pre-vote (view_change.py, _suspect_leader): the view whose leader we asked the voters
+        # about, the voters that miss it too (ourselves included), when we last asked.
+        self.prevote_view = -1
+        self.prevote_ok = set()
+        self.prevote_sent = -1 << 60
         self.dvcs = {}             # leader(view) in VIEW_CHANGE: sender -> DoViewChange
         self.next_instance = 1     # leader: next instance to propose
         self.sent_at = {}          # leader: instance -> tick its PROPOSE was last sent
@@ -182,6 +189,7 @@ class Replica(MembershipChangesMixin, RequestQueueMixin, NormalCaseMixin, ViewCh
             m.Propose: self._on_propose, m.Accepted: self._on_accepted, m.Commit: self._on_commit,
             m.Ack: self._on_ack,
             m.StartViewChange: self._on_start_view_change, m.DoViewChange: self._on_do_view_change,
+            m.PreViewChange: self._on_pre_view_change, m.PreViewChangeOk: self._on_pre_view_change_ok,
             m.StartView: self._on_start_view, m.CatchupRequest: self._on_catchup_request,
             m.CatchupReply: self._on_catchup_reply,
             m.Recovery: self._on_recovery, m.RecoveryResponse: self._on_recovery_response,

@@ -53,6 +53,55 @@ class ViewChangeMixin:
             else:
                 self._try_finish_view_change()
 
+    def _suspect_leader(self, reason) -> None:
+        """The leader of our view is silent: move to the next view once a quorum of the voters
+        (ourselves included) say they miss it too (pre-vote). A voter that still hears the leader
+        says nothing, so a replica that hears nobody while the others hear the leader (a one-way
+        partition, or a key its peers no longer accept) never starts a view change they would
+        join; it waits, and follows the leader once it hears it again. Nothing is promised or
+        persisted here: a pre-vote binds no one."""
+        cfg = self.sessions.membership
+        if self.prevote_view != self.view:
+            self.prevote_view, self.prevote_ok, self.prevote_sent = self.view, {self.id}, -1 << 60
+        if cfg.quorum_in(self.prevote_ok, self._quorum(cfg)):
+            self.prevote_view = -1
+            self._start_view_change(self._next_view(self.view), reason=reason)
+            return
+        # Asked again every heartbeat: a voter whose own timer has not run out yet says nothing
+        # the first time, and agrees once it has (so a dead leader costs at most a heartbeat more).
+        if self.now - self.prevote_sent >= self.opt.heartbeat_ticks:
+            if self.prevote_sent < 0:
+                self.stats["pre_view_changes"] = self.stats.get("pre_view_changes", 0) + 1
+            self.prevote_sent = self.now
+            for r in self._peers:
+                if r in cfg.voters:
+                    self._send(r, m.PreViewChange(self.view))
+            # Maybe the others went on without us (a removal we have not applied, so the leader
+            # no longer writes to us): what they decided says so, as in _view_change_tick.
+            if self.now - self.catchup_sent >= self.opt.retransmit_ticks:
+                self.catchup_peer += 1
+                self._request_catchup()
+
+    def _on_pre_view_change(self, sender, msg) -> None:
+        cfg = self.sessions.membership
+        if sender not in cfg.voters:
+            # Asked by a replica our membership no longer counts: it missed its removal. Say
+            # how far we got; its catch-up brings it the decided change.
+            self._send(sender, m.CatchupReply(self.view, self.commit, ()))
+            return
+        if self.id not in cfg.voters:
+            return
+        if self.status == VIEW_CHANGE or msg.view > self.view or (self.status == NORMAL and (
+                not self.has_quorum_contact() if self.is_leader
+                else self.now - self.last_heard >= self.opt.election_ticks)):
+            # Agreed: we miss a leader too, or we are behind the asker's view (a leader of an
+            # older view that the group left), or we lead without hearing a quorum.
+            self._send(sender, m.PreViewChangeOk(msg.view))
+
+    def _on_pre_view_change_ok(self, sender, msg) -> None:
+        if msg.view == self.prevote_view and sender in self.sessions.membership.voters:
+            self.prevote_ok.add(sender)
+
     def _on_start_view_change(self, sender, msg) -> None:
         if msg.view > self.view and sender in self.sessions.membership.voters:
             self._start_view_change(msg.view, reason=f"replica {sender} moved to view {msg.view}")

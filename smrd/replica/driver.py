@@ -193,6 +193,7 @@ class Server(ReplicaReporting):
         self._last_role = None
         self._last_membership = None
         self._refused_seen = 0      # the core's count of refused changes already logged
+        self._suspected_seen = 0    # the core's count of pre-votes (leader suspected) already logged
         self._refused_quiet_until = 0.0
         # Set once this process took part as a member with the current leader's stream (not just
         # replaying its own log): a removal after that is an operator's decision that auto_join

@@ -44,6 +44,13 @@ class ReplicaReporting:
                 log.info("event=view_change view=%d new_leader=%d old_leader=%s reason=%r",
                          view, snap.leader, rep.leader_of(old[0]) if old else "-",
                          snap.view_change_reason)
+        suspected = rep.stats.get("pre_view_changes", 0)
+        if suspected != self._suspected_seen:
+            self._suspected_seen = suspected
+            log.warning("event=leader_suspected view=%d leader=%d (not heard for the election "
+                        "timeout: asking the other voters; a new view starts once a quorum of them "
+                        "misses it too, and nothing changes while they still hear it)", view,
+                        rep.leader_of(view))
         if not self._live_member and (leader_commit > 0 or status == NORMAL):
             snap = rep.snapshot()
             if snap.role != "none" and (snap.is_leader or (

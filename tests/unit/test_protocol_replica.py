@@ -187,13 +187,46 @@ def test_a_dropped_connection_to_the_leader_shortens_the_wait_to_two_heartbeats(
     from smrd.protocol.replica import Replica as R
     r = R(1, n=3)
     r.step(0, m.Commit(0, 0))
+    r.ready()
     r.peer_lost(0)
     ticks = 0
-    while r.status == "normal":
+    asked = []
+    while not asked:  # it suspects the leader: it asks the other voter first (pre-vote)
+        assert ticks < r.opt.election_ticks, "the leader was not suspected"
         r.tick()
         ticks += 1
+        asked = [(to, msg) for to, msg in r.ready().messages if type(msg) is m.PreViewChange]
     assert ticks <= 2 * r.opt.heartbeat_ticks + 1 < r.opt.election_ticks
+    # Every other voter is asked, the silent leader too (one cut off from a quorum agrees).
+    assert sorted(asked) == [(0, m.PreViewChange(0)), (2, m.PreViewChange(0))]
+    assert r.status == "normal"
+    r.step(2, m.PreViewChangeOk(0))  # replica 2 misses the leader too: a quorum agrees
+    r.tick()
+    assert r.status == "view-change" and r.view == 1
     assert "connection dropped" in r.view_change_reason
+
+
+def test_a_replica_that_hears_no_leader_moves_only_once_a_quorum_agrees():
+    from smrd.protocol.replica import Replica as R
+    r = R(1, n=3)
+    r.step(0, m.Commit(0, 0))
+    for _ in range(3 * r.opt.election_ticks):  # nobody answers its pre-vote: it stays put
+        r.tick()
+    assert r.status == "normal" and r.view == 0 and r.stats["pre_view_changes"] == 1
+    # A voter that still hears the leader says nothing; one that misses it too agrees.
+    other = R(2, n=3)
+    other.step(0, m.Commit(0, 0))
+    other.ready()
+    other.step(1, m.PreViewChange(0))
+    assert [msg for _, msg in other.ready().messages if type(msg) is m.PreViewChangeOk] == []
+    for _ in range(other.opt.election_ticks):
+        other.tick()
+    other.ready()
+    other.step(1, m.PreViewChange(0))
+    assert (1, m.PreViewChangeOk(0)) in other.ready().messages
+    r.step(2, m.PreViewChangeOk(0))
+    r.tick()
+    assert r.status == "view-change" and r.view == 1
 
 
 def test_a_leader_heard_again_after_its_connection_dropped_is_not_suspected():
