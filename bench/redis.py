@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from statistics import median_high
 
 from smrd.ops.local import Child, LocalCluster, ProcessFailed
 
@@ -94,11 +95,11 @@ def measure_redis(work: Path, clients=(16, 64), requests=20000, repeats=2):
     summary = []
     for c in clients:
         for t in TESTS:
-            base = sorted(x["ops_per_s"][t] for x in runs if x["system"] == "alone" and x["clients"] == c)
-            ours = sorted(x["ops_per_s"][t] for x in runs if x["system"] == "smrd" and x["clients"] == c)
-            mid = lambda v: v[len(v) // 2]  # noqa: E731  (the median of a short list)
-            summary.append({"clients": c, "test": t, "alone_ops_per_s": mid(base),
-                            "smrd_ops_per_s": mid(ours), "ratio": mid(ours) / mid(base)})
+            base = [x["ops_per_s"][t] for x in runs if x["system"] == "alone" and x["clients"] == c]
+            ours = [x["ops_per_s"][t] for x in runs if x["system"] == "smrd" and x["clients"] == c]
+            summary.append({"clients": c, "test": t, "alone_ops_per_s": median_high(base),
+                            "smrd_ops_per_s": median_high(ours),
+                            "ratio": median_high(ours) / median_high(base)})
     return {"requests_per_run": requests, "repeats": repeats, "runs": runs, "summary": summary,
             "digests": digests,
             "digests_equal": len(set(digests)) == 1 and len(digests[0]) == 40,  # 40 hex digits

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 
+from smrd.net.security import keygen
 from smrd.ops.local import DEMO_HOOKS, LocalCluster
 
 PY = sys.executable
@@ -58,15 +59,11 @@ def curve_keys(root: Path, replicas: int, gateways: int) -> dict:
     """Key pairs for every process (smrd keygen) and an allow-list of their public keys; the
     settings that turn CURVE on with them."""
     keys, allow = root / "secret", root / "allow"
-    names = [f"replica-{i}" for i in range(replicas)] + [f"gateway-{g}" for g in range(gateways)]
-    done = subprocess.run([PY, "-m", "smrd", "keygen", "--out", str(keys),
-                           *[arg for n in names for arg in ("--name", n)]],
-                          capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise SystemFailed(f"smrd keygen failed: {done.stderr.strip()}")
+    keys.mkdir(mode=0o700, parents=True, exist_ok=True)
     allow.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        shutil.copy(keys / f"{n}.pub", allow / f"{n}.pub")
+    for name in [f"replica-{i}" for i in range(replicas)] + [f"gateway-{g}" for g in range(gateways)]:
+        _, pub, _ = keygen(str(keys), name)
+        shutil.copy(pub, allow)
     return {"curve_secret_key": str(keys / "<name>.key"), "curve_public_keys": str(allow)}
 
 

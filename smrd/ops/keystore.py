@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import ssl
 import urllib.error
 import urllib.parse
@@ -53,15 +52,10 @@ class Api:
         except OSError as exc:
             raise ConfigError(f"--kube-secret: cannot read the service account in {sa} "
                               f"({exc.strerror or exc}); the pod needs its token mounted there") from None
-        context = None
-        if self.base.startswith("https:"):
-            try:
-                context = ssl.create_default_context(cafile=str(sa / "ca.crt"))
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"--kube-secret: cannot load the API server's CA {sa / 'ca.crt'}: {exc}") from None
-        # No proxy: the API server is reached directly, whatever HTTPS_PROXY the pod was given.
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                                  urllib.request.HTTPSHandler(context=context))
+        try:
+            self.opener = kube.api_opener(self.base, sa)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--kube-secret: cannot load the API server's CA {sa / 'ca.crt'}: {exc}") from None
         self.timeout_s = timeout_s
 
     def _url(self, plural: str, name: str | None = None) -> str:
@@ -85,10 +79,7 @@ class Api:
                     "chart's key-job Role)") if exc.code in (401, 403) else ""
             raise StoreError(f"{what}: HTTP {exc.code} {kube._reason(exc)}{hint}") from None
         except (urllib.error.URLError, OSError) as exc:
-            cause = getattr(exc, "reason", exc)
-            if isinstance(cause, (TimeoutError, socket.timeout)) or "timed out" in str(cause):
-                raise StoreError(f"{what}: no answer from {self.base} within {self.timeout_s:g} s") from None
-            raise StoreError(f"{what}: cannot reach {self.base}: {cause}") from None
+            raise StoreError(kube.unreachable(what, self.base, self.timeout_s, exc)) from None
         except ValueError:
             raise StoreError(f"{what}: the answer is not JSON") from None
 

@@ -97,29 +97,20 @@ def scaled_down(ordinal: int, statefulset: str | None = None, *, base_url: str |
     path = (f"/apis/apps/v1/namespaces/{urllib.parse.quote(namespace, safe='')}"
             f"/statefulsets/{urllib.parse.quote(name, safe='')}")
     url = base.rstrip("/") + path
-    context = None
-    if url.startswith("https:"):
-        ca = sa / "ca.crt"
-        try:
-            context = ssl.create_default_context(cafile=str(ca))
-        except (OSError, ssl.SSLError) as exc:
-            raise KubeError(f"cannot load the API server's CA {ca}: {exc}") from None
+    try:
+        opener = api_opener(base, sa)
+    except (OSError, ssl.SSLError) as exc:
+        raise KubeError(f"cannot load the API server's CA {sa / 'ca.crt'}: {exc}") from None
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}",
                                                    "Accept": "application/json"})
     what = f"GET statefulset {namespace}/{name}"
-    # No proxy: the API server is reached directly, whatever HTTPS_PROXY the pod was given.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                         urllib.request.HTTPSHandler(context=context))
     try:
         with opener.open(request, timeout=timeout_s) as reply:
             body = reply.read(4 << 20)
     except urllib.error.HTTPError as exc:
         raise KubeError(f"{what}: HTTP {exc.code} {_reason(exc)}{_hint(exc.code)}") from None
     except (urllib.error.URLError, OSError) as exc:
-        cause = getattr(exc, "reason", exc)
-        if isinstance(cause, (TimeoutError, socket.timeout)) or "timed out" in str(cause):
-            raise KubeError(f"{what}: no answer from {base} within {timeout_s:g} s") from None
-        raise KubeError(f"{what}: cannot reach {base}: {cause}") from None
+        raise KubeError(unreachable(what, base, timeout_s, exc)) from None
     try:
         doc = json.loads(body)
         replicas = doc["spec"].get("replicas", 1)  # the API's default when unset
@@ -128,6 +119,25 @@ def scaled_down(ordinal: int, statefulset: str | None = None, *, base_url: str |
     if isinstance(replicas, bool) or not isinstance(replicas, int):
         raise KubeError(f"{what}: spec.replicas is {replicas!r}, not a number")
     return replicas <= ordinal
+
+
+def api_opener(base: str, service_account_dir: Path):
+    """An opener for the API server at `base`: no proxy (the API server is reached directly,
+    whatever HTTPS_PROXY the pod was given) and, over https, the service account's CA. Raises
+    OSError or ssl.SSLError when that CA cannot be loaded."""
+    context = None
+    if base.startswith("https:"):
+        context = ssl.create_default_context(cafile=str(Path(service_account_dir) / "ca.crt"))
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                       urllib.request.HTTPSHandler(context=context))
+
+
+def unreachable(what: str, base: str, timeout_s: float, exc: OSError) -> str:
+    """The one line for a request `what` that got no HTTP answer (a time-out or no connection)."""
+    cause = getattr(exc, "reason", exc)
+    if isinstance(cause, (TimeoutError, socket.timeout)) or "timed out" in str(cause):
+        return f"{what}: no answer from {base} within {timeout_s:g} s"
+    return f"{what}: cannot reach {base}: {cause}"
 
 
 def _reason(exc: urllib.error.HTTPError) -> str:

@@ -374,11 +374,12 @@ def user_app(app_cmd: str, app_data_paths: str, data_dir: Path, replicas: int):
     placeholders {port}, {id} and {dir} (the app's own directory, made here) filled in per replica.
     Plain replacement, not str.format: an app's arguments may hold braces of their own."""
     words = shlex.split(app_cmd)
+    app_dirs = [(data_dir / f"app-{i}-files").resolve() for i in range(replicas)]
+    for app_dir in app_dirs:
+        app_dir.mkdir(parents=True, exist_ok=True)
 
     def fill(text, i, port=None):
-        app_dir = (data_dir / f"app-{i}-files").resolve()
-        app_dir.mkdir(parents=True, exist_ok=True)
-        text = text.replace("{id}", str(i)).replace("{dir}", str(app_dir))
+        text = text.replace("{id}", str(i)).replace("{dir}", str(app_dirs[i]))
         return text if port is None else text.replace("{port}", str(port))
 
     def app_command(i, port):
